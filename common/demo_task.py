@@ -1,0 +1,129 @@
+"""The offline demo task: add two small integers, asked as a chat question.
+
+"What is 7 + 12?" is answered "7 + 12 = 19". The answer restates the sum before the result, so a tiny
+model computes in one fixed format whatever the phrasing, and the result is written digit by digit:
+sampling at temperature 1 naturally produces near misses such as "7 + 12 = 18" or "7 + 12 = 29".
+
+Operand pairs are split once into train and held-out pairs by a seeded hash of the pair. No text for
+training (the pretraining corpus, SFT data, prompts sampled for annotation) ever contains a held-out
+pair; evaluations use the held-out prompts.
+
+Pure Python (no torch): used by pretraining, SFT, evaluation, simulated annotators and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_OPERAND = 19
+"""Operands are drawn from 0..MAX_OPERAND unless a caller says otherwise."""
+HELD_OUT_FRACTION = 0.2
+"""About this fraction of the operand pairs is held out."""
+SPLIT_SEED = 0
+"""Default seed of the train / held-out split."""
+
+PHRASINGS = (
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "Compute {a} + {b}.",
+)
+"""The ways a question is asked; every pair is asked in every phrasing."""
+
+_ANSWER = re.compile(r"^\s*(?:.*=\s*)?(-?\d+)\s*\.?\s*$", re.DOTALL)
+
+
+def operand_pairs(max_operand: int = MAX_OPERAND) -> list[tuple[int, int]]:
+    """All ordered pairs `(a, b)` with `0 <= a, b <= max_operand`."""
+    return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
+def is_held_out(a: int, b: int, split_seed: int = SPLIT_SEED) -> bool:
+    """Whether the pair `(a, b)` is held out. Depends on the pair and the seed only, not on `max_operand`."""
+    digest = hashlib.sha256(f"{split_seed}:{a}+{b}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_FRACTION
+
+
+def split_pairs(
+    max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The operand pairs as `(train, held_out)`, each in a fixed order."""
+    pairs = operand_pairs(max_operand)
+    held_out = [pair for pair in pairs if is_held_out(*pair, split_seed)]
+    train = [pair for pair in pairs if not is_held_out(*pair, split_seed)]
+    return train, held_out
+
+
+def record_id(prompt: str) -> str:
+    """A stable id derived from the prompt text."""
+    return "add-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+
+
+def make_records(pairs: list[tuple[int, int]]) -> list[dict]:
+    """One record `{"id", "prompt", "answer", "a", "b"}` per pair and phrasing, sorted by id.
+
+    Sorting by the content-derived id gives a fixed order that mixes pairs and phrasings, so the first
+    N records are a fair sample.
+    """
+    records = [
+        {"id": record_id(p), "prompt": p, "answer": a + b, "a": a, "b": b}
+        for a, b in pairs
+        for p in (phrasing.format(a=a, b=b) for phrasing in PHRASINGS)
+    ]
+    return sorted(records, key=lambda record: record["id"])
+
+
+def train_prompts(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[dict]:
+    """Records of the train pairs (for SFT and for sampling candidates to annotate)."""
+    return make_records(split_pairs(max_operand, split_seed)[0])
+
+
+def held_out_prompts(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[dict]:
+    """Records of the held-out pairs (for evaluation only)."""
+    return make_records(split_pairs(max_operand, split_seed)[1])
+
+
+def render_response(a: int, b: int) -> str:
+    """The correct response to a question about `a` and `b`, e.g. "7 + 12 = 19"."""
+    return f"{a} + {b} = {a + b}"
+
+
+def parse_answer(response: str) -> int | None:
+    """The number a response answers: the integer after the last "=", or the whole response when it is
+    an integer ("19", "19."). None when the response has no such answer ("7 + 12 =", "nineteen")."""
+    match = _ANSWER.match(response)
+    return int(match.group(1)) if match else None
+
+
+def is_correct(response: str, answer: int) -> bool:
+    """Whether the response parses to `answer`."""
+    return parse_answer(response) == answer
+
+
+def plain_prompt(prompt: str) -> str:
+    """A question in the plain-text pretraining format (no chat template); the model continues it."""
+    return prompt + "\n"
+
+
+def plain_text(prompt: str, response: str) -> str:
+    """A question and its response in the plain-text pretraining format."""
+    return plain_prompt(prompt) + response
+
+
+def pretraining_corpus(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[str]:
+    """Plain-text documents, one per train pair and phrasing: "What is 7 + 12?\\n7 + 12 = 19"."""
+    return [
+        plain_text(record["prompt"], render_response(record["a"], record["b"]))
+        for record in train_prompts(max_operand, split_seed)
+    ]
+
+
+def sft_examples(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[dict]:
+    """Train records in TRL's conversational prompt/completion format."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": record["prompt"]}],
+            "completion": [{"role": "assistant", "content": render_response(record["a"], record["b"])}],
+        }
+        for record in train_prompts(max_operand, split_seed)
+    ]

@@ -1,0 +1,202 @@
+"""The `rlhf` command.
+
+Exit status: 0 done, 1 a stage failed or was rejected, 2 bad usage or an invalid workflow file,
+3 waiting for annotations (run again later to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from common.outcomes import InputError
+from pipeline import tracking, workflow
+from pipeline.runner import Runner, StageFailed, StageResult
+from pipeline.store import Artifact, Store, StoreError
+
+EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 1, 2, 3
+
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.handler(args)
+    except workflow.WorkflowError as err:
+        errors.print(f"[red]error[/]: {err}")
+        return EXIT_USAGE
+    except (StoreError, InputError) as err:
+        errors.print(f"[red]error[/]: {err}")
+        return EXIT_USAGE
+    except StageFailed as err:
+        errors.print(f"[red]failed[/]: {err}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]: nothing half-written was published; run again to resume")
+        return 130
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="A staged RLHF pipeline with versioned artifacts.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check a workflow file without running anything")
+    validate.add_argument("file", type=Path)
+    validate.set_defaults(handler=cmd_validate)
+
+    run = commands.add_parser("run", help="run a workflow's stages, skipping those already cached")
+    run.add_argument("file", type=Path)
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--until", metavar="STAGE", help="run STAGE and the stages it depends on")
+    which.add_argument("--only", metavar="STAGE", help="run STAGE alone (its inputs must exist)")
+    run.add_argument("--force", action="store_true", help="rerun the selected stages even when cached")
+    run.add_argument("--allow-rejected", action="store_true", help="let stages consume artifacts marked rejected (e.g. a reward model below its gate)")
+    run.set_defaults(handler=cmd_run)
+
+    artifacts = commands.add_parser("artifacts", help="list, show, trace and verify artifacts")
+    verbs = artifacts.add_subparsers(title="verbs", metavar="VERB")
+    listing = verbs.add_parser("list", help="every artifact version in the store")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_artifacts_list)
+    show = verbs.add_parser("show", help="one artifact's manifest")
+    show.add_argument("ref", help="name, name:latest or name:v3")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_artifacts_show)
+    lineage = verbs.add_parser("lineage", help="the chain of inputs back to the roots")
+    lineage.add_argument("ref")
+    lineage.set_defaults(handler=cmd_artifacts_lineage)
+    verify = verbs.add_parser("verify", help="recompute every digest; exit 1 on mismatch")
+    verify.add_argument("ref")
+    verify.set_defaults(handler=cmd_artifacts_verify)
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    wf = workflow.load(args.file)
+    console.print(f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    wf = workflow.load(args.file)
+    wf.select(until=args.until, only=args.only)  # reject an unknown stage name before any work
+    store = Store()
+    runner = Runner(wf, store, console=console, force=args.force, allow_rejected=args.allow_rejected)
+    console.print(f"workflow [bold]{wf.name}[/] · run {runner.run_id} · store {store.root}")
+    results = runner.run(until=args.until, only=args.only)
+    _summary(results)
+    return EXIT_WAITING if any(r.status == "waiting" for r in results) else 0
+
+
+def _summary(results: list[StageResult]) -> None:
+    table = Table(title="summary", show_edge=False)
+    for column in ("stage", "status", "artifact", "path"):
+        table.add_column(column)
+    for result in results:
+        if not result.artifacts:
+            table.add_row(result.stage, result.status, "-", result.message)
+        for artifact in result.artifacts.values():
+            table.add_row(result.stage, result.status, artifact.ref, _relative(artifact.path))
+    console.print(table)
+    if tracking.enabled() and any(r.status == "ran" for r in results):
+        wandb_dir = Path(os.environ.get("WANDB_DIR", tracking.runs_root() / "wandb")) / "wandb"
+        if os.environ.get("WANDB_MODE", "offline") == "offline":
+            console.print(f"W&B offline runs: {_relative(wandb_dir)}  (upload with: wandb sync {_relative(wandb_dir)}/offline-run-*)")
+
+
+def cmd_artifacts_list(args: argparse.Namespace) -> int:
+    artifacts = list(Store().all())
+    if args.json:
+        print(json.dumps([_brief(a) for a in artifacts], indent=2))
+        return 0
+    table = Table(show_edge=False)
+    for column in ("artifact", "kind", "status", "stage", "created", "digest"):
+        table.add_column(column)
+    for a in artifacts:
+        m = a.manifest
+        table.add_row(a.ref, a.kind, m.get("status", "ok"), m["stage"]["name"], m.get("finished_at", ""), a.digest[:12])
+    console.print(table if artifacts else f"no artifacts in {Store().root}")
+    return 0
+
+
+def cmd_artifacts_show(args: argparse.Namespace) -> int:
+    artifact = Store().get(args.ref)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+        return 0
+    m = artifact.manifest
+    console.print(f"[bold]{artifact.ref}[/]  {artifact.kind}  ({m.get('status', 'ok')})  {artifact.path}")
+    console.print(f"stage {m['stage']['name']} ({m['stage']['kind']}) of workflow {m['stage']['workflow']}, run {m['stage']['run_id']}")
+    console.print(f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}")
+    for item in m.get("inputs", []):
+        console.print(f"  input {item['slot']}: {item.get('ref') or item.get('path') or item.get('hub_id')}  ({item['digest'][:12]})")
+    console.print("config: " + json.dumps(m.get("config", {})))
+    console.print("metrics: " + json.dumps(m.get("metrics", {})))
+    if m.get("wandb"):
+        console.print(f"W&B run: {m['wandb']['path']} ({m['wandb']['mode']})")
+    console.print(f"{len(m.get('files', {}))} files, {sum(f['size'] for f in m.get('files', {}).values())} bytes")
+    return 0
+
+
+def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
+    store = Store()
+    for depth, node in store.lineage(store.get(args.ref)):
+        indent = "  " * depth + ("└─ " if depth else "")
+        if isinstance(node, Artifact):
+            console.print(f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]")
+        else:
+            source = node.get("ref") or node.get("path") or node.get("hub_id")
+            console.print(f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]")
+    return 0
+
+
+def cmd_artifacts_verify(args: argparse.Namespace) -> int:
+    store = Store()
+    artifact = store.get(args.ref)
+    problems = store.verify(artifact)
+    if problems:
+        errors.print(f"[red]{artifact.ref} FAILED verification[/]:")
+        for problem in problems:
+            errors.print(f"  {problem}")
+        return EXIT_FAILED
+    console.print(f"{artifact.ref}: ok ({len(artifact.manifest['files'])} files verified)")
+    return 0
+
+
+def _brief(a: Artifact) -> dict[str, Any]:
+    m = a.manifest
+    return {"ref": a.ref, "name": a.name, "version": a.version, "kind": a.kind, "status": m.get("status", "ok"),
+            "stage": m["stage"]["name"], "path": str(a.path), "digest": a.digest, "created": m.get("finished_at")}
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

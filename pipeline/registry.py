@@ -1,0 +1,81 @@
+"""The stage kinds a workflow can use. One explicit table: add a stage here and nowhere else.
+
+A stage is a plain function `run(config, inputs, out_dir) -> metrics` in its own module:
+- `config` is the stage's validated pydantic config;
+- `inputs` maps each input slot to a `pathlib.Path` (an artifact's directory or a local path) or a
+  `str` (a hub id, for slots that accept one);
+- `out_dir` is an empty directory to write the payload into. A stage with several outputs writes each
+  into `out_dir/<output name>/`. Anything under `out_dir/scratch/` (checkpoints) is dropped before the
+  payload is sealed, and it survives a crash: a rerun with the same cache key gets the same `out_dir`,
+  so the stage can resume from its checkpoints;
+- the returned metrics (a JSON-able dict) go into the manifest and to W&B.
+
+Config classes live in light modules (`policy/configs.py`, ...) so that validating a workflow does
+not import torch; the stage module is imported only when the stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from policy import configs as policy_configs
+
+MODEL_KINDS = ("base-model", "merged-model", "policy")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An input of a stage kind."""
+
+    kinds: tuple[str, ...]
+    """Artifact kinds accepted."""
+    doc: str
+    required: bool = True
+    external: bool = False
+    """Also accepts a local path or (for models) a hub id."""
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    config: type[BaseModel]
+    run: str
+    """`module:function` of the stage's run function, imported when the stage runs."""
+    inputs: dict[str, Slot]
+    outputs: Callable[[Any], dict[str, str]]
+    """Output name -> artifact kind, given the config. A single output is named ''."""
+    always_run: bool = False
+    """Reads external state (an annotation server), so a matching cache key is not enough to skip it."""
+    doc: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _single(kind: str) -> Callable[[Any], dict[str, str]]:
+    return lambda config: {"": kind}
+
+
+STAGES: dict[str, StageKind] = {
+    stage.name: stage
+    for stage in [
+        StageKind(
+            name="pretrain",
+            config=policy_configs.PretrainConfig,
+            run="policy.pretrain:run",
+            inputs={
+                "model": Slot(MODEL_KINDS, "a model to continue pretraining; omit to build the demo model from config", required=False, external=True),
+                "data": Slot(("dataset",), "a text data set (JSONL/Parquet with a `text` column); omit for the demo corpus", required=False, external=True),
+            },
+            outputs=_single("base-model"),
+            doc="Train a small causal LM from config on the generated demo corpus, or continue pretraining a model.",
+        ),
+    ]
+}

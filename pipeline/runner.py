@@ -1,0 +1,314 @@
+"""The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
+
+For every selected stage, in dependency order:
+1. resolve inputs to artifacts (verified: digests recomputed), local paths or hub ids;
+2. compute the cache key = hash(stage kind, resolved config, input digests);
+3. if every output already has an artifact with that key, report it cached (unless --force);
+4. otherwise run the stage in a staging directory kept per cache key (so a crashed run resumes
+   from its checkpoints), inside a W&B run, and publish each output atomically with its manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from common.outcomes import Waiting
+from pipeline import tracking
+from pipeline.store import Artifact, Store, StoreError, hash_tree, sha256_file, tree_digest
+from pipeline.workflow import Stage, Workflow
+
+SCRATCH = "scratch"
+REJECTED = "rejected"
+"""A stage returns `{"rejected": "reason", ...}` in its metrics to publish its output marked rejected."""
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "wandb", "argilla", "pydantic")
+
+
+class StageFailed(Exception):
+    """A stage could not run or its output was rejected; the message says why."""
+
+
+@dataclass
+class ResolvedInput:
+    slot: str
+    source: Path | str
+    """What the stage function receives: an artifact or local directory/file, or a hub id."""
+    digest: str
+    record: dict[str, Any]
+    """What the manifest records about this input."""
+    artifact: Artifact | None = None
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: Literal["ran", "cached", "waiting", "rejected"]
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+
+def new_run_id(workflow: Workflow) -> str:
+    return f"{workflow.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def cache_key(stage: Stage, inputs: list[ResolvedInput]) -> str:
+    record = {
+        "kind": stage.kind,
+        "config": stage.config.model_dump(mode="json"),
+        "inputs": {item.slot: item.digest for item in inputs},
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def output_names(stage: Stage) -> dict[str, str]:
+    """Artifact name -> kind for each output of a stage."""
+    outputs = stage.spec.outputs(stage.config)
+    return {(f"{stage.artifact}.{name}" if name else stage.artifact): kind for name, kind in outputs.items()}
+
+
+class Runner:
+    def __init__(self, workflow: Workflow, store: Store, console: Console | None = None, force: bool = False, allow_rejected: bool = False):
+        self.workflow = workflow
+        self.store = store
+        self.console = console or Console(highlight=False)
+        self.force = force
+        self.allow_rejected = allow_rejected
+        self.run_id = new_run_id(workflow)
+        self.done: dict[str, dict[str, Artifact]] = {}
+        """Stage name -> its artifacts (by artifact name), for the stages resolved so far."""
+        self._verified: set[Path] = set()
+
+    def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
+        """Run the selected stages. Stops at the first waiting stage; raises `StageFailed` on failure."""
+        selected = self.workflow.select(until=until, only=only)
+        results = []
+        for index, stage in enumerate(selected, 1):
+            label = f"[{index}/{len(selected)}] {stage.name}"
+            result = self.run_stage(stage, label)
+            results.append(result)
+            if result.status == "waiting":
+                break
+        return results
+
+    # --- one stage ---------------------------------------------------------------------------------
+
+    def run_stage(self, stage: Stage, label: str | None = None) -> StageResult:
+        label = label or stage.name
+        inputs = self.resolve_inputs(stage)
+        key = cache_key(stage, inputs)
+        outputs = output_names(stage)
+
+        if not self.force and not stage.spec.always_run and (cached := self._cached(outputs, key)):
+            self.done[stage.name] = cached
+            refs = ", ".join(a.ref for a in cached.values())
+            self.console.print(f"{label}  [cyan]cached[/]  {refs}")
+            return StageResult(stage.name, "cached", cached)
+
+        lock = f".staging/{stage.artifact}-{key[:16]}.lock"
+        (self.store.root / ".staging").mkdir(parents=True, exist_ok=True)
+        with self.store.lock(lock):  # a second process running the same stage waits, then finds it cached
+            if not self.force and not stage.spec.always_run and (cached := self._cached(outputs, key)):
+                self.done[stage.name] = cached
+                self.console.print(f"{label}  [cyan]cached[/]  {', '.join(a.ref for a in cached.values())} (published meanwhile)")
+                return StageResult(stage.name, "cached", cached)
+            return self._execute(stage, label, inputs, key, outputs)
+
+    def _cached(self, outputs: dict[str, str], key: str) -> dict[str, Artifact] | None:
+        found = {name: self.store.find(name, key) for name in outputs}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+        return None
+
+    def _execute(self, stage: Stage, label: str, inputs: list[ResolvedInput], key: str, outputs: dict[str, str]) -> StageResult:
+        out_dir = self.store.staging(stage.artifact, key)
+        for leftover in out_dir.iterdir():  # a crashed attempt's payload is redone; its checkpoints are kept
+            if leftover.name != SCRATCH:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if (out_dir / SCRATCH).exists():
+            self.console.print(f"{label}  [yellow]resuming[/] from the checkpoints of an interrupted run")
+
+        config = stage.config.model_dump(mode="json")
+        wandb_cfg = self.workflow.wandb
+        tracker = tracking.StageRun(
+            project=wandb_cfg.get("project", f"rlhf-{self.workflow.name}"),
+            entity=wandb_cfg.get("entity"),
+            group=self.run_id,
+            stage=stage.name,
+            kind=stage.kind,
+            config={"stage": stage.name, "kind": stage.kind, "workflow": self.workflow.name, **config,
+                    "inputs": {i.slot: i.record for i in inputs}},
+            tags=list(wandb_cfg.get("tags", [])),
+        )
+        for item in inputs:
+            if item.artifact is not None:
+                tracker.use(item.artifact)
+
+        started = datetime.now(timezone.utc)
+        self.console.print(f"{label}  [bold]running[/] ({stage.kind})")
+        clock = time.perf_counter()
+        try:
+            function = stage.spec.load()
+            metrics = function(stage.config, {i.slot: i.source for i in inputs}, out_dir) or {}
+        except Waiting as waiting:
+            seconds = time.perf_counter() - clock
+            tracker.finish({"waiting": str(waiting)})
+            self.console.print(f"{label}  [yellow]waiting[/]: {waiting}")
+            return StageResult(stage.name, "waiting", seconds=seconds, message=str(waiting))
+        except BaseException:
+            tracker.finish(failed=True)
+            raise
+        seconds = time.perf_counter() - clock
+
+        shutil.rmtree(out_dir / SCRATCH, ignore_errors=True)
+        rejected = metrics.get(REJECTED)
+        manifest = {
+            "stage": {"name": stage.name, "kind": stage.kind, "workflow": self.workflow.name,
+                      "workflow_file": str(self.workflow.file), "run_id": self.run_id},
+            "status": REJECTED if rejected else "ok",
+            **({"status_reason": rejected} if rejected else {}),
+            "config": tracking.redact(config),
+            "cache_key": key,
+            "inputs": [item.record for item in inputs],
+            "metrics": tracking.redact(metrics),
+            "wandb": tracker.info,
+            "versions": library_versions(),
+            "code": code_version(),
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(seconds, 3),
+        }
+        published = {}
+        for name, kind in outputs.items():
+            payload = out_dir if len(outputs) == 1 else out_dir / name.rsplit(".", 1)[-1]
+            if not payload.is_dir():
+                tracker.finish(failed=True)
+                raise StageFailed(f"stage {stage.name} did not write its {kind!r} output to {payload}")
+            published[name] = artifact = self.store.publish(name, payload, {"kind": kind, **manifest})
+            tracker.publish(artifact)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tracker.finish(metrics)
+        self.done[stage.name] = published
+
+        refs = ", ".join(f"{a.ref} → {a.path}" for a in published.values())
+        if rejected:
+            self.console.print(f"{label}  [red]rejected[/] in {_duration(seconds)}: {rejected}  ({refs}, marked rejected)")
+            raise StageFailed(f"{stage.name}: {rejected}")
+        self.console.print(f"{label}  [green]done[/] in {_duration(seconds)}  {refs}{_headline(metrics)}")
+        return StageResult(stage.name, "ran", published, seconds)
+
+    # --- inputs ------------------------------------------------------------------------------------
+
+    def resolve_inputs(self, stage: Stage) -> list[ResolvedInput]:
+        resolved = []
+        for slot_name, ref in stage.inputs.items():
+            slot = stage.spec.inputs[slot_name]
+            where = f"{stage.name}.inputs.{slot_name}"
+            if ref.stage is not None:
+                candidates = self._artifacts_of(ref.stage)
+                matching = [a for a in candidates.values() if a.kind in slot.kinds]
+                if not matching:
+                    kinds = ", ".join(a.kind for a in candidates.values())
+                    raise StageFailed(f"{where}: stage {ref.stage} produces {kinds}, expected one of {', '.join(slot.kinds)}")
+                resolved.append(self._from_artifact(slot_name, matching[0], slot.kinds, where))
+            elif ref.artifact is not None:
+                try:
+                    artifact = self.store.get(ref.artifact)
+                except StoreError as err:
+                    raise StageFailed(f"{where}: {err}") from None
+                resolved.append(self._from_artifact(slot_name, artifact, slot.kinds, where))
+            elif ref.path is not None:
+                if not ref.path.exists():
+                    raise StageFailed(f"{where}: {ref.path} does not exist")
+                digest = tree_digest(hash_tree(ref.path)) if ref.path.is_dir() else sha256_file(ref.path)
+                resolved.append(ResolvedInput(slot_name, ref.path, digest, {"slot": slot_name, "path": str(ref.path), "digest": digest}))
+            else:
+                assert ref.hub_id is not None
+                digest = "hub:" + ref.hub_id
+                resolved.append(ResolvedInput(slot_name, ref.hub_id, digest, {"slot": slot_name, "hub_id": ref.hub_id, "digest": digest}))
+        return resolved
+
+    def _from_artifact(self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str) -> ResolvedInput:
+        if artifact.kind not in kinds:
+            raise StageFailed(f"{where}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}")
+        if artifact.manifest.get("status") == REJECTED and not self.allow_rejected:
+            raise StageFailed(
+                f"{where}: {artifact.ref} was rejected ({artifact.manifest.get('status_reason')}); "
+                "use --allow-rejected to consume it anyway"
+            )
+        if artifact.path not in self._verified:
+            problems = self.store.verify(artifact)
+            if problems:
+                raise StageFailed(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
+            self._verified.add(artifact.path)
+        record = {"slot": slot, "ref": artifact.ref, "name": artifact.name, "version": artifact.version,
+                  "kind": artifact.kind, "digest": artifact.digest}
+        return ResolvedInput(slot, artifact.path, artifact.digest, record, artifact)
+
+    def _artifacts_of(self, stage_name: str) -> dict[str, Artifact]:
+        """The artifacts of an upstream stage: run in this invocation, or found by its cache key."""
+        if stage_name in self.done:
+            return self.done[stage_name]
+        stage = self.workflow.stages[stage_name]
+        key = cache_key(stage, self.resolve_inputs(stage))
+        found = self._cached(output_names(stage), key)
+        if found is None:
+            raise StageFailed(
+                f"stage {stage_name} has no artifact for its current config and inputs; "
+                f"run it first (rlhf run {self.workflow.file} --until {stage_name})"
+            )
+        self.done[stage_name] = found
+        return found
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m {rest:04.1f}s" if minutes else f"{rest:.1f}s"
+
+
+def _headline(metrics: dict[str, Any], limit: int = 4) -> str:
+    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)][:limit]
+    return ("  " + " ".join(shown)) if shown else ""
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """This project's version and, when run from a git checkout, its commit and whether it is dirty."""
+    info: dict[str, Any] = {"package": importlib.metadata.version("rlhf-pipeline")}
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info

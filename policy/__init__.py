@@ -1,0 +1,1 @@
+"""The language model being aligned: pretraining, SFT with PEFT, sampling, DPO, PPO, RLOO/GRPO, evaluation."""

@@ -1,0 +1,266 @@
+"""The `pretrain` stage: train a small causal LM on plain text.
+
+Without inputs it builds the demo tokenizer and model (`policy.demo_model`) and trains them on the
+plain-text demo corpus, so the base model knows the arithmetic of the demo task but not the chat
+format (that is SFT's job). With a `model` input it continues pretraining that model with its own
+tokenizer, on the `data` input when given, else on the demo corpus.
+
+Reads top to bottom: load, check, train, save, measure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from common import demo_task
+from policy.configs import PretrainConfig
+from policy.demo_model import build_model, train_tokenizer
+
+LOG_EVERY = 20
+"""Steps between loss/lr reports to W&B and the progress bar."""
+MAX_NEW_TOKENS = 16
+"""Enough for any demo response ("19 + 19 = 38" is 11 tokens)."""
+
+
+def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    device = pick_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(available_cpus())
+
+    # Load
+    texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config)
+    torch.manual_seed(config.seed)
+    if "model" in inputs:
+        tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
+        model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
+    else:
+        tokenizer = train_tokenizer(texts, config.vocab_size)
+        model = build_model(tokenizer, config.layers, config.hidden_size, config.intermediate_size, config.heads)
+    documents = tokenize(texts, tokenizer)
+
+    # Check
+    check(config, model, tokenizer, documents)
+
+    # Train
+    model.to(device)
+    stats = train(model, documents, config, device)
+
+    # Save
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    # Measure
+    held_out = demo_task.held_out_prompts(config.max_operand)[: config.eval_prompts]
+    greedy = demo_accuracy(model, tokenizer, held_out, sample=False)
+    torch.manual_seed(config.seed)
+    sampled = demo_accuracy(model, tokenizer, held_out, sample=True)
+    return {
+        "train_loss": stats["train_loss"],
+        "heldout_accuracy": greedy,
+        "heldout_sample_accuracy": sampled,
+        "eval_prompts": len(held_out),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "train_tokens": stats["tokens"],
+        "tokens_per_second": stats["tokens"] / stats["seconds"],
+        "train_seconds": stats["seconds"],
+        "duration_seconds": time.perf_counter() - started,
+        "device": str(device),
+    }
+
+
+# --- load ---
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pretrain: `device: cuda` was asked for, but CUDA is not available here")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, unlike `os.cpu_count`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def demo_corpus(config: PretrainConfig) -> list[str]:
+    return demo_task.pretraining_corpus(config.max_operand)
+
+
+def load_texts(data: Path | str, column: str) -> list[str]:
+    """Texts from a JSONL/Parquet file, a folder of them, a saved `datasets` folder, or a hub data set."""
+    import datasets
+
+    if isinstance(data, str):
+        dataset = datasets.load_dataset(data, split="train")
+    elif (data / "dataset_info.json").exists() or (data / "state.json").exists():
+        dataset = datasets.load_from_disk(str(data))
+    else:
+        files = sorted(data.rglob("*")) if data.is_dir() else [data]
+        files = [f for f in files if f.suffix in (".jsonl", ".json", ".parquet")]
+        if not files:
+            raise ValueError(f"pretrain: no .jsonl, .json or .parquet file in {data}")
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"]
+    if column not in dataset.column_names:
+        raise ValueError(f"pretrain: data {data} has no column {column!r} (columns: {dataset.column_names})")
+    return [text for text in dataset[column] if text]
+
+
+def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each text (with bos when the tokenizer adds it), ended by eos."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [ids + eos for ids in tokenizer(texts)["input_ids"]]
+
+
+# --- check ---
+
+
+def check(
+    config: PretrainConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[list[int]],
+) -> None:
+    """Raise one error listing every problem found before training starts."""
+    problems = []
+    total = sum(len(ids) for ids in documents)
+    if total < config.batch_size * config.seq_len:
+        problems.append(
+            f"the data has {total} tokens, fewer than one batch ({config.batch_size} x {config.seq_len})"
+        )
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and config.seq_len > max_positions:
+        problems.append(f"seq_len {config.seq_len} exceeds the model's {max_positions} positions")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens, more than the model's embeddings")
+    if tokenizer.eos_token_id is None:
+        problems.append("the tokenizer has no eos token, so documents cannot be separated")
+    if problems:
+        raise ValueError("pretrain: " + "; ".join(problems))
+
+
+# --- train ---
+
+
+def batches(documents: list[list[int]], config: PretrainConfig) -> Iterator[torch.Tensor]:
+    """Endless `[batch_size, seq_len]` blocks: documents shuffled each epoch (seeded), concatenated, cut."""
+    rng = random.Random(config.seed)
+    size = config.batch_size * config.seq_len
+    buffer: list[int] = []
+    while True:
+        for index in rng.sample(range(len(documents)), len(documents)):
+            buffer.extend(documents[index])
+            while len(buffer) >= size:
+                yield torch.tensor(buffer[:size]).view(config.batch_size, config.seq_len)
+                del buffer[:size]
+
+
+def learning_rate_factor(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: PreTrainedModel, documents: list[list[int]], config: PretrainConfig, device: torch.device
+) -> dict[str, float]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    wandb_run = current_wandb_run()
+    model.train()
+    recent: list[float] = []
+    started = time.perf_counter()
+    progress = tqdm(range(config.steps), desc="pretrain", unit="step")
+    for step, block in zip(progress, batches(documents, config)):
+        block = block.to(device)
+        loss = model(input_ids=block, labels=block).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent = [*recent[-(LOG_EVERY - 1) :], loss.item()]
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
+            mean_loss = sum(recent) / len(recent)
+            progress.set_postfix(loss=f"{mean_loss:.3f}")
+            if wandb_run is not None:
+                wandb_run.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+    progress.close()
+    model.eval()
+    seconds = time.perf_counter() - started
+    return {
+        "train_loss": sum(recent) / len(recent),
+        "tokens": config.steps * config.batch_size * config.seq_len,
+        "seconds": seconds,
+    }
+
+
+def current_wandb_run() -> Any:
+    """The W&B run the runner opened around this stage, if any; W&B is never required."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb.run
+
+
+# --- measure ---
+
+
+@torch.no_grad()
+def demo_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict], sample: bool
+) -> float:
+    """Exact-match accuracy on demo records asked in the plain pretraining format, greedy or sampled at
+    temperature 1. The response is the generated first line."""
+    if not records:
+        return 0.0
+    batch_size = 64 if tokenizer.pad_token_id is not None else 1
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    correct = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [demo_task.plain_prompt(record["prompt"]) for record in chunk]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(
+            **encoded,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=sample,
+            temperature=1.0 if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        responses = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(
+            demo_task.is_correct(response.split("\n")[0], record["answer"])
+            for response, record in zip(responses, chunk, strict=True)
+        )
+    tokenizer.padding_side = padding_side
+    return correct / len(records)

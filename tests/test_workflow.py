@@ -1,0 +1,115 @@
+"""Workflow files: every malformed case names the key path and the line, exits 2, prints no traceback."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import workflow
+from pipeline.workflow import WorkflowError
+from tests.conftest import REPO, rlhf
+
+GOOD = """\
+name: small
+stages:
+  pretrain:
+    config: {steps: 3}
+  again:
+    kind: pretrain
+    inputs: {model: pretrain}
+"""
+
+# (case, file text, expected key path, expected line, words the message must contain)
+MALFORMED = [
+    ("unknown key", "stages:\n  pretrain:\n    config:\n      steps: 3\n      stepz: 4\n", "stages.pretrain.config.stepz", 5, "unknown key"),
+    ("unknown stage key", "stages:\n  pretrain:\n    confg: {}\n", "stages.pretrain.confg", 3, "unknown key"),
+    ("unknown top-level key", "stagez: {}\nstages:\n  pretrain: {}\n", "stagez", 1, "unknown key"),
+    ("wrong type", "stages:\n  pretrain:\n    config:\n      lr: fast\n", "stages.pretrain.config.lr", 4, "valid number"),
+    ("out of range", "stages:\n  pretrain:\n    config:\n      steps: 0\n", "stages.pretrain.config.steps", 4, "greater than or equal"),
+    ("missing stages", "name: x\n", "stages", 1, "missing"),
+    ("missing kind", "stages:\n  warmup:\n    config: {}\n", "stages.warmup.kind", 2, "missing"),
+    ("unknown kind", "stages:\n  a:\n    kind: pretrian\n", "stages.a.kind", 3, "unknown stage kind"),
+    ("missing stage", "stages:\n  pretrain: {}\n  b:\n    kind: pretrain\n    inputs: {model: pretrian}\n", "stages.b.inputs.model", 5, "pretrian"),
+    ("bad reference", "stages:\n  b:\n    kind: pretrain\n    inputs:\n      model: 'sft:v'\n", "stages.b.inputs.model", 5, "not a stage"),
+    ("cycle", "stages:\n  a:\n    kind: pretrain\n    inputs: {model: b}\n  b:\n    kind: pretrain\n    inputs: {model: a}\n", "stages.a.inputs", 4, "cycle: a -> b -> a"),
+    ("invalid yaml", "stages:\n  a: {kind: pretrain\n  b: 1\n", "", 3, "invalid YAML"),
+    ("tab indentation", "stages:\n\tpretrain: {}\n", "", 2, "invalid YAML"),
+    ("duplicate key", "stages:\n  pretrain: {}\n  pretrain: {}\n", "stages.pretrain", 3, "duplicate"),
+    ("not a mapping", "stages:\n  pretrain:\n    config: [1, 2]\n", "stages.pretrain.config", 3, "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "key", "line", "words"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_workflow_names_key_and_line(case, text, key, line, words):
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(text, "wf.yaml")
+    err = caught.value
+    assert (err.key, err.line) == (key, line), str(err)
+    assert words in err.message
+    assert str(err).startswith(f"wf.yaml:{line}: ")
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing stage", "cycle", "invalid yaml"])
+def test_cli_reports_malformed_workflow_without_traceback(case, tmp_path):
+    _, text, key, line, _ = next(m for m in MALFORMED if m[0] == case)
+    (tmp_path / "bad.yaml").write_text(text)
+    for command in (["validate", "bad.yaml"], ["run", "bad.yaml"]):
+        result = rlhf(*command, cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"bad.yaml:{line}: {key}" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_missing_workflow_file_is_a_usage_error(tmp_path):
+    result = rlhf("validate", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nowhere.yaml: no such file" in result.stderr
+
+
+def test_unknown_stage_for_until(tmp_path):
+    (tmp_path / "wf.yaml").write_text(GOOD)
+    result = rlhf("run", "wf.yaml", "--until", "sft", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no stage named 'sft'" in result.stderr
+
+
+def test_good_workflow_orders_stages_and_defaults_kind():
+    wf = workflow.parse(GOOD, "wf.yaml")
+    assert list(wf.stages) == ["pretrain", "again"]
+    assert wf.stages["pretrain"].kind == "pretrain"
+    assert wf.stages["pretrain"].config.steps == 3
+    assert wf.stages["again"].inputs["model"].stage == "pretrain"
+    assert [s.name for s in wf.select(until="pretrain")] == ["pretrain"]
+    assert [s.name for s in wf.select(only="again")] == ["again"]
+
+
+def test_stages_are_ordered_by_dependency_not_by_file_order():
+    text = "stages:\n  b:\n    kind: pretrain\n    inputs: {model: a}\n  a:\n    kind: pretrain\n"
+    assert list(workflow.parse(text, "wf.yaml").stages) == ["a", "b"]
+
+
+def test_input_references(tmp_path):
+    (tmp_path / "model").mkdir()
+    text = textwrap.dedent("""\
+        stages:
+          a: {kind: pretrain, inputs: {model: 'base:v3'}}
+          b: {kind: pretrain, inputs: {model: 'base:latest'}}
+          c: {kind: pretrain, inputs: {model: ./model}}
+          d: {kind: pretrain, inputs: {model: Qwen/Qwen2.5-0.5B}}
+        """)
+    wf = workflow.parse(text, str(tmp_path / "wf.yaml"))
+    refs = {name: stage.inputs["model"] for name, stage in wf.stages.items()}
+    assert refs["a"].artifact == "base:v3"
+    assert refs["b"].artifact == "base:latest"
+    assert refs["c"].path == (tmp_path / "model").resolve()
+    assert refs["d"].hub_id == "Qwen/Qwen2.5-0.5B"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_workflows_validate(path: Path):
+    wf = workflow.load(path)
+    assert wf.stages
