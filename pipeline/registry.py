@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from policy import configs as policy_configs
 
 MODEL_KINDS = ("base-model", "merged-model", "policy")
+POLICY_KINDS = ("adapter", *MODEL_KINDS)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,28 @@ STAGES: dict[str, StageKind] = {
             },
             outputs=_single("base-model"),
             doc="Train a small causal LM from config on the generated demo corpus, or continue pretraining a model.",
+        ),
+        StageKind(
+            name="sft",
+            config=policy_configs.SFTConfig,
+            run="policy.sft:run",
+            inputs={
+                "model": Slot(MODEL_KINDS, "the model to fine-tune: an artifact, a local path or a hub id", external=True),
+                "data": Slot(("dataset",), "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the demo task", required=False, external=True),
+            },
+            outputs=lambda config: {"": "merged-model" if config.method in ("freeze", "full") else "adapter"},
+            doc="Supervised fine-tuning with LoRA or another PEFT method (TRL SFTTrainer).",
+        ),
+        StageKind(
+            name="sample",
+            config=policy_configs.SampleConfig,
+            run="policy.sample:run",
+            inputs={
+                "policy": Slot(POLICY_KINDS, "the policy to sample from: an adapter or a full model", external=True),
+                "prompts": Slot(("dataset",), "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts", required=False, external=True),
+            },
+            outputs=_single("samples"),
+            doc="Draw K candidate responses per prompt for annotators to rank.",
         ),
     ]
 }

@@ -1,0 +1,128 @@
+"""Loading and saving models the way stages hand them to each other.
+
+A model input is a directory (an artifact or a local path) or a hub id. A directory holds either
+complete weights (`config.json` + safetensors) or a PEFT adapter (`adapter_config.json`) plus a
+`base.json` that says which model the adapter sits on. Every model directory carries its tokenizer
+and chat template, so whoever loads it gets exactly the tokenizer it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.outcomes import InputError
+
+BASE_FILE = "base.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto` is CUDA when available, else CPU; `cpu`/`cuda` are taken as asked."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda was asked for, but no CUDA device is available")
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def is_adapter(source: Path | str) -> bool:
+    return isinstance(source, Path) and (source / ADAPTER_CONFIG).exists()
+
+
+def write_base_reference(out_dir: Path, base: Path | str) -> None:
+    """Record in an adapter's directory the model it sits on: an artifact, a local path or a hub id."""
+    if isinstance(base, Path):
+        record: dict[str, Any] = {"path": str(base.resolve())}
+        manifest = base / "manifest.json"
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            record.update(ref=m["ref"], digest=m["digest"])
+        if is_adapter(base):
+            raise InputError(f"{base} is itself an adapter; merge it first (rlhf export --merged) to stack another")
+    else:
+        record = {"hub_id": base}
+    (out_dir / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def base_of(adapter_dir: Path) -> Path | str:
+    """The base model of an adapter directory. An artifact base is found by its recorded path, or,
+    when the store has moved, by its reference within the adapter's own store."""
+    file = adapter_dir / BASE_FILE
+    if not file.exists():
+        raise InputError(f"{adapter_dir} is an adapter without {BASE_FILE}: cannot tell which base model it needs")
+    record = json.loads(file.read_text())
+    if "hub_id" in record:
+        return str(record["hub_id"])
+    path = Path(record["path"])
+    if path.exists():
+        return path
+    if "ref" in record:
+        name, version = record["ref"].split(":")
+        beside = adapter_dir.resolve().parent.parent / name / version
+        if beside.exists():
+            return beside
+    raise InputError(f"base model of {adapter_dir} not found: {record}")
+
+
+def load_tokenizer(source: Path | str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if tokenizer.pad_token_id is None:
+        raise InputError(f"the tokenizer of {source} has no pad token; set one (distinct from eos) before training")
+    return tokenizer
+
+
+def load_causal_lm(source: Path | str, *, trainable: bool = False, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model directory, an adapter directory or a hub id.
+
+    An adapter is loaded on top of its base as a `PeftModel`, frozen unless `trainable`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    tokenizer = load_tokenizer(source)
+    if is_adapter(source):
+        from peft import PeftModel
+
+        assert isinstance(source, Path)
+        base = AutoModelForCausalLM.from_pretrained(str(base_of(source)), dtype=dtype or "auto")
+        model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype or "auto")
+    model.to(device)
+    if not trainable:
+        model.eval()
+    _align_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def _align_special_tokens(model: Any, tokenizer: Any) -> None:
+    for config in (model.config, model.generation_config):
+        if config is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of what must match between a policy, its reference and its reward model: the
+    vocabulary, the special tokens and the chat template."""
+    parts = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": tokenizer.chat_template or "",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def set_threads() -> None:
+    """On CPU, use the cores this process may run on (torch's default can oversubscribe small machines)."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
