@@ -44,7 +44,9 @@ def write_base_reference(out_dir: Path, base: Path | str) -> None:
             m = json.loads(manifest.read_text())
             record.update(ref=m["ref"], digest=m["digest"])
         if is_adapter(base):
-            raise InputError(f"{base} is itself an adapter; merge it first (rlhf export --merged) to stack another")
+            raise InputError(
+                f"{base} is itself an adapter; merge it first (rlhf export --merged) to stack another"
+            )
     else:
         record = {"hub_id": base}
     (out_dir / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -55,7 +57,9 @@ def base_of(adapter_dir: Path) -> Path | str:
     when the store has moved, by its reference within the adapter's own store."""
     file = adapter_dir / BASE_FILE
     if not file.exists():
-        raise InputError(f"{adapter_dir} is an adapter without {BASE_FILE}: cannot tell which base model it needs")
+        raise InputError(
+            f"{adapter_dir} is an adapter without {BASE_FILE}: cannot tell which base model it needs"
+        )
     record = json.loads(file.read_text())
     if "hub_id" in record:
         return str(record["hub_id"])
@@ -75,12 +79,19 @@ def load_tokenizer(source: Path | str) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token_id is None:
-        raise InputError(f"the tokenizer of {source} has no pad token; set one (distinct from eos) before training")
+        raise InputError(
+            f"the tokenizer of {source} has no pad token; set one (distinct from eos) before training"
+        )
     return tokenizer
 
 
-def load_causal_lm(source: Path | str, *, trainable: bool = False, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_causal_lm(
+    source: Path | str,
+    *,
+    trainable: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, an adapter directory or a hub id.
 
     An adapter is loaded on top of its base as a `PeftModel`, frozen unless `trainable`.

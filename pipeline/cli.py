@@ -56,7 +56,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="A staged RLHF pipeline with versioned artifacts.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="A staged RLHF pipeline with versioned artifacts."
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     validate = commands.add_parser("validate", help="check a workflow file without running anything")
@@ -69,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--until", metavar="STAGE", help="run STAGE and the stages it depends on")
     which.add_argument("--only", metavar="STAGE", help="run STAGE alone (its inputs must exist)")
     run.add_argument("--force", action="store_true", help="rerun the selected stages even when cached")
-    run.add_argument("--allow-rejected", action="store_true", help="let stages consume artifacts marked rejected (e.g. a reward model below its gate)")
+    run.add_argument(
+        "--allow-rejected",
+        action="store_true",
+        help="let stages consume artifacts marked rejected (e.g. a reward model below its gate)",
+    )
     run.set_defaults(handler=cmd_run)
 
     artifacts = commands.add_parser("artifacts", help="list, show, trace and verify artifacts")
@@ -95,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     wf = workflow.load(args.file)
-    console.print(f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}")
+    console.print(
+        f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}"
+    )
     return 0
 
 
@@ -123,7 +131,9 @@ def _summary(results: list[StageResult]) -> None:
     if tracking.enabled() and any(r.status == "ran" for r in results):
         wandb_dir = Path(os.environ.get("WANDB_DIR", tracking.runs_root() / "wandb")) / "wandb"
         if os.environ.get("WANDB_MODE", "offline") == "offline":
-            console.print(f"W&B offline runs: {_relative(wandb_dir)}  (upload with: wandb sync {_relative(wandb_dir)}/offline-run-*)")
+            console.print(
+                f"W&B offline runs: {_relative(wandb_dir)}  (upload with: wandb sync {_relative(wandb_dir)}/offline-run-*)"
+            )
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
@@ -136,7 +146,9 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
         table.add_column(column)
     for a in artifacts:
         m = a.manifest
-        table.add_row(a.ref, a.kind, m.get("status", "ok"), m["stage"]["name"], m.get("finished_at", ""), a.digest[:12])
+        table.add_row(
+            a.ref, a.kind, m.get("status", "ok"), m["stage"]["name"], m.get("finished_at", ""), a.digest[:12]
+        )
     console.print(table if artifacts else f"no artifacts in {Store().root}")
     return 0
 
@@ -148,15 +160,23 @@ def cmd_artifacts_show(args: argparse.Namespace) -> int:
         return 0
     m = artifact.manifest
     console.print(f"[bold]{artifact.ref}[/]  {artifact.kind}  ({m.get('status', 'ok')})  {artifact.path}")
-    console.print(f"stage {m['stage']['name']} ({m['stage']['kind']}) of workflow {m['stage']['workflow']}, run {m['stage']['run_id']}")
-    console.print(f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}")
+    console.print(
+        f"stage {m['stage']['name']} ({m['stage']['kind']}) of workflow {m['stage']['workflow']}, run {m['stage']['run_id']}"
+    )
+    console.print(
+        f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}"
+    )
     for item in m.get("inputs", []):
-        console.print(f"  input {item['slot']}: {item.get('ref') or item.get('path') or item.get('hub_id')}  ({item['digest'][:12]})")
+        console.print(
+            f"  input {item['slot']}: {item.get('ref') or item.get('path') or item.get('hub_id')}  ({item['digest'][:12]})"
+        )
     console.print("config: " + json.dumps(m.get("config", {})))
     console.print("metrics: " + json.dumps(m.get("metrics", {})))
     if m.get("wandb"):
         console.print(f"W&B run: {m['wandb']['path']} ({m['wandb']['mode']})")
-    console.print(f"{len(m.get('files', {}))} files, {sum(f['size'] for f in m.get('files', {}).values())} bytes")
+    console.print(
+        f"{len(m.get('files', {}))} files, {sum(f['size'] for f in m.get('files', {}).values())} bytes"
+    )
     return 0
 
 
@@ -165,10 +185,14 @@ def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
     for depth, node in store.lineage(store.get(args.ref)):
         indent = "  " * depth + ("└─ " if depth else "")
         if isinstance(node, Artifact):
-            console.print(f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]")
+            console.print(
+                f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]"
+            )
         else:
             source = node.get("ref") or node.get("path") or node.get("hub_id")
-            console.print(f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]")
+            console.print(
+                f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]"
+            )
     return 0
 
 
@@ -187,8 +211,17 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
 
 def _brief(a: Artifact) -> dict[str, Any]:
     m = a.manifest
-    return {"ref": a.ref, "name": a.name, "version": a.version, "kind": a.kind, "status": m.get("status", "ok"),
-            "stage": m["stage"]["name"], "path": str(a.path), "digest": a.digest, "created": m.get("finished_at")}
+    return {
+        "ref": a.ref,
+        "name": a.name,
+        "version": a.version,
+        "kind": a.kind,
+        "status": m.get("status", "ok"),
+        "stage": m["stage"]["name"],
+        "path": str(a.path),
+        "digest": a.digest,
+        "created": m.get("finished_at"),
+    }
 
 
 def _relative(path: Path) -> str:

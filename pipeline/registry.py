@@ -72,8 +72,18 @@ STAGES: dict[str, StageKind] = {
             config=policy_configs.PretrainConfig,
             run="policy.pretrain:run",
             inputs={
-                "model": Slot(MODEL_KINDS, "a model to continue pretraining; omit to build the demo model from config", required=False, external=True),
-                "data": Slot(("dataset",), "a text data set (JSONL/Parquet with a `text` column); omit for the demo corpus", required=False, external=True),
+                "model": Slot(
+                    MODEL_KINDS,
+                    "a model to continue pretraining; omit to build the demo model from config",
+                    required=False,
+                    external=True,
+                ),
+                "data": Slot(
+                    ("dataset",),
+                    "a text data set (JSONL/Parquet with a `text` column); omit for the demo corpus",
+                    required=False,
+                    external=True,
+                ),
             },
             outputs=_single("base-model"),
             doc="Train a small causal LM from config on the generated demo corpus, or continue pretraining a model.",
@@ -83,8 +93,17 @@ STAGES: dict[str, StageKind] = {
             config=policy_configs.SFTConfig,
             run="policy.sft:run",
             inputs={
-                "model": Slot(MODEL_KINDS, "the model to fine-tune: an artifact, a local path or a hub id", external=True),
-                "data": Slot(("dataset",), "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the demo task", required=False, external=True),
+                "model": Slot(
+                    MODEL_KINDS,
+                    "the model to fine-tune: an artifact, a local path or a hub id",
+                    external=True,
+                ),
+                "data": Slot(
+                    ("dataset",),
+                    "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the demo task",
+                    required=False,
+                    external=True,
+                ),
             },
             outputs=lambda config: {"": "merged-model" if config.method in ("freeze", "full") else "adapter"},
             doc="Supervised fine-tuning with LoRA or another PEFT method (TRL SFTTrainer).",
@@ -94,8 +113,15 @@ STAGES: dict[str, StageKind] = {
             config=policy_configs.SampleConfig,
             run="policy.sample:run",
             inputs={
-                "policy": Slot(POLICY_KINDS, "the policy to sample from: an adapter or a full model", external=True),
-                "prompts": Slot(("dataset",), "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts", required=False, external=True),
+                "policy": Slot(
+                    POLICY_KINDS, "the policy to sample from: an adapter or a full model", external=True
+                ),
+                "prompts": Slot(
+                    ("dataset",),
+                    "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts",
+                    required=False,
+                    external=True,
+                ),
             },
             outputs=_single("samples"),
             doc="Draw K candidate responses per prompt for annotators to rank.",

@@ -10,6 +10,7 @@ For every selected stage, in dependency order:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -33,7 +34,18 @@ from pipeline.workflow import Stage, Workflow
 SCRATCH = "scratch"
 REJECTED = "rejected"
 """A stage returns `{"rejected": "reason", ...}` in its metrics to publish its output marked rejected."""
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "wandb", "argilla", "pydantic")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "wandb",
+    "argilla",
+    "pydantic",
+)
 
 
 class StageFailed(Exception):
@@ -80,7 +92,14 @@ def output_names(stage: Stage) -> dict[str, str]:
 
 
 class Runner:
-    def __init__(self, workflow: Workflow, store: Store, console: Console | None = None, force: bool = False, allow_rejected: bool = False):
+    def __init__(
+        self,
+        workflow: Workflow,
+        store: Store,
+        console: Console | None = None,
+        force: bool = False,
+        allow_rejected: bool = False,
+    ):
         self.workflow = workflow
         self.store = store
         self.console = console or Console(highlight=False)
@@ -122,7 +141,9 @@ class Runner:
         with self.store.lock(lock):  # a second process running the same stage waits, then finds it cached
             if not self.force and not stage.spec.always_run and (cached := self._cached(outputs, key)):
                 self.done[stage.name] = cached
-                self.console.print(f"{label}  [cyan]cached[/]  {', '.join(a.ref for a in cached.values())} (published meanwhile)")
+                self.console.print(
+                    f"{label}  [cyan]cached[/]  {', '.join(a.ref for a in cached.values())} (published meanwhile)"
+                )
                 return StageResult(stage.name, "cached", cached)
             return self._execute(stage, label, inputs, key, outputs)
 
@@ -132,7 +153,9 @@ class Runner:
             return found  # type: ignore[return-value]
         return None
 
-    def _execute(self, stage: Stage, label: str, inputs: list[ResolvedInput], key: str, outputs: dict[str, str]) -> StageResult:
+    def _execute(
+        self, stage: Stage, label: str, inputs: list[ResolvedInput], key: str, outputs: dict[str, str]
+    ) -> StageResult:
         out_dir = self.store.staging(stage.artifact, key)
         for leftover in out_dir.iterdir():  # a crashed attempt's payload is redone; its checkpoints are kept
             if leftover.name != SCRATCH:
@@ -148,8 +171,13 @@ class Runner:
             group=self.run_id,
             stage=stage.name,
             kind=stage.kind,
-            config={"stage": stage.name, "kind": stage.kind, "workflow": self.workflow.name, **config,
-                    "inputs": {i.slot: i.record for i in inputs}},
+            config={
+                "stage": stage.name,
+                "kind": stage.kind,
+                "workflow": self.workflow.name,
+                **config,
+                "inputs": {i.slot: i.record for i in inputs},
+            },
             tags=list(wandb_cfg.get("tags", [])),
         )
         for item in inputs:
@@ -175,8 +203,13 @@ class Runner:
         shutil.rmtree(out_dir / SCRATCH, ignore_errors=True)
         rejected = metrics.get(REJECTED)
         manifest = {
-            "stage": {"name": stage.name, "kind": stage.kind, "workflow": self.workflow.name,
-                      "workflow_file": str(self.workflow.file), "run_id": self.run_id},
+            "stage": {
+                "name": stage.name,
+                "kind": stage.kind,
+                "workflow": self.workflow.name,
+                "workflow_file": str(self.workflow.file),
+                "run_id": self.run_id,
+            },
             "status": REJECTED if rejected else "ok",
             **({"status_reason": rejected} if rejected else {}),
             "config": tracking.redact(config),
@@ -205,7 +238,9 @@ class Runner:
 
         refs = ", ".join(f"{a.ref} → {a.path}" for a in published.values())
         if rejected:
-            self.console.print(f"{label}  [red]rejected[/] in {_duration(seconds)}: {rejected}  ({refs}, marked rejected)")
+            self.console.print(
+                f"{label}  [red]rejected[/] in {_duration(seconds)}: {rejected}  ({refs}, marked rejected)"
+            )
             raise StageFailed(f"{stage.name}: {rejected}")
         self.console.print(f"{label}  [green]done[/] in {_duration(seconds)}  {refs}{_headline(metrics)}")
         return StageResult(stage.name, "ran", published, seconds)
@@ -222,7 +257,9 @@ class Runner:
                 matching = [a for a in candidates.values() if a.kind in slot.kinds]
                 if not matching:
                     kinds = ", ".join(a.kind for a in candidates.values())
-                    raise StageFailed(f"{where}: stage {ref.stage} produces {kinds}, expected one of {', '.join(slot.kinds)}")
+                    raise StageFailed(
+                        f"{where}: stage {ref.stage} produces {kinds}, expected one of {', '.join(slot.kinds)}"
+                    )
                 resolved.append(self._from_artifact(slot_name, matching[0], slot.kinds, where))
             elif ref.artifact is not None:
                 try:
@@ -234,16 +271,34 @@ class Runner:
                 if not ref.path.exists():
                     raise StageFailed(f"{where}: {ref.path} does not exist")
                 digest = tree_digest(hash_tree(ref.path)) if ref.path.is_dir() else sha256_file(ref.path)
-                resolved.append(ResolvedInput(slot_name, ref.path, digest, {"slot": slot_name, "path": str(ref.path), "digest": digest}))
+                resolved.append(
+                    ResolvedInput(
+                        slot_name,
+                        ref.path,
+                        digest,
+                        {"slot": slot_name, "path": str(ref.path), "digest": digest},
+                    )
+                )
             else:
                 assert ref.hub_id is not None
                 digest = "hub:" + ref.hub_id
-                resolved.append(ResolvedInput(slot_name, ref.hub_id, digest, {"slot": slot_name, "hub_id": ref.hub_id, "digest": digest}))
+                resolved.append(
+                    ResolvedInput(
+                        slot_name,
+                        ref.hub_id,
+                        digest,
+                        {"slot": slot_name, "hub_id": ref.hub_id, "digest": digest},
+                    )
+                )
         return resolved
 
-    def _from_artifact(self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str) -> ResolvedInput:
+    def _from_artifact(
+        self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str
+    ) -> ResolvedInput:
         if artifact.kind not in kinds:
-            raise StageFailed(f"{where}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}")
+            raise StageFailed(
+                f"{where}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}"
+            )
         if artifact.manifest.get("status") == REJECTED and not self.allow_rejected:
             raise StageFailed(
                 f"{where}: {artifact.ref} was rejected ({artifact.manifest.get('status_reason')}); "
@@ -254,8 +309,14 @@ class Runner:
             if problems:
                 raise StageFailed(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
             self._verified.add(artifact.path)
-        record = {"slot": slot, "ref": artifact.ref, "name": artifact.name, "version": artifact.version,
-                  "kind": artifact.kind, "digest": artifact.digest}
+        record = {
+            "slot": slot,
+            "ref": artifact.ref,
+            "name": artifact.name,
+            "version": artifact.version,
+            "kind": artifact.kind,
+            "digest": artifact.digest,
+        }
         return ResolvedInput(slot, artifact.path, artifact.digest, record, artifact)
 
     def _artifacts_of(self, stage_name: str) -> dict[str, Artifact]:
@@ -280,8 +341,11 @@ def _duration(seconds: float) -> str:
 
 
 def _headline(metrics: dict[str, Any], limit: int = 4) -> str:
-    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)][:limit]
+    shown = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ][:limit]
     return ("  " + " ".join(shown)) if shown else ""
 
 
@@ -291,10 +355,8 @@ def library_versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -304,10 +366,18 @@ def code_version() -> dict[str, Any]:
     info: dict[str, Any] = {"package": importlib.metadata.version("rlhf-pipeline")}
     source = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10
+        )
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=10)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=source,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             info["git_dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.TimeoutExpired):
         pass

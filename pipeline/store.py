@@ -110,7 +110,9 @@ class Store:
             raise StoreError(f"no artifact named {name!r} in {self.root} (artifacts: {known})")
         number = versions[-1] if version == "latest" else int(version[1:])
         if number not in versions:
-            raise StoreError(f"{name} has no version v{number} (versions: {', '.join(f'v{v}' for v in versions)})")
+            raise StoreError(
+                f"{name} has no version v{number} (versions: {', '.join(f'v{v}' for v in versions)})"
+            )
         return self._load(name, number)
 
     def _load(self, name: str, version: int) -> Artifact:
@@ -142,7 +144,9 @@ class Store:
             elif rel not in expected:
                 problems.append(f"unexpected file {rel}")
             elif actual[rel]["sha256"] != expected[rel]["sha256"]:
-                problems.append(f"{rel}: sha256 {actual[rel]['sha256'][:12]}… != recorded {expected[rel]['sha256'][:12]}…")
+                problems.append(
+                    f"{rel}: sha256 {actual[rel]['sha256'][:12]}… != recorded {expected[rel]['sha256'][:12]}…"
+                )
         if tree_digest(expected) != artifact.manifest.get("digest"):
             problems.append("manifest digest does not match its file list")
         return problems

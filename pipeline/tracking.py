@@ -54,7 +54,16 @@ def enabled() -> bool:
 class StageRun:
     """The W&B run of one stage run. A no-op when tracking is disabled."""
 
-    def __init__(self, project: str, entity: str | None, group: str, stage: str, kind: str, config: dict[str, Any], tags: list[str]):
+    def __init__(
+        self,
+        project: str,
+        entity: str | None,
+        group: str,
+        stage: str,
+        kind: str,
+        config: dict[str, Any],
+        tags: list[str],
+    ):
         self.run = None
         if not enabled():
             return

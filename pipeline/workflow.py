@@ -84,7 +84,12 @@ class Workflow:
         """The stages to run: all, `until` and everything it depends on, or `only` one."""
         for option, name in (("--until", until), ("--only", only)):
             if name is not None and name not in self.stages:
-                raise WorkflowError(str(self.file), None, option, f"no stage named {name!r} (stages: {', '.join(self.stages)})")
+                raise WorkflowError(
+                    str(self.file),
+                    None,
+                    option,
+                    f"no stage named {name!r} (stages: {', '.join(self.stages)})",
+                )
         if only is not None:
             return [self.stages[only]]
         if until is None:
@@ -112,9 +117,13 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str)
         for key_node, value_node in node.value:
             key = scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)):
-                raise WorkflowError(file, key_node.start_mark.line + 1, _dotted(path), "mapping keys must be plain scalars")
+                raise WorkflowError(
+                    file, key_node.start_mark.line + 1, _dotted(path), "mapping keys must be plain scalars"
+                )
             if key in out:
-                raise WorkflowError(file, key_node.start_mark.line + 1, _dotted((*path, key)), "duplicate key")
+                raise WorkflowError(
+                    file, key_node.start_mark.line + 1, _dotted((*path, key)), "duplicate key"
+                )
             lines[(*path, key)] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, (*path, key), lines, file)
         return out
@@ -173,7 +182,9 @@ class _Checker:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def parse(text: str, file: str = "<workflow>", base_dir: Path | None = None) -> Workflow:
@@ -213,9 +224,14 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
     body = check.mapping(raw, path, STAGE_KEYS)
     kind = body.get("kind", name if name in registry.STAGES else None)
     if kind is None:
-        raise check.fail((*path, "kind"), f"missing: {name!r} is not a stage kind, so `kind` is required (one of: {', '.join(registry.STAGES)})")
+        raise check.fail(
+            (*path, "kind"),
+            f"missing: {name!r} is not a stage kind, so `kind` is required (one of: {', '.join(registry.STAGES)})",
+        )
     if kind not in registry.STAGES:
-        raise check.fail((*path, "kind"), f"unknown stage kind {kind!r} (one of: {', '.join(registry.STAGES)})")
+        raise check.fail(
+            (*path, "kind"), f"unknown stage kind {kind!r} (one of: {', '.join(registry.STAGES)})"
+        )
     spec = registry.STAGES[kind]
 
     raw_config = check.mapping(body.get("config"), (*path, "config"))
@@ -243,7 +259,9 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
             continue
         value = raw_inputs[slot_name]
         if not isinstance(value, str):
-            raise check.fail(slot_path, f"expected a stage name or artifact reference, got {_type_name(value)}")
+            raise check.fail(
+                slot_path, f"expected a stage name or artifact reference, got {_type_name(value)}"
+            )
         inputs[slot_name] = _parse_ref(check, value, slot, slot_path, names - {name}, base_dir)
 
     artifact = body.get("artifact", name)
@@ -252,19 +270,27 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
     return Stage(name=name, kind=kind, config=config, inputs=inputs, artifact=artifact, line=check.line(path))
 
 
-def _parse_ref(check: _Checker, value: str, slot: registry.Slot, path: Path_, stages: set[str], base_dir: Path) -> InputRef:
+def _parse_ref(
+    check: _Checker, value: str, slot: registry.Slot, path: Path_, stages: set[str], base_dir: Path
+) -> InputRef:
     if value in stages:
         return InputRef(raw=value, stage=value)
     if ARTIFACT_REF.match(value):
         return InputRef(raw=value, artifact=value)
     if not slot.external:
-        raise check.fail(path, f"no stage named {value!r} in this workflow, and not an artifact reference like 'name:v3' or 'name:latest'")
+        raise check.fail(
+            path,
+            f"no stage named {value!r} in this workflow, and not an artifact reference like 'name:v3' or 'name:latest'",
+        )
     local = Path(value).expanduser()
     local = local if local.is_absolute() else base_dir / local
     if local.exists():
         return InputRef(raw=value, path=local.resolve())
     if value.startswith((".", "/", "~")) or not HUB_ID.match(value):
-        raise check.fail(path, f"{value!r} is not a stage of this workflow, an artifact reference, an existing path or a hub id")
+        raise check.fail(
+            path,
+            f"{value!r} is not a stage of this workflow, an artifact reference, an existing path or a hub id",
+        )
     return InputRef(raw=value, hub_id=value)
 
 
@@ -276,7 +302,7 @@ def _topological_order(check: _Checker, stages: dict[str, Stage]) -> list[str]:
         if state.get(name) == "done":
             return
         if state.get(name) == "visiting":
-            cycle = [*trail[trail.index(name):], name]
+            cycle = [*trail[trail.index(name) :], name]
             raise check.fail(("stages", name, "inputs"), f"dependency cycle: {' -> '.join(cycle)}")
         state[name] = "visiting"
         for upstream in stages[name].upstream():

@@ -28,7 +28,9 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def rlhf(
+    *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the real `rlhf` command in a subprocess (as a user would)."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],

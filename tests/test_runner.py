@@ -20,7 +20,9 @@ TINY = "{steps: %d, batch_size: 4, seq_len: 32, layers: 1, hidden_size: 32, inte
 def tiny_workflow(folder: Path, steps: int = 3, seed: int = 0, second: bool = True) -> Path:
     text = f"name: tiny\nstages:\n  pretrain:\n    config: {TINY % (steps, seed)}\n"
     if second:
-        text += f"  more:\n    kind: pretrain\n    inputs: {{model: pretrain}}\n    config: {TINY % (2, seed)}\n"
+        text += (
+            f"  more:\n    kind: pretrain\n    inputs: {{model: pretrain}}\n    config: {TINY % (2, seed)}\n"
+        )
     path = folder / "tiny.yaml"
     path.write_text(text)
     return path
@@ -38,7 +40,16 @@ def test_run_publishes_artifacts_with_full_manifest_and_wandb_runs(workspace):
     assert (m["name"], m["version"], m["kind"], m["status"]) == ("more", 1, "base-model", "ok")
     assert m["stage"]["workflow"] == "tiny" and m["stage"]["kind"] == "pretrain"
     assert m["config"]["steps"] == 2
-    assert m["inputs"] == [{"slot": "model", "ref": "pretrain:v1", "name": "pretrain", "version": 1, "kind": "base-model", "digest": base.digest}]
+    assert m["inputs"] == [
+        {
+            "slot": "model",
+            "ref": "pretrain:v1",
+            "name": "pretrain",
+            "version": 1,
+            "kind": "base-model",
+            "digest": base.digest,
+        }
+    ]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(m["files"])
     assert {"torch", "transformers", "python"} <= set(m["versions"])
     assert m["code"]["package"] == "0.1.0"
@@ -68,7 +79,11 @@ def test_second_run_is_cached_and_creates_no_version(workspace):
 
     forced = rlhf("run", "tiny.yaml", "--only", "more", "--force", cwd=workspace)
     assert forced.returncode == 0, forced.stderr
-    assert sorted(a.ref for a in Store(workspace / "artifacts").all()) == ["more:v1", "more:v2", "pretrain:v1"]
+    assert sorted(a.ref for a in Store(workspace / "artifacts").all()) == [
+        "more:v1",
+        "more:v2",
+        "pretrain:v1",
+    ]
 
     tiny_workflow(workspace, seed=1)  # a config change invalidates the stage and everything downstream
     changed = rlhf("run", "tiny.yaml", "--until", "pretrain", cwd=workspace)
@@ -116,7 +131,11 @@ def test_artifacts_commands(workspace):
 def _start(workspace: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "tiny.yaml"],
-        cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+        cwd=workspace,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
     )
 
 
@@ -158,8 +177,16 @@ def test_two_processes_on_one_store(workspace):
 
 def test_concurrent_forced_runs_get_distinct_versions(workspace):
     tiny_workflow(workspace, steps=3, second=False)
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "tiny.yaml", "--force"], cwd=workspace,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", "tiny.yaml", "--force"],
+            cwd=workspace,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert Store(workspace / "artifacts").versions("pretrain") == [1, 2, 3]

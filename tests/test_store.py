@@ -23,7 +23,9 @@ def _payload(root: Path, name: str, files: dict[str, str]) -> Path:
 def _publish(store: Store, name: str, text: str, inputs: list | None = None, key: str = "k"):
     payload = _payload(store.root.parent, f"{name}-{text}", {"data.txt": text, "sub/more.txt": text * 2})
     stage = {"name": name, "kind": "test", "workflow": "w", "run_id": "r"}
-    return store.publish(name, payload, {"kind": "samples", "stage": stage, "cache_key": key, "inputs": inputs or []})
+    return store.publish(
+        name, payload, {"kind": "samples", "stage": stage, "cache_key": key, "inputs": inputs or []}
+    )
 
 
 def test_publish_assigns_versions_and_records_digests(tmp_path):
@@ -89,9 +91,19 @@ def test_concurrent_publishers_never_collide(tmp_path):
 def test_lineage_walks_back_to_the_roots(tmp_path):
     store = Store(tmp_path / "artifacts")
     base = _publish(store, "base", "b")
-    mid = _publish(store, "mid", "m", inputs=[{"slot": "model", "ref": base.ref, "name": "base", "version": 1, "digest": base.digest}])
+    mid = _publish(
+        store,
+        "mid",
+        "m",
+        inputs=[{"slot": "model", "ref": base.ref, "name": "base", "version": 1, "digest": base.digest}],
+    )
     ext = {"slot": "data", "path": "/data/x.jsonl", "digest": "abc"}
-    top = _publish(store, "top", "t", inputs=[{"slot": "model", "ref": mid.ref, "name": "mid", "version": 1, "digest": mid.digest}, ext])
+    top = _publish(
+        store,
+        "top",
+        "t",
+        inputs=[{"slot": "model", "ref": mid.ref, "name": "mid", "version": 1, "digest": mid.digest}, ext],
+    )
     chain = [(depth, getattr(node, "ref", None) or node["path"]) for depth, node in store.lineage(top)]
     assert chain == [(0, "top:v1"), (1, "mid:v1"), (2, "base:v1"), (1, "/data/x.jsonl")]
 

@@ -23,21 +23,63 @@ stages:
 
 # (case, file text, expected key path, expected line, words the message must contain)
 MALFORMED = [
-    ("unknown key", "stages:\n  pretrain:\n    config:\n      steps: 3\n      stepz: 4\n", "stages.pretrain.config.stepz", 5, "unknown key"),
+    (
+        "unknown key",
+        "stages:\n  pretrain:\n    config:\n      steps: 3\n      stepz: 4\n",
+        "stages.pretrain.config.stepz",
+        5,
+        "unknown key",
+    ),
     ("unknown stage key", "stages:\n  pretrain:\n    confg: {}\n", "stages.pretrain.confg", 3, "unknown key"),
     ("unknown top-level key", "stagez: {}\nstages:\n  pretrain: {}\n", "stagez", 1, "unknown key"),
-    ("wrong type", "stages:\n  pretrain:\n    config:\n      lr: fast\n", "stages.pretrain.config.lr", 4, "valid number"),
-    ("out of range", "stages:\n  pretrain:\n    config:\n      steps: 0\n", "stages.pretrain.config.steps", 4, "greater than or equal"),
+    (
+        "wrong type",
+        "stages:\n  pretrain:\n    config:\n      lr: fast\n",
+        "stages.pretrain.config.lr",
+        4,
+        "valid number",
+    ),
+    (
+        "out of range",
+        "stages:\n  pretrain:\n    config:\n      steps: 0\n",
+        "stages.pretrain.config.steps",
+        4,
+        "greater than or equal",
+    ),
     ("missing stages", "name: x\n", "stages", 1, "missing"),
     ("missing kind", "stages:\n  warmup:\n    config: {}\n", "stages.warmup.kind", 2, "missing"),
     ("unknown kind", "stages:\n  a:\n    kind: pretrian\n", "stages.a.kind", 3, "unknown stage kind"),
-    ("missing stage", "stages:\n  pretrain: {}\n  b:\n    kind: pretrain\n    inputs: {model: pretrian}\n", "stages.b.inputs.model", 5, "pretrian"),
-    ("bad reference", "stages:\n  b:\n    kind: pretrain\n    inputs:\n      model: 'sft:v'\n", "stages.b.inputs.model", 5, "not a stage"),
-    ("cycle", "stages:\n  a:\n    kind: pretrain\n    inputs: {model: b}\n  b:\n    kind: pretrain\n    inputs: {model: a}\n", "stages.a.inputs", 4, "cycle: a -> b -> a"),
+    (
+        "missing stage",
+        "stages:\n  pretrain: {}\n  b:\n    kind: pretrain\n    inputs: {model: pretrian}\n",
+        "stages.b.inputs.model",
+        5,
+        "pretrian",
+    ),
+    (
+        "bad reference",
+        "stages:\n  b:\n    kind: pretrain\n    inputs:\n      model: 'sft:v'\n",
+        "stages.b.inputs.model",
+        5,
+        "not a stage",
+    ),
+    (
+        "cycle",
+        "stages:\n  a:\n    kind: pretrain\n    inputs: {model: b}\n  b:\n    kind: pretrain\n    inputs: {model: a}\n",
+        "stages.a.inputs",
+        4,
+        "cycle: a -> b -> a",
+    ),
     ("invalid yaml", "stages:\n  a: {kind: pretrain\n  b: 1\n", "", 3, "invalid YAML"),
     ("tab indentation", "stages:\n\tpretrain: {}\n", "", 2, "invalid YAML"),
     ("duplicate key", "stages:\n  pretrain: {}\n  pretrain: {}\n", "stages.pretrain", 3, "duplicate"),
-    ("not a mapping", "stages:\n  pretrain:\n    config: [1, 2]\n", "stages.pretrain.config", 3, "expected a mapping"),
+    (
+        "not a mapping",
+        "stages:\n  pretrain:\n    config: [1, 2]\n",
+        "stages.pretrain.config",
+        3,
+        "expected a mapping",
+    ),
 ]
 
 

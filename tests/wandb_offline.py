@@ -46,15 +46,23 @@ def summarize(path: Path) -> dict:
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=record.run.run_group, job_type=record.run.job_type, name=record.run.display_name,
-                       config={item.key for item in record.run.config.update})
+            out.update(
+                group=record.run.run_group,
+                job_type=record.run.job_type,
+                name=record.run.display_name,
+                config={item.key for item in record.run.config.update},
+            )
         elif kind == "artifact":
             entry = (record.artifact.name, record.artifact.type, record.artifact.digest)
             (out["used"] if record.artifact.use_after_commit else out["logged"]).append(entry)
         elif kind == "history":
-            out["history_keys"].update(item.nested_key[0] if item.nested_key else item.key for item in record.history.item)
+            out["history_keys"].update(
+                item.nested_key[0] if item.nested_key else item.key for item in record.history.item
+            )
         elif kind == "summary":
-            out["summary_keys"].update(item.nested_key[0] if item.nested_key else item.key for item in record.summary.update)
+            out["summary_keys"].update(
+                item.nested_key[0] if item.nested_key else item.key for item in record.summary.update
+            )
     return out
 
 
