@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from annotation.server import ArgillaServerError
 from common.outcomes import InputError
 from pipeline import tracking, workflow
 from pipeline.runner import Runner, StageFailed, StageResult
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except workflow.WorkflowError as err:
         errors.print(f"[red]error[/]: {err}")
         return EXIT_USAGE
-    except (StoreError, InputError) as err:
+    except (StoreError, InputError, ArgillaServerError) as err:
         errors.print(f"[red]error[/]: {err}")
         return EXIT_USAGE
     except StageFailed as err:
@@ -93,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     verify = verbs.add_parser("verify", help="recompute every digest; exit 1 on mismatch")
     verify.add_argument("ref")
     verify.set_defaults(handler=cmd_artifacts_verify)
+
+    annotation = commands.add_parser("annotation", help="the embedded Argilla server for local ranking")
+    verbs = annotation.add_subparsers(title="verbs", metavar="VERB")
+    serve = verbs.add_parser(
+        "serve", help="start Argilla (UI, worker, Redis) on 127.0.0.1 and print the logins"
+    )
+    serve.add_argument("--port", type=int, default=6900)
+    serve.add_argument("--annotators", type=int, default=3, help="annotator accounts to create (default 3)")
+    serve.set_defaults(handler=cmd_annotation_serve)
+    verbs.add_parser("stop", help="stop the embedded server").set_defaults(handler=cmd_annotation_stop)
+    verbs.add_parser("status", help="is it running, where, and who can log in").set_defaults(
+        handler=cmd_annotation_status
+    )
     return parser
 
 
@@ -206,6 +220,34 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
             errors.print(f"  {problem}")
         return EXIT_FAILED
     console.print(f"{artifact.ref}: ok ({len(artifact.manifest['files'])} files verified)")
+    return 0
+
+
+def cmd_annotation_serve(args: argparse.Namespace) -> int:
+    from annotation import server
+
+    server.serve(port=args.port, annotators=args.annotators)
+    console.print(f"state: {server.default_home()} · stop with: rlhf annotation stop")
+    return 0
+
+
+def cmd_annotation_stop(args: argparse.Namespace) -> int:
+    from annotation import server
+
+    console.print("stopped" if server.stop() else "not running")
+    return 0
+
+
+def cmd_annotation_status(args: argparse.Namespace) -> int:
+    from annotation import server
+
+    info = server.status()
+    if info is None:
+        console.print(f"not running (state: {server.default_home()}); start it with: rlhf annotation serve")
+        return EXIT_FAILED
+    console.print(f"running at {info.url} · workspace {info.workspace} · state {info.home}")
+    console.print("logins: " + ", ".join(login.username for login in (info.owner, *info.annotators)))
+    console.print(f"passwords and API keys: {info.home / 'credentials.json'}")
     return 0
 
 
