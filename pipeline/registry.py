@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from annotation import configs as annotation_configs
 from policy import configs as policy_configs
 
 MODEL_KINDS = ("base-model", "merged-model", "policy")
@@ -125,6 +126,23 @@ STAGES: dict[str, StageKind] = {
             },
             outputs=_single("samples"),
             doc="Draw K candidate responses per prompt for annotators to rank.",
+        ),
+        StageKind(
+            name="annotate",
+            config=annotation_configs.AnnotateConfig,
+            run="annotation.push:run",
+            inputs={"samples": Slot(("samples",), "the candidates to rank")},
+            outputs=_single("annotation-batch"),
+            doc="Push candidates to Argilla as a ranking dataset.",
+        ),
+        StageKind(
+            name="collect",
+            config=annotation_configs.CollectConfig,
+            run="annotation.collect:run",
+            inputs={"batch": Slot(("annotation-batch",), "the pushed annotation batch")},
+            outputs=lambda config: {"rankings": "rankings", "preferences": "preferences"},
+            always_run=True,
+            doc="Snapshot submitted rankings and convert them to preference pairs; waits below the threshold.",
         ),
     ]
 }
