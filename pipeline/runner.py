@@ -229,6 +229,10 @@ class Runner:
             if not payload.is_dir():
                 tracker.finish(failed=True)
                 raise StageFailed(f"stage {stage.name} did not write its {kind!r} output to {payload}")
+            unchanged = self.store.find(name, key) if stage.spec.always_run else None
+            if unchanged is not None and unchanged.digest == tree_digest(hash_tree(payload)):
+                published[name] = unchanged  # same inputs, same result: no new version
+                continue
             published[name] = artifact = self.store.publish(name, payload, {"kind": kind, **manifest})
             tracker.publish(artifact)
         if out_dir.exists():
