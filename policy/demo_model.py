@@ -58,7 +58,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 320) -> PreTrainedTokeni
         [
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(
-                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+                single=f"{BOS} $A",
+                pair=f"{BOS} $A {BOS} $B",
+                special_tokens=[(BOS, tokenizer.token_to_id(BOS))],
             ),
         ]
     )

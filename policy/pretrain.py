@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common import demo_task
+from common.models import pick_device
+from common.outcomes import InputError
 from policy.configs import PretrainConfig
 from policy.demo_model import build_model, train_tokenizer
 
@@ -36,7 +38,7 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     started = time.perf_counter()
     device = pick_device(config.device)
     if device.type == "cpu":
-        torch.set_num_threads(available_cpus())
+        torch.set_num_threads(config.cpu_threads or len(os.sched_getaffinity(0)))
 
     # Load
     texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config)
@@ -46,7 +48,9 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
         model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
     else:
         tokenizer = train_tokenizer(texts, config.vocab_size)
-        model = build_model(tokenizer, config.layers, config.hidden_size, config.intermediate_size, config.heads)
+        model = build_model(
+            tokenizer, config.layers, config.hidden_size, config.intermediate_size, config.heads
+        )
     documents = tokenize(texts, tokenizer)
 
     # Check
@@ -67,8 +71,8 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     sampled = demo_accuracy(model, tokenizer, held_out, sample=True)
     return {
         "train_loss": stats["train_loss"],
-        "heldout_accuracy": greedy,
-        "heldout_sample_accuracy": sampled,
+        "accuracy_greedy": greedy,
+        "accuracy_sampled": sampled,
         "eval_prompts": len(held_out),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
@@ -81,21 +85,6 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
 
 
 # --- load ---
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain: `device: cuda` was asked for, but CUDA is not available here")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (respects affinity masks, unlike `os.cpu_count`)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def demo_corpus(config: PretrainConfig) -> list[str]:
@@ -114,13 +103,13 @@ def load_texts(data: Path | str, column: str) -> list[str]:
         files = sorted(data.rglob("*")) if data.is_dir() else [data]
         files = [f for f in files if f.suffix in (".jsonl", ".json", ".parquet")]
         if not files:
-            raise ValueError(f"pretrain: no .jsonl, .json or .parquet file in {data}")
+            raise InputError(f"pretrain: no .jsonl, .json or .parquet file in {data}")
         builder = "parquet" if files[0].suffix == ".parquet" else "json"
         dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"]
     if column not in dataset.column_names:
-        raise ValueError(f"pretrain: data {data} has no column {column!r} (columns: {dataset.column_names})")
+        raise InputError(f"pretrain: data {data} has no column {column!r} (columns: {dataset.column_names})")
     return [text for text in dataset[column] if text]
 
 
@@ -154,7 +143,7 @@ def check(
     if tokenizer.eos_token_id is None:
         problems.append("the tokenizer has no eos token, so documents cannot be separated")
     if problems:
-        raise ValueError("pretrain: " + "; ".join(problems))
+        raise InputError("pretrain: " + "; ".join(problems))
 
 
 # --- train ---
@@ -196,9 +185,10 @@ def train(
     model.train()
     recent: list[float] = []
     started = time.perf_counter()
+    stream = batches(documents, config)
     progress = tqdm(range(config.steps), desc="pretrain", unit="step")
-    for step, block in zip(progress, batches(documents, config)):
-        block = block.to(device)
+    for step in progress:
+        block = next(stream).to(device)
         loss = model(input_ids=block, labels=block).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,7 +200,9 @@ def train(
             mean_loss = sum(recent) / len(recent)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
             if wandb_run is not None:
-                wandb_run.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+                wandb_run.log(
+                    {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1
+                )
     progress.close()
     model.eval()
     seconds = time.perf_counter() - started
@@ -257,7 +249,9 @@ def demo_accuracy(
             top_p=1.0 if sample else None,
             pad_token_id=tokenizer.pad_token_id,
         )
-        responses = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        responses = tokenizer.batch_decode(
+            output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         correct += sum(
             demo_task.is_correct(response.split("\n")[0], record["answer"])
             for response, record in zip(responses, chunk, strict=True)
