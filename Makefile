@@ -6,9 +6,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean-runs
+.PHONY: setup setup-browser demo test test-fast bench lint clean-runs
 
 setup: $(STAMP) .venv-argilla/.installed
+
+# Debian's chromium for the browser test of the annotation UI (not needed by the demo).
+setup-browser:
+	bash annotation/setup_browser.sh
 
 # Re-installs only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -25,7 +29,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/rlhf run workflows/demo.yaml
 
-test: setup
+test: setup setup-browser
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -13,6 +13,7 @@ printed: stdout and stderr go to log files.
 """
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -38,6 +39,76 @@ def load_search_engine() -> types.ModuleType:
     return module
 
 
+def install_speedups() -> None:
+    """Remove argilla-server's per-record overheads; the API's behaviour is unchanged.
+
+    Measured on the bulk upsert of 1,000 records (PUT /api/v1/datasets/{id}/records/bulk), which ran at
+    ~60 records/s:
+    - every record's metadata value was checked through a pydantic TypeAdapter built anew for each value
+      (`MetadataProperty.parsed_settings`; ~2 ms each), every response's values likewise
+      (`Question.parsed_settings`, ~5 ms): one adapter of each is built once and reused;
+    - every created/updated record (and every response) built a webhook event first, reloading its
+      dataset with 5 relationships (6 queries), then looked for enabled webhooks and, finding none, threw
+      the event away: the event is now built only when the session's database has an enabled webhook
+      (looked up once per session, i.e. per request);
+    - SQLite (already in WAL mode) synced the disk on every commit: `synchronous=NORMAL` syncs at WAL
+      checkpoints instead. A killed or stopped server loses nothing committed; only a power cut or an OS
+      crash may drop the last commits.
+    """
+    from argilla_server import database
+    from argilla_server.api.schemas.v1.questions import QuestionSettings
+    from argilla_server.bulk import records_bulk
+    from argilla_server.contexts import datasets, distribution, records, webhooks
+    from argilla_server.models import MetadataProperty, Question
+    from argilla_server.models.metadata_properties import MetadataPropertySettings
+    from argilla_server.settings import settings
+    from pydantic import TypeAdapter
+    from sqlalchemy import event
+
+    if settings.database_is_sqlite:
+
+        @event.listens_for(database.async_engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+    metadata_settings = TypeAdapter(MetadataPropertySettings)
+    MetadataProperty.parsed_settings = property(lambda self: metadata_settings.validate_python(self.settings))
+    question_settings = TypeAdapter(QuestionSettings)
+    Question.parsed_settings = property(lambda self: question_settings.validate_python(self.settings))
+
+    async def webhooks_enabled(db) -> bool:
+        if "rlhf_webhooks_enabled" not in db.info:
+            db.info["rlhf_webhooks_enabled"] = bool(await webhooks.list_enabled_webhooks(db))
+        return db.info["rlhf_webhooks_enabled"]
+
+    def only_with_webhooks(notify):
+        async def notify_when_enabled(db, event_name, resource):
+            if not await webhooks_enabled(db):
+                return []
+            return await notify(db, event_name, resource)
+
+        return notify_when_enabled
+
+    for module in (records_bulk, datasets, distribution, records):
+        for name in ("notify_record_event_v1", "notify_response_event_v1", "notify_dataset_event_v1"):
+            if hasattr(module, name):
+                setattr(module, name, only_with_webhooks(getattr(module, name)))
+
+
+def tune_garbage_collector() -> None:
+    """Keep Python's cyclic garbage collector off the server's large, long-lived start-up heap.
+
+    With the default thresholds a full collection rescans every object of the imported app whenever a
+    response allocates many objects: listing 1,000 records with 3,000 responses took 1.3 s, 0.4 s with the
+    start-up objects frozen (never scanned again) and collections triggered less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 def migrate_database(search_engine: types.ModuleType) -> None:
     from alembic import command
     from alembic.config import Config
@@ -48,7 +119,9 @@ def migrate_database(search_engine: types.ModuleType) -> None:
     config.set_main_option("script_location", str(Path(ALEMBIC_CONFIG_FILE).parent / "alembic"))
     command.upgrade(config, "head")
     with sync_engine.connect() as connection:
-        connection.exec_driver_sql("PRAGMA journal_mode=WAL")  # readers do not wait for writers (kept in the file)
+        connection.exec_driver_sql(
+            "PRAGMA journal_mode=WAL"
+        )  # readers do not wait for writers (kept in the file)
         search_engine.create_indexes(connection)
     print("database migrated to head", flush=True)
 
@@ -100,10 +173,12 @@ def run_server(host: str, port: int, credentials_path: Path) -> None:
     search_engine = load_search_engine()
     migrate_database(search_engine)
     ensure_owner(credentials_path)
+    install_speedups()
 
     import uvicorn
     from argilla_server._app import app
 
+    tune_garbage_collector()
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 
 

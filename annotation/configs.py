@@ -12,29 +12,70 @@ class StageConfig(BaseModel):
 
 
 class SimulatedAnnotators(StageConfig):
-    """Bot accounts that rank through the same HTTP API as a person's browser (labelled as simulation)."""
+    """Bot annotators (accounts `bot-1`..`bot-N`, role annotator, labelled "simulated" in the UI and in the
+    rankings) that rank through the same HTTP endpoints as a person's browser: they take records from their
+    pending queue and submit a ranking by the demo task's ground truth (correct answers first, then wrong
+    answers by their distance to the right one, unparseable answers last; equally good candidates tie),
+    perturbed by noise. Prompts whose answer is unknown get a random ranking."""
 
     annotators: int = Field(3, ge=1)
-    """How many bot annotators rank."""
+    """How many bot annotators rank (bot-1..bot-N); a record gets rankings until `annotators_per_record`
+    bots have submitted one, so more bots than that only spread the work."""
     noise: float = Field(0.1, ge=0, le=1)
-    """Probability that a bot swaps two adjacent candidates of its ground-truth ranking."""
+    """Probability of each adjacent swap in a bot's ground-truth order (one pass from best to worst), so
+    a bot sometimes prefers the worse of two neighbouring candidates."""
+    discard: float = Field(0.0, ge=0, le=1)
+    """Probability that a bot discards a record instead of ranking it (as a person does with an
+    unreadable record)."""
+    max_records: int | None = Field(None, ge=1)
+    """Each bot answers at most this many records (null: its whole queue), e.g. to leave a batch partly
+    ranked in a demo of the waiting state."""
     seed: int = 0
-    """Seed of the bots' noise."""
+    """Seed of the bots' choices: the same seed gives each bot the same ranking of the same record."""
 
 
 class AnnotateConfig(StageConfig):
-    """Push candidates to Argilla for ranking (draft: the annotation implementer refines the fields)."""
+    """Push a `samples` artifact to Argilla as a ranking dataset, one record per prompt (`annotation/push.py`).
 
+    Connects to ARGILLA_API_URL with ARGILLA_API_KEY when both are set, else to the embedded local server
+    ($RLHF_ARGILLA_HOME, started if it is not running). Record ids derive from the content (samples digest,
+    prompt, candidates), so pushing again, or retrying an interrupted push, adds no duplicate.
+    """
+
+    dataset: str | None = Field(None, min_length=1, max_length=200)
+    """Name of the Argilla dataset; null derives it from the samples artifact (`sample-v3-1a2b3c4d`). A
+    dataset of that name that already exists is reused (its records are updated, not duplicated)."""
+    workspace: str = Field("rlhf", min_length=1)
+    """Argilla workspace of the dataset; created when missing. The embedded server's accounts belong to
+    `rlhf`."""
     annotators_per_record: int = Field(1, ge=1)
-    """How many annotators must submit a ranking for a record to count as done."""
+    """How many annotators must submit a ranking for a record to count as ranked (Argilla's task
+    distribution `min_submitted`): a record leaves everyone's queue once it has this many."""
+    annotators: list[str] | None = None
+    """Usernames that must see the dataset: added to the workspace when they are not members. Null: every
+    annotator account of the embedded server; on an external server, membership is left as it is."""
+    comment: bool = True
+    """Offer annotators an optional free-text comment next to the ranking."""
+    guidelines: str | None = Field(None, min_length=1, max_length=10_000)
+    """Guidelines shown to annotators (markdown); null uses the built-in ones (what to rank first, ties,
+    when to discard)."""
     simulate: SimulatedAnnotators | None = None
     """Let bot annotators rank the batch right after the push (demo and tests); omit for humans."""
 
 
 class CollectConfig(StageConfig):
-    """Read submitted rankings and turn them into preference pairs (draft)."""
+    """Snapshot the rankings of an annotation batch and turn them into preference pairs (`annotation/collect.py`).
+
+    A record counts as ranked once `annotators_per_record` annotators (set at push) have submitted a
+    ranking; only ranked records give pairs. Discarded records and ties give none.
+    """
 
     min_records: int = Field(1, ge=1)
-    """Ranked records needed before the batch is used; below it the stage reports progress and waits."""
+    """Ranked records needed before the batch is used; below it the stage reports "n/N records ranked"
+    and waits (nothing is published, later stages do not run). Capped at the batch's size."""
+    min_fraction: float | None = Field(None, gt=0, le=1)
+    """Also wait until this fraction of the batch's records is ranked (null: no such condition)."""
     policy: Literal["majority", "unanimous", "all"] = "majority"
-    """With several annotators per record: keep a pair when most agree, when all agree, or every vote."""
+    """With several annotators per record: `majority` keeps a pair when more than half of the record's
+    annotators rank its chosen response above the rejected one, `unanimous` when all do, `all` keeps
+    every annotator's pairs as separate rows (disagreements included)."""

@@ -137,3 +137,54 @@ def set_threads() -> None:
     """On CPU, use the cores this process may run on (torch's default can oversubscribe small machines)."""
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | None = None) -> None:
+    """Write a model directory the way stages hand models on: the weights (a PEFT adapter, or the full
+    model, as safetensors), the tokenizer with its chat template, a generation config whose pad and eos
+    tokens are the tokenizer's and, for an adapter, `base.json` naming the model it sits on (`base`)."""
+    from peft import PeftModel
+
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError(
+            "the tokenizer needs a pad token distinct from eos, or generation cannot tell padding from the end"
+        )
+    _align_special_tokens(model, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        if base is None:
+            raise ValueError("saving an adapter needs its base model, for base.json")
+        model.get_base_model().generation_config.save_pretrained(out_dir)
+        write_base_reference(out_dir, base)
+
+
+def source_reference(source: Path | str) -> dict[str, Any]:
+    """What a stage records about an input it read (a model, an adapter, a data set): the artifact's
+    `ref` and `digest` when the directory is an artifact (has a `manifest.json`), else its path or hub
+    id; for an adapter also its base (the content of `base.json`)."""
+    if not isinstance(source, Path):
+        return {"hub_id": source}
+    record: dict[str, Any] = {"path": str(source.resolve())}
+    manifest = source / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        record.update(ref=m.get("ref"), digest=m.get("digest"), kind=m.get("kind"))
+    if (source / BASE_FILE).is_file():
+        record["base"] = json.loads((source / BASE_FILE).read_text())
+    return record
+
+
+def merged_for_inference(model: Any) -> Any:
+    """A `PeftModel` whose adapter can be folded into the base weights (LoRA, DoRA, IA3, ...) merged and
+    unwrapped, for faster generation; anything else (prompt learning, a quantized base, a plain model)
+    is returned unchanged. Only for a frozen model that is not saved afterwards."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel) or model.peft_config[model.active_adapter].is_prompt_learning:
+        return model
+    quantized = getattr(model.get_base_model(), "is_quantized", False)
+    if quantized or not hasattr(model.base_model, "merge_and_unload"):
+        return model
+    return model.merge_and_unload()

@@ -16,7 +16,11 @@ from typing import Any
 
 from pipeline.store import MANIFEST, Artifact
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|password|secret|credential)", re.IGNORECASE)
+SECRET_KEY = re.compile(
+    r"(api[_-]?key|password|passwd|secret|credential|^token$|(access|auth|bearer|refresh|session|hf|hub|api)[_-]?token$)",
+    re.IGNORECASE,
+)
+"""Keys whose values are secrets. Deliberately not every key with "token" in it (`max_new_tokens`)."""
 
 
 def redact(value: Any) -> Any:
@@ -80,7 +84,7 @@ class StageRun:
             config=redact(config),
             dir=os.environ["WANDB_DIR"],
             settings=wandb.Settings(console="off", save_code=False, x_disable_stats=True),
-            reinit="create_new",
+            reinit="finish_previous",  # makes it `wandb.run`, which stages and HF's W&B callback log to
         )
 
     @property

@@ -1,0 +1,266 @@
+"""The Argilla dataset of an annotation batch: its layout, and the REST calls push, collect and the bots share.
+
+Layout (one dataset per batch, one record per prompt):
+- fields `prompt` and `response_1`..`response_K` (markdown text), K the most candidates any prompt has;
+- a required RankingQuestion `ranking` over `response_1`..`response_K` and an optional TextQuestion
+  `comment`; a submitted ranking gives every option a rank from 1 (best); equal ranks are ties;
+- record metadata `prompt_id` and `candidates` (hidden from annotators), dataset metadata recording the
+  samples artifact, the policy and the generation settings.
+
+Prompts with fewer candidates than K: Argilla 2.8 cannot vary a question's options per record (a submitted
+ranking must rank every option of the question), and the UI hides a missing optional field but still lists
+its option. So every slot is filled: a missing candidate's field holds a placeholder telling the annotator
+to rank it last, and collect ignores the ranks of placeholder slots, wherever the annotator put them.
+
+Everything goes through the REST API (`/api/v1/...`) with the owner's (or an admin's) API key: the argilla
+2.8 client drops the `rank` of ranking answers, and the bulk endpoints are what makes a push fast.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from annotation import server
+from annotation.server import ArgillaServerError
+
+BATCH_FILE = "batch.json"
+RECORDS_FILE = "records.jsonl"
+PROMPT = "prompt"
+RANKING = "ranking"
+COMMENT = "comment"
+MAX_CANDIDATES = 50
+"""Argilla's limit on the options of a ranking question."""
+BULK_SIZE = 500
+"""Records per bulk upsert request (argilla-server's maximum)."""
+PAGE_SIZE = 1000
+"""Records per page when listing a dataset (argilla-server's maximum)."""
+RETRIES = (0.5, 1.0, 2.0)
+"""Pauses before retrying an idempotent request (GET, PUT) that could not reach the server."""
+
+
+def load_batch(batch_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """batch.json and the records (records.jsonl) of an annotation-batch artifact."""
+    batch = json.loads((batch_dir / BATCH_FILE).read_text())
+    lines = (batch_dir / batch.get("records", RECORDS_FILE)).read_text(encoding="utf-8").splitlines()
+    return batch, [json.loads(line) for line in lines if line.strip()]
+
+
+def slot(index: int) -> str:
+    """The field and ranking value of candidate `index` (0-based): `response_1`, ..."""
+    return f"response_{index + 1}"
+
+
+def slot_index(value: str) -> int:
+    """The candidate index of a ranking value (`response_3` -> 2)."""
+    return int(value.removeprefix("response_")) - 1
+
+
+def empty_slot(present: int) -> str:
+    return (
+        f"*(No response in this slot: this prompt has only {present} responses. "
+        "Rank it last; it is ignored.)*"
+    )
+
+
+def guidelines(annotators_per_record: int, slots: int) -> str:
+    """The built-in guidelines, written for someone who has never seen the project."""
+    shared = (
+        "Each record is ranked by one person."
+        if annotators_per_record == 1
+        else f"Each record is ranked by {annotators_per_record} people independently; you see only your own ranking."
+    )
+    return f"""# Rank the responses
+
+Each record shows a **prompt** (a question or a request) and up to {slots} **responses** written by an AI
+model. Put the responses in order, **best first**. {shared}
+
+## What makes a response better
+1. **Correct** first: a response that answers the prompt correctly beats any wrong one, however well
+   written. Among wrong responses, the one closer to correct ranks higher.
+2. Then **complete and clear**: it does what was asked, without missing parts or rambling.
+3. A response that is empty, cut off, or not an answer at all goes last.
+
+## How to rank
+- Drag each response name (*Response 1*, *Response 2*, ...) into a rank box: box 1 is the best.
+  With the keyboard: click a response name and press its rank's number.
+- **Ties are allowed**: when two responses are equally good (for example the same answer in other
+  words), put them in the same box.
+- Every response must be in a box before you can **Submit**.
+- Some prompts have fewer responses than there are boxes: the missing ones read *"No response in this
+  slot"*. Put them in the last box; they are ignored.
+
+## When to discard
+Press **Discard** instead of ranking when you cannot judge the record: the prompt or the responses are
+unreadable (garbled text, a language you do not read, broken formatting), or the prompt makes no sense.
+Do not guess. A comment saying why helps.
+
+## Comment (optional)
+Anything worth telling us about this record: a problem with the prompt, why you discarded it.
+"""
+
+
+def render_prompt(prompt: Any) -> str:
+    """A prompt as the annotator sees it: the text, or a chat's messages one by one."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        if len(prompt) == 1:
+            return str(prompt[0]["content"])
+        return "\n\n".join(f"**{m.get('role', 'user')}:** {m['content']}" for m in prompt)
+    raise ValueError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
+
+
+def record_fields(prompt: Any, candidates: list[str], slots: int) -> dict[str, str]:
+    fields = {PROMPT: render_prompt(prompt)}
+    for index in range(slots):
+        fields[slot(index)] = candidates[index] if index < len(candidates) else empty_slot(len(candidates))
+    return fields
+
+
+def field_specs(slots: int) -> list[dict[str, Any]]:
+    text = {"type": "text", "use_markdown": True}
+    specs = [{"name": PROMPT, "title": "Prompt", "required": True, "settings": text}]
+    specs += [
+        {"name": slot(i), "title": f"Response {i + 1}", "required": True, "settings": text}
+        for i in range(slots)
+    ]
+    return specs
+
+
+def question_specs(slots: int, comment: bool) -> list[dict[str, Any]]:
+    options = [{"value": slot(i), "text": f"Response {i + 1}"} for i in range(slots)]
+    specs = [
+        {
+            "name": RANKING,
+            "title": "Rank the responses, best first",
+            "description": "Box 1 is the best. Equally good responses may share a box. Empty slots go last.",
+            "required": True,
+            "settings": {"type": "ranking", "options": options},
+        }
+    ]
+    if comment:
+        specs.append(
+            {
+                "name": COMMENT,
+                "title": "Comment (optional)",
+                "required": False,
+                "settings": {"type": "text", "use_markdown": False},
+            }
+        )
+    return specs
+
+
+def metadata_specs() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "prompt_id",
+            "title": "Prompt id",
+            "settings": {"type": "terms"},
+            "visible_for_annotators": False,
+        },
+        {
+            "name": "candidates",
+            "title": "Candidates",
+            "settings": {"type": "integer"},
+            "visible_for_annotators": False,
+        },
+    ]
+
+
+class Api:
+    """An httpx client on an Argilla server whose errors say which call failed and why (never the key)."""
+
+    def __init__(self, connection: server.Connection, timeout: float = 120.0):
+        self.url = connection.url
+        self.client = server.http_client(connection, timeout=timeout)
+        self.local = httpx.URL(connection.url).host in ("127.0.0.1", "localhost", "::1")
+        """On this machine: large pages are fetched uncompressed (compressing costs the server more than
+        the transfer saves)."""
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        pauses = RETRIES if method in ("GET", "PUT") else ()
+        for attempt in range(len(pauses) + 1):
+            try:
+                response = self.client.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as err:
+                if attempt == len(pauses):
+                    raise ArgillaServerError(
+                        f"cannot reach the Argilla server at {self.url} ({method} {path}): {err}"
+                    ) from None
+                time.sleep(pauses[attempt])
+        if response.is_error:
+            raise ArgillaServerError(
+                f"{method} {path} on {self.url} -> {response.status_code}: {response.text[:500]}"
+            )
+        return response.json() if response.content else None
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PATCH", path, **kwargs)
+
+    # --- lookups ---
+
+    def workspace_id(self, name: str, *, create: bool = False) -> str:
+        for workspace in self.get("/api/v1/me/workspaces")["items"]:
+            if workspace["name"] == name:
+                return workspace["id"]
+        if not create:
+            raise ArgillaServerError(f"no workspace {name!r} on {self.url} (or no access to it)")
+        return self.post("/api/v1/workspaces", json={"name": name})["id"]
+
+    def find_dataset(self, workspace_id: str, name: str) -> dict[str, Any] | None:
+        for dataset in self.get("/api/v1/me/datasets")["items"]:
+            if dataset["workspace_id"] == workspace_id and dataset["name"] == name:
+                return dataset
+        return None
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every account (owner key), or the members of the workspaces this key sees (admin key)."""
+        try:
+            return self.get("/api/v1/users")["items"]
+        except ArgillaServerError:
+            users: dict[str, dict[str, Any]] = {}
+            for workspace in self.get("/api/v1/me/workspaces")["items"]:
+                for user in self.get(f"/api/v1/workspaces/{workspace['id']}/users")["items"]:
+                    users[user["id"]] = user
+            return list(users.values())
+
+    def records(self, dataset_id: str, *, responses: bool = True) -> list[dict[str, Any]]:
+        """Every record of a dataset (with its responses), page by page; each record once."""
+        for _ in range(2):  # the listing has no ORDER BY: if records moved between pages, read again
+            found: dict[str, dict[str, Any]] = {}
+            total, offset = None, 0
+            while total is None or offset < total:
+                params: dict[str, Any] = {"offset": offset, "limit": PAGE_SIZE}
+                if responses:
+                    params["include"] = "responses"
+                headers = {"Accept-Encoding": "identity"} if self.local else None
+                page = self.get(f"/api/v1/datasets/{dataset_id}/records", params=params, headers=headers)
+                total = page["total"]
+                found.update((record["id"], record) for record in page["items"])
+                if not page["items"]:
+                    break
+                offset += len(page["items"])
+            if len(found) == total:
+                break
+        return list(found.values())

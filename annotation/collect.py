@@ -1,0 +1,284 @@
+"""The `collect` stage: snapshot an annotation batch's rankings and turn them into preference pairs.
+
+Reads every record of the batch's dataset with its responses through the REST API as the owner
+(`GET /api/v1/datasets/{id}/records?include=responses`, page by page: the argilla 2.8 client drops the
+`rank` of ranking answers), keeps the submitted and discarded responses (drafts are work in progress),
+maps each ranking back to the record's candidates (placeholder slots are ignored) and converts them
+(`annotation/preferences.py`). Below `min_records` / `min_fraction` ranked records it raises `Waiting`
+("37/200 records ranked") and writes nothing.
+
+Outputs (the runner seals each as an artifact; identical content is not republished, so nothing here
+records when it was collected):
+- `rankings/`: `rankings.jsonl`, one row per submitted or discarded response: record id, prompt id,
+  prompt, candidates, annotator, ranks per candidate (1 = best, equal = tie; null when discarded),
+  status, created/updated time of the response, `simulated`, comment; and `summary.json` (counts);
+- `preferences/`: `preferences.jsonl` in TRL's prompt/chosen/rejected format (conversational when the
+  policy has a chat template), with `prompt_id`, `record_id`, candidate indices, `agreement`, `votes`,
+  `answer` when known and `simulated`; and `summary.json` (counts per policy, agreement statistics).
+
+Reads top to bottom: load, read, convert and check, save, measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from annotation import argilla_dataset as layout
+from annotation import preferences, server, simulate
+from annotation.argilla_dataset import Api
+from annotation.configs import CollectConfig
+from common import demo_task
+from common.outcomes import InputError, Waiting
+
+RANKINGS_FILE = "rankings.jsonl"
+PREFERENCES_FILE = "preferences.jsonl"
+SUMMARY_FILE = "summary.json"
+STATUSES = ("submitted", "discarded")
+TABLE_PAIRS = 200
+"""The W&B table shows at most this many preference pairs."""
+
+
+def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    # Load
+    batch_dir = Path(inputs["batch"])
+    try:
+        batch, records = layout.load_batch(batch_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"collect: {batch_dir} is not a readable annotation batch: {err}") from None
+
+    # Read
+    connection = batch_connection(batch)
+    clock = time.perf_counter()
+    with Api(connection) as api, paused_gc():
+        check_dataset(api, batch)
+        server_records = api.records(batch["dataset"]["id"])
+        usernames = {user["id"]: user["username"] for user in api.users()}
+    read_s = time.perf_counter() - clock
+
+    # Convert and check
+    with paused_gc():
+        rankings = snapshot(records, server_records, usernames)
+        rows, summary = preferences.to_preferences(
+            records, rankings, config.policy, chat=batch["chat"], min_rankings=batch["annotators_per_record"]
+        )
+    need = required_records(config, len(records))
+    if summary["records_ranked"] < need:
+        raise Waiting(f"{summary['records_ranked']}/{len(records)} records ranked (collect needs {need})")
+
+    # Save
+    rankings_summary = summarize_rankings(batch, records, rankings, summary)
+    _write(out_dir / "rankings", RANKINGS_FILE, rankings, rankings_summary)
+    preferences_summary = {
+        "dataset": batch["dataset"],
+        "samples": batch["samples"],
+        "policy_artifact": batch.get("policy"),
+        "format": "conversational" if batch["chat"] else "standard",
+        "annotators_per_record": batch["annotators_per_record"],
+        **summary,
+        "correct_chosen_fraction": correct_chosen_fraction(rows),
+    }
+    _write(out_dir / "preferences", PREFERENCES_FILE, rows, preferences_summary)
+    log_table(rows)
+
+    # Measure
+    return {
+        "records": len(records),
+        **{key: value for key, value in summary.items() if key != "policy"},
+        "responses": len(rankings),
+        "simulated_responses": rankings_summary["simulated_responses"],
+        "correct_chosen_fraction": preferences_summary["correct_chosen_fraction"],
+        "policy": config.policy,
+        "dataset": batch["dataset"]["name"],
+        "url": connection.url,
+        "read_s": read_s,
+        "duration_s": time.perf_counter() - started,
+    }
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a large page is decoded and converted: those build tens of
+    thousands of small objects and would trigger full rescans of the runner's heap (torch, wandb), about
+    0.2 s of a 1,000-record collect. The garbage left meanwhile is collected afterwards as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# --- read ---
+
+
+def batch_connection(batch: dict[str, Any]) -> server.Connection:
+    """The server of the batch: ARGILLA_API_URL/KEY for a batch pushed to an external server, else the
+    local one (started if needed: its database keeps the rankings across restarts)."""
+    if batch["server"]["external"]:
+        connection = server.connect()
+        if not connection.external:
+            raise server.ArgillaServerError(
+                f"the batch was pushed to {batch['server']['url']}: set ARGILLA_API_URL and ARGILLA_API_KEY"
+            )
+        return connection
+    return server.connect(start=True)
+
+
+def check_dataset(api: Api, batch: dict[str, Any]) -> None:
+    dataset = batch["dataset"]
+    try:
+        found = api.get(f"/api/v1/datasets/{dataset['id']}")
+    except server.ArgillaServerError as err:
+        if "-> 404" not in str(err):
+            raise
+        raise InputError(
+            f"collect: dataset {dataset['name']!r} ({dataset['id']}) is not on {api.url}; the batch was "
+            f"pushed to {batch['server']['url']} (another server, or a deleted state folder?)"
+        ) from None
+    if found["name"] != dataset["name"]:
+        raise InputError(
+            f"collect: dataset {dataset['id']} on {api.url} is {found['name']!r}, not {dataset['name']!r}"
+        )
+
+
+def snapshot(
+    records: list[dict[str, Any]], server_records: list[dict[str, Any]], usernames: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One row per submitted or discarded response to a batch record, in batch order then by annotator."""
+    order = {record["record_id"]: position for position, record in enumerate(records)}
+    by_id = {record["record_id"]: record for record in records}
+    rows = []
+    for server_record in server_records:
+        record = by_id.get(server_record.get("external_id"))
+        if record is None:
+            continue  # added to the dataset by hand: not part of the batch
+        for response in server_record.get("responses") or []:
+            if response["status"] not in STATUSES:
+                continue
+            annotator = usernames.get(response["user_id"], response["user_id"])
+            values = response.get("values") or {}
+            row = {
+                "record_id": record["record_id"],
+                "argilla_id": server_record["id"],
+                "prompt_id": record["prompt_id"],
+                "prompt": record["prompt"],
+                "candidates": record["candidates"],
+                "annotator": annotator,
+                "status": response["status"],
+                "ranks": candidate_ranks(values, len(record["candidates"])),
+                "simulated": simulate.is_simulated(annotator),
+                "created_at": response["inserted_at"],
+                "updated_at": response["updated_at"],
+            }
+            comment = (values.get(layout.COMMENT) or {}).get("value")
+            if comment:
+                row["comment"] = comment
+            rows.append(row)
+    rows.sort(key=lambda row: (order[row["record_id"]], row["annotator"], row["status"]))
+    return rows
+
+
+def candidate_ranks(values: dict[str, Any], k: int) -> list[int] | None:
+    """The ranks of the record's k candidates (placeholder slots dropped), or None without a full ranking."""
+    answer = (values.get(layout.RANKING) or {}).get("value") or []
+    by_slot = {item["value"]: item.get("rank") for item in answer}
+    ranks = [by_slot.get(layout.slot(i)) for i in range(k)]
+    return ranks if all(isinstance(rank, int) for rank in ranks) else None
+
+
+# --- check ---
+
+
+def required_records(config: CollectConfig, total: int) -> int:
+    need = config.min_records
+    if config.min_fraction is not None:
+        need = max(need, math.ceil(config.min_fraction * total))
+    return min(need, total)
+
+
+# --- save and measure ---
+
+
+def summarize_rankings(
+    batch: dict[str, Any],
+    records: list[dict[str, Any]],
+    rankings: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    annotators: dict[str, dict[str, int]] = {}
+    for row in rankings:
+        counts = annotators.setdefault(row["annotator"], dict.fromkeys(STATUSES, 0))
+        counts[row["status"]] += 1
+    return {
+        "dataset": batch["dataset"],
+        "samples": batch["samples"],
+        "records": len(records),
+        "records_ranked": summary["records_ranked"],
+        "records_discarded": summary["records_discarded"],
+        "annotators_per_record": batch["annotators_per_record"],
+        "responses": len(rankings),
+        **{status: sum(row["status"] == status for row in rankings) for status in STATUSES},
+        "simulated_responses": sum(row["simulated"] for row in rankings),
+        "annotators": dict(sorted(annotators.items())),
+    }
+
+
+def correct_chosen_fraction(rows: list[dict[str, Any]]) -> float | None:
+    """Among pairs with a known answer where exactly one side is correct: how often it is the chosen one."""
+    hits = total = 0
+    for row in rows:
+        if "answer" not in row:
+            continue
+        chosen, rejected = (_text(row["chosen"]), _text(row["rejected"]))
+        right = demo_task.is_correct(chosen, row["answer"]), demo_task.is_correct(rejected, row["answer"])
+        if right[0] != right[1]:
+            total += 1
+            hits += right[0]
+    return hits / total if total else None
+
+
+def log_table(rows: list[dict[str, Any]]) -> None:
+    """A W&B table of the first `TABLE_PAIRS` pairs, when the runner opened a run."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    columns = ["prompt_id", "prompt", "chosen", "rejected", "agreement", "votes", "simulated"]
+    data = [
+        [
+            row["prompt_id"],
+            layout.render_prompt(row["prompt"]),
+            _text(row["chosen"]),
+            _text(row["rejected"]),
+            row["agreement"],
+            json.dumps(row["votes"]),
+            row.get("simulated", False),
+        ]
+        for row in rows[:TABLE_PAIRS]
+    ]
+    wandb.run.log({"preferences": wandb.Table(columns=columns, data=data)})
+
+
+def _text(side: Any) -> str:
+    """A response as text (the assistant message of a conversational row)."""
+    return side if isinstance(side, str) else side[-1]["content"]
+
+
+def _write(folder: Path, name: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / name).open("w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

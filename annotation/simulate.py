@@ -1,0 +1,262 @@
+"""Simulated annotators: bot accounts that rank an annotation batch through the annotator's HTTP API.
+
+Each bot is an account `bot-N` (role annotator, named "Simulated annotator N (bot)") and works like a
+person in the web UI: it asks for its pending queue (`POST /api/v1/me/datasets/{id}/records/search`, the
+UI's query) and answers each record (`POST /api/v1/records/{id}/responses`, the UI's submit/discard
+call; or, with `bulk`, `POST /api/v1/me/responses/bulk`, the UI's bulk mode). Its ranking is the demo
+task's ground truth (`truth_ranks`) perturbed by seeded adjacent swaps; its comment says it is simulated,
+and collect marks its rankings `simulated`.
+
+`rank_batch` runs the bots in turn (one page of queue each) until every queue is empty; with a `stop`
+event it keeps polling for new records until the event is set, so it can run in a background thread while
+a pipeline waits for rankings (`rank_in_background`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from annotation import argilla_dataset as layout
+from annotation import server
+from annotation.argilla_dataset import Api
+from annotation.configs import SimulatedAnnotators
+from common import demo_task
+
+BOT_PREFIX = "bot-"
+PAGE = 50
+"""Records a bot takes from its queue at a time."""
+PENDING = [
+    {"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
+    {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
+]
+"""The UI's pending queue: records this user has not answered that still need rankings."""
+_SUM = re.compile(r"(-?\d+)\s*(?:\+|plus)\s*(-?\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bot:
+    username: str
+    api_key: str = dataclasses.field(repr=False)
+
+
+def is_simulated(username: str) -> bool:
+    """Whether an account is one of the simulated annotators."""
+    return username.startswith(BOT_PREFIX)
+
+
+# --- the ranking a bot gives ---
+
+
+def truth_ranks(candidates: list[str], answer: int) -> list[int]:
+    """Ground-truth ranks (1 = best): correct answers first, then wrong ones by distance to the answer,
+    unparseable ones last; candidates equally far from the answer tie."""
+    keys = [_distance(text, answer) for text in candidates]
+    levels = sorted(set(keys))
+    return [levels.index(key) + 1 for key in keys]
+
+
+def simulated_ranks(candidates: list[str], answer: int | None, noise: float, rng: random.Random) -> list[int]:
+    """A bot's ranks: the ground truth with each adjacent pair of rank levels swapped with probability
+    `noise` (one pass, best to worst); a random order when the answer is unknown."""
+    if answer is None:
+        order = rng.sample(range(len(candidates)), len(candidates))
+        return [order.index(i) + 1 for i in range(len(candidates))]
+    truth = truth_ranks(candidates, answer)
+    levels = list(range(1, max(truth) + 1))
+    for position in range(len(levels) - 1):
+        if rng.random() < noise:
+            levels[position], levels[position + 1] = levels[position + 1], levels[position]
+    new_rank = {level: position + 1 for position, level in enumerate(levels)}
+    return [new_rank[rank] for rank in truth]
+
+
+def prompt_answer(prompt: Any) -> int | None:
+    """The demo task's answer read from a prompt ("What is 7 + 12?" -> 19), or None."""
+    match = _SUM.search(layout.render_prompt(prompt))
+    return int(match.group(1)) + int(match.group(2)) if match else None
+
+
+def _distance(text: str, answer: int) -> float:
+    parsed = demo_task.parse_answer(text)
+    return math.inf if parsed is None else abs(parsed - answer)
+
+
+def bot_answer(
+    bot: str, record: dict[str, Any], slots: int, config: SimulatedAnnotators, comment: bool
+) -> dict[str, Any]:
+    """The response body bot `bot` submits for a batch record (seeded by the bot, the record and the seed)."""
+    rng = random.Random(f"{config.seed}:{bot}:{record['record_id']}")
+    label = f"Simulated annotator {bot} (bot)"
+    if rng.random() < config.discard:
+        values = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
+        return {"status": "discarded", "values": values} if values else {"status": "discarded"}
+    answer = record.get("answer")
+    if answer is None:
+        answer = prompt_answer(record["prompt"])
+    ranks = simulated_ranks(record["candidates"], answer, config.noise, rng)
+    last = max(ranks) + 1  # placeholder slots go last, tied
+    ranking = [{"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last} for i in range(slots)]
+    values: dict[str, Any] = {layout.RANKING: {"value": ranking}}
+    if comment:
+        how = "ranked by the demo task's answer" if answer is not None else "random ranking (no known answer)"
+        values[layout.COMMENT] = {"value": f"{label}: {how}, noise {config.noise}"}
+    return {"status": "submitted", "values": values}
+
+
+# --- accounts ---
+
+
+def ensure_bots(api: Api, workspace_id: str, count: int) -> list[Bot]:
+    """Accounts bot-1..bot-`count` (created when missing) in the workspace; their API keys."""
+    users = {user["username"]: user for user in api.users()}
+    members = {user["id"] for user in api.get(f"/api/v1/workspaces/{workspace_id}/users")["items"]}
+    bots = []
+    for number in range(1, count + 1):
+        username = f"{BOT_PREFIX}{number}"
+        user = users.get(username)
+        if user is None:
+            body = {
+                "first_name": f"Simulated annotator {number}",
+                "last_name": "(bot)",
+                "username": username,
+                "role": "annotator",
+                "password": secrets.token_urlsafe(18),  # never used: bots authenticate with their API key
+            }
+            user = api.post("/api/v1/users", json=body)
+        if user["id"] not in members:
+            api.post(f"/api/v1/workspaces/{workspace_id}/users", json={"user_id": user["id"]})
+        bots.append(Bot(username, user["api_key"]))
+    return bots
+
+
+# --- ranking a batch ---
+
+
+def rank_batch(
+    connection: server.Connection,
+    batch: dict[str, Any],
+    records: list[dict[str, Any]],
+    config: SimulatedAnnotators,
+    *,
+    stop: threading.Event | None = None,
+    poll_s: float = 1.0,
+    bulk: bool = False,
+) -> dict[str, Any]:
+    """Let the bots rank the batch until their queues are empty (or, with `stop`, until it is set).
+
+    `batch` is the content of an annotation batch's batch.json, `records` its records.jsonl. Returns counts.
+    """
+    started = time.perf_counter()
+    dataset_id, slots = batch["dataset"]["id"], batch["slots"]
+    comment = bool(batch.get("questions", {}).get("comment"))
+    by_id = {record["record_id"]: record for record in records}
+    with Api(connection) as owner:
+        workspace_id = owner.workspace_id(batch["workspace"])
+        bots = ensure_bots(owner, workspace_id, config.annotators)
+    clients = {bot.username: Api(server.Connection(connection.url, bot.api_key)) for bot in bots}
+    answered: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    try:
+        while True:
+            progress = False
+            for bot, api in clients.items():
+                room = PAGE if config.max_records is None else min(PAGE, config.max_records - answered[bot])
+                if room <= 0:
+                    continue
+                queue = api.post(
+                    f"/api/v1/me/datasets/{dataset_id}/records/search",
+                    params={"limit": room},
+                    json={"filters": {"and": PENDING}},
+                )["items"]
+                answers = []
+                for item in queue:
+                    record = by_id.get(item["record"]["external_id"])
+                    if record is not None:  # a record that is not in the batch is left alone
+                        answers.append(
+                            (item["record"]["id"], bot_answer(bot, record, slots, config, comment))
+                        )
+                _submit(api, answers, bulk)
+                answered[bot] += len(answers)
+                statuses.update(body["status"] for _, body in answers)
+                progress = progress or bool(answers)
+            if stop is not None and stop.is_set():
+                break
+            if not progress:
+                if stop is None:
+                    break
+                stop.wait(poll_s)
+    finally:
+        for api in clients.values():
+            api.client.close()
+    return {
+        "annotators": len(bots),
+        "responses": sum(answered.values()),
+        "rankings": statuses["submitted"],
+        "discards": statuses["discarded"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _submit(api: Api, answers: list[tuple[str, dict[str, Any]]], bulk: bool) -> None:
+    if bulk and answers:
+        items = [{"record_id": record_id, **body} for record_id, body in answers]
+        result = api.post("/api/v1/me/responses/bulk", json={"items": items})
+        errors = [item["error"] for item in result["items"] if item.get("error")]
+        if errors:
+            raise server.ArgillaServerError(f"bulk responses rejected: {errors[:3]}")
+        return
+    for record_id, body in answers:
+        api.post(f"/api/v1/records/{record_id}/responses", json=body)
+
+
+class BackgroundBots:
+    """Bots ranking a batch in a background thread until `stop()`; for service-mode demos and tests."""
+
+    def __init__(
+        self,
+        batch_dir: Path,
+        config: SimulatedAnnotators,
+        connection: server.Connection | None = None,
+        poll_s: float = 0.5,
+    ):
+        batch, records = layout.load_batch(Path(batch_dir))
+        self._stop = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self.result = rank_batch(
+                    connection or server.connect(), batch, records, config, stop=self._stop, poll_s=poll_s
+                )
+            except BaseException as err:  # reported by stop()
+                self.error = err
+
+        self._thread = threading.Thread(target=work, name="simulated-annotators", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Stop the bots (after the page they are answering) and return their counts."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise TimeoutError("the simulated annotators did not stop in time")
+        return self.result
+
+
+def rank_in_background(
+    batch_dir: Path, config: SimulatedAnnotators, connection: server.Connection | None = None
+) -> BackgroundBots:
+    """Start bots ranking the batch of `batch_dir` (an annotation-batch artifact) in a background thread."""
+    return BackgroundBots(batch_dir, config, connection)

@@ -1,0 +1,200 @@
+"""Wall time of SFT through `rlhf run` against the same `SFTTrainer` call written directly.
+
+Both sides run as fresh subprocesses on the same base model (the demo model: built untrained from
+config here, or `--base DIR`, e.g. a pretrain artifact), with the same data (the demo task's SFT
+examples), the same held-out eval slice, steps, batch size, learning rate, LoRA settings and seed:
+
+- ours: `python -m pipeline.cli run wf.yaml` on a one-stage workflow in a fresh store, with
+  `WANDB_MODE=offline` as users have it. It pays for what the pipeline adds: CLI and workflow
+  validation, hashing the input, the W&B run, checkpoints every `save_steps`, hashing and publishing
+  the artifact.
+- direct: this script with `--direct`: builds the data set, calls `SFTTrainer` with the same TRL
+  arguments and trains, no checkpoints, no W&B.
+
+Both sides do the same work after training, because the stage does it: the eval loss on the held-out
+slice (`trainer.evaluate()`), saving the adapter and tokenizer, and the demo evaluation (greedy and
+temperature-1 accuracy on the held-out prompts, through the same `demo_accuracy` function, so the
+evaluation work is identical by construction). The ratio then measures the pipeline's overhead, not
+a difference in what was computed.
+
+Each side runs `--repeats` times, alternating, and the fastest run of each counts (other processes on
+the machine only ever slow a run down). Choose `--steps` so that a run takes a minute or more: the
+fixed costs (process start, imports, the W&B run) are then a few percent.
+
+    .venv/bin/python bench/sft_overhead.py [--steps 1000] [--repeats 2] [--base DIR]
+
+Prints one JSON object as its last line: {"ratio": ours/direct, "ours_s": ..., "direct_s": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def direct(base: Path, steps: int, out_dir: Path) -> None:
+    """The same SFT, written directly against TRL."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from common import demo_task
+    from policy.sft import demo_accuracy
+
+    config = stage_config(steps)
+    dataset = Dataset.from_list(demo_task.sft_examples())
+    parts = dataset.train_test_split(test_size=config["eval_examples"], seed=config["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(out_dir / "trainer"),
+            seed=config["seed"],
+            max_steps=steps,
+            per_device_train_batch_size=config["batch_size"],
+            per_device_eval_batch_size=config["batch_size"],
+            learning_rate=config["lr"],
+            lr_scheduler_type="cosine",
+            warmup_steps=config["warmup_ratio"],
+            max_length=1024,
+            completion_only_loss=True,
+            activation_checkpointing=False,
+            bf16=False,
+            use_cpu=not torch.cuda.is_available(),
+            eval_strategy="no",
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=False,
+        ),
+        train_dataset=parts["train"],
+        eval_dataset=parts["test"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config["lora_r"],
+            lora_alpha=config["lora_alpha"],
+            target_modules="all-linear",
+        ),
+    )
+    trainer.train()
+    trainer.evaluate()
+    trainer.model.save_pretrained(out_dir / "adapter")
+    tokenizer.save_pretrained(out_dir / "adapter")
+    records = demo_task.held_out_prompts()
+    greedy = demo_accuracy(trainer.model, tokenizer, records)
+    torch.manual_seed(config["seed"])
+    sampled = demo_accuracy(trainer.model, tokenizer, records, samples=config["demo_samples"])
+    print(json.dumps({"accuracy_greedy": greedy, "accuracy_sampled": sampled}))
+
+
+def stage_config(steps: int) -> dict:
+    """The stage's config for this benchmark: its defaults, with `steps` set."""
+    from policy.configs import SFTConfig
+
+    return SFTConfig(steps=steps).model_dump()
+
+
+def build_base(out_dir: Path) -> Path:
+    import torch
+
+    from common import demo_task
+    from policy.demo_model import build_model, train_tokenizer
+
+    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    torch.manual_seed(0)
+    build_model(tokenizer).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--base", type=Path, help="base model directory (default: the demo model, untrained)")
+    parser.add_argument("--direct", type=Path, metavar="OUT_DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.direct:
+        direct(args.base, args.steps, args.direct)
+        return
+
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        env.pop(var, None)
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory(prefix="sft-overhead-") as tmp:
+        work = Path(tmp)
+        base = args.base.resolve() if args.base else build_base(work / "base")
+        for repeat in range(args.repeats):
+            run_dir = work / f"ours-{repeat}"
+            run_dir.mkdir()
+            (run_dir / "wf.yaml").write_text(
+                f"name: overhead\nstages:\n  sft:\n    inputs: {{model: {base}}}\n    config: {{steps: {args.steps}}}\n"
+            )
+            run_env = {**env, "RLHF_STORE": str(run_dir / "artifacts"), "RLHF_RUNS": str(run_dir / "runs")}
+            seconds, _ = timed([sys.executable, "-m", "pipeline.cli", "run", "wf.yaml"], run_dir, run_env)
+            ours.append(seconds)
+            manifest = json.loads((run_dir / "artifacts" / "sft" / "v1" / "manifest.json").read_text())
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--base",
+                str(base),
+                "--steps",
+                str(args.steps),
+                "--direct",
+                str(work / f"direct-{repeat}"),
+            ]
+            seconds, output = timed(command, work, env)
+            theirs.append(seconds)
+            print(f"repeat {repeat}: ours {ours[-1]:.1f}s, direct {theirs[-1]:.1f}s", file=sys.stderr)
+    metrics = manifest["metrics"]
+    direct_accuracy = json.loads(output.strip().splitlines()[-1])
+    print(
+        json.dumps(
+            {
+                "ratio": round(min(ours) / min(theirs), 3),
+                "ours_s": round(min(ours), 2),
+                "direct_s": round(min(theirs), 2),
+                "ours_all_s": [round(s, 2) for s in ours],
+                "direct_all_s": [round(s, 2) for s in theirs],
+                "steps": args.steps,
+                "base": "given" if args.base else "demo model, untrained",
+                "ours_accuracy_greedy": metrics.get("accuracy_greedy"),
+                "direct_accuracy_greedy": direct_accuracy["accuracy_greedy"],
+                "ours_train_seconds": round(metrics["train_seconds"], 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

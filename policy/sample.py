@@ -1,0 +1,318 @@
+"""The `sample` stage: K candidate responses per prompt from a policy, for annotators to rank.
+
+The policy is an adapter (loaded on its base), a full model directory or a hub id. Prompts come from
+the `prompts` input (JSONL or Parquet with a `prompt` column: a string or a list of chat messages;
+optional `id`; every other column is carried through) or, without it, from the demo task, whose
+records carry their ground-truth `answer` through for simulated annotators and reward-model
+evaluation. Prompts are rendered with the policy's chat template when it has one.
+
+Reproducible: the same config and policy give byte-identical samples; each candidate has its own
+random stream (seeded from `seed`, the prompt and the candidate index), so `batch_size` and the other
+prompts do not change it (see `policy.generation`).
+
+Payload: `samples.jsonl`, one line per prompt `{"id", "prompt", "candidates": [...], "duplicate_of"?,
+...carried columns}`, and `generation.json`, the generation settings and the policy it sampled.
+
+Reads top to bottom: load, check, generate, save, measure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import demo_task
+from common.models import (
+    load_causal_lm,
+    merged_for_inference,
+    pick_device,
+    set_threads,
+    source_reference,
+    tokenizer_fingerprint,
+)
+from common.outcomes import InputError
+from policy.configs import SampleConfig
+from policy.generation import Completion, Sampling, encode_prompts, sample_candidates, uses_chat_template
+
+SAMPLES_FILE = "samples.jsonl"
+GENERATION_FILE = "generation.json"
+RESERVED_COLUMNS = ("candidates", "duplicate_of")
+"""Written by this stage, so a prompts file may not have them."""
+TABLE_PROMPTS = 200
+"""The W&B samples table shows the candidates of at most this many prompts."""
+
+
+def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    set_threads()
+    device = pick_device(config.device)
+
+    # Load
+    demo = "prompts" not in inputs
+    records = demo_records(config) if demo else load_prompts(inputs["prompts"], config.num_prompts)
+    model, tokenizer = load_causal_lm(inputs["policy"], device=device)
+    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records], config.prompt_format)
+
+    # Check
+    check(config, model, tokenizer, prompt_ids)
+
+    # Generate
+    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=config.max_new_tokens)
+    torch.manual_seed(config.seed)
+    clock = time.perf_counter()
+    completions = sample_candidates(
+        model,
+        tokenizer,
+        prompt_ids,
+        config.k,
+        sampling,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        progress="sample",
+    )
+    generation_s = time.perf_counter() - clock
+
+    # Save
+    samples = [
+        to_sample(record, [c.text for c in drawn], config.duplicates)
+        for record, drawn in zip(records, completions, strict=True)
+    ]
+    write_jsonl(out_dir / SAMPLES_FILE, samples)
+    generation = generation_record(config, inputs, tokenizer)
+    (out_dir / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+
+    # Measure
+    metrics = measure(samples, completions, sampling, records if demo else None)
+    metrics.update(
+        tokens_per_s=metrics["new_tokens"] / generation_s,
+        generation_s=generation_s,
+        duration_s=time.perf_counter() - started,
+        device=str(device),
+    )
+    log_table(samples, demo)
+    return metrics
+
+
+# --- load ---
+
+
+def demo_records(config: SampleConfig) -> list[dict[str, Any]]:
+    """The first `num_prompts` demo records of the split: `{"id", "prompt", "answer", "a", "b"}`."""
+    split = demo_task.train_prompts if config.demo_split == "train" else demo_task.held_out_prompts
+    return split(config.max_operand)[: config.num_prompts]
+
+
+def load_prompts(source: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first `limit` rows of a prompts file, each with an `id` (given, or derived from the prompt)."""
+    rows = read_rows(source)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    expected = (
+        "a JSONL or Parquet file (or a folder of them) with a `prompt` column (a string or a list "
+        "of chat messages), an optional `id` column and any other columns to carry through"
+    )
+    if "prompt" not in columns:
+        raise InputError(
+            f"sample: the prompts in {source} have no `prompt` column (columns found: "
+            f"{columns}); expected {expected}"
+        )
+    if reserved := [c for c in RESERVED_COLUMNS if c in columns]:
+        raise InputError(f"sample: the prompts in {source} have columns {reserved}, which this stage writes")
+    if limit is not None and len(rows) > limit:
+        print(f"sample: using the first {limit} of the {len(rows)} prompts in {source} (num_prompts)")
+        rows = rows[:limit]
+    if missing := [i for i, row in enumerate(rows) if not row.get("prompt")]:
+        raise InputError(f"sample: rows {missing[:10]} of {source} have no prompt")
+    records = [
+        {"id": row.get("id") if row.get("id") is not None else prompt_id(row["prompt"]), **row}
+        for row in rows
+    ]
+    counts = Counter(json.dumps(record["id"]) for record in records)
+    if duplicated := sorted(i for i, n in counts.items() if n > 1):
+        raise InputError(
+            f"sample: the prompts in {source} repeat ids (or, without ids, prompts): {duplicated[:5]}"
+        )
+    if not records:
+        raise InputError(f"sample: {source} has no prompts")
+    return records
+
+
+def read_rows(source: Path | str) -> list[dict[str, Any]]:
+    """Rows of a JSONL/JSON-lines or Parquet file, a folder of them, a saved `datasets` folder or a hub data set."""
+    import datasets
+
+    if isinstance(source, str):
+        return datasets.load_dataset(source, split="train").to_list()
+    if not source.exists():
+        raise InputError(
+            f"sample: prompts {source} do not exist; expected a JSONL or Parquet file with a `prompt` column"
+        )
+    if source.is_dir() and ((source / "dataset_info.json").exists() or (source / "state.json").exists()):
+        dataset = datasets.load_from_disk(str(source))
+        return (dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset).to_list()
+    files = (
+        sorted(
+            p
+            for p in source.rglob("*")
+            if p.suffix in (".jsonl", ".json", ".parquet") and p.name != "manifest.json"
+        )
+        if source.is_dir()
+        else [source]
+    )
+    if not files:
+        raise InputError(f"sample: no .jsonl or .parquet file in {source}")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(file).to_pylist()
+        elif file.suffix in (".jsonl", ".json"):
+            rows += read_json_lines(file)
+        else:
+            raise InputError(f"sample: cannot read prompts from {file}; expected a .jsonl or .parquet file")
+    return rows
+
+
+def read_json_lines(file: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"sample: {file} line {number} is not JSON: {err}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"sample: {file} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def prompt_id(prompt: Any) -> str:
+    """An id derived from the prompt's content."""
+    return "p-" + hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- check ---
+
+
+def check(config: SampleConfig, model: Any, tokenizer: Any, prompt_ids: list[list[int]]) -> None:
+    """Raise one error listing every problem found before generating."""
+    problems = []
+    if tokenizer.eos_token_id is None:
+        problems.append("the policy's tokenizer has no eos token, so responses cannot end")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(ids) for ids in prompt_ids)
+    if positions is not None and longest + config.max_new_tokens > positions:
+        problems.append(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({config.max_new_tokens}) "
+            f"exceeds the policy's {positions} positions"
+        )
+    if problems:
+        raise InputError("sample: " + "; ".join(problems))
+
+
+# --- save ---
+
+
+def duplicate_indices(candidates: list[str]) -> list[int | None]:
+    """For each candidate, the index of its first identical candidate, or None for a first occurrence."""
+    first: dict[str, int] = {}
+    return [None if first.setdefault(text, i) == i else first[text] for i, text in enumerate(candidates)]
+
+
+def to_sample(record: dict[str, Any], candidates: list[str], duplicates: str) -> dict[str, Any]:
+    """A line of `samples.jsonl`: id, prompt, candidates (duplicates handled), carried columns."""
+    marks = duplicate_indices(candidates)
+    sample: dict[str, Any] = {"id": record["id"], "prompt": record["prompt"]}
+    if duplicates == "remove":
+        sample["candidates"] = [text for text, mark in zip(candidates, marks, strict=True) if mark is None]
+    else:
+        sample["candidates"] = candidates
+    if duplicates == "mark":
+        sample["duplicate_of"] = marks
+    return {**sample, **{key: value for key, value in record.items() if key not in sample}}
+
+
+def write_jsonl(file: Path, rows: list[dict[str, Any]]) -> None:
+    with file.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def generation_record(config: SampleConfig, inputs: dict[str, Path | str], tokenizer: Any) -> dict[str, Any]:
+    """What produced the candidates: the policy, the prompts and the generation settings."""
+    if "prompts" in inputs:
+        prompts = source_reference(inputs["prompts"])
+    else:
+        prompts = {"demo_task": config.demo_split, "max_operand": config.max_operand}
+    return {
+        "policy": source_reference(inputs["policy"]),
+        "prompts": prompts,
+        "k": config.k,
+        "seed": config.seed,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "duplicates": config.duplicates,
+        "prompt_format": "chat" if uses_chat_template(tokenizer, config.prompt_format) else "plain",
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
+# --- measure ---
+
+
+def measure(
+    samples: list[dict[str, Any]],
+    completions: list[list[Completion]],
+    sampling: Sampling,
+    demo_records: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """Counts and, for demo prompts, how often candidates are right (over all K drawn, before duplicates
+    are removed) and how many prompts have both a right and a wrong candidate (useful preference pairs)."""
+    generated = [drawn[:1] if sampling.greedy else drawn for drawn in completions]  # greedy ran once
+    drawn_count = sum(len(drawn) for drawn in completions)
+    distinct = [len(set(c.text for c in drawn)) for drawn in completions]
+    metrics: dict[str, Any] = {
+        "prompts": len(samples),
+        "candidates": sum(len(sample["candidates"]) for sample in samples),
+        "duplicates": drawn_count - sum(distinct),
+        "duplicates_removed": drawn_count - sum(len(sample["candidates"]) for sample in samples),
+        "mean_distinct_candidates": sum(distinct) / len(distinct),
+        "new_tokens": sum(len(c.token_ids) for drawn in generated for c in drawn),
+        "truncated_fraction": sum(not c.finished for drawn in generated for c in drawn)
+        / sum(len(drawn) for drawn in generated),
+    }
+    if demo_records is not None:
+        right = [
+            [demo_task.is_correct(c.text, record["answer"]) for c in drawn]
+            for drawn, record in zip(completions, demo_records, strict=True)
+        ]
+        metrics["accuracy_sampled"] = sum(map(sum, right)) / drawn_count
+        metrics["mixed_fraction"] = sum(any(r) and not all(r) for r in right) / len(right)
+    return metrics
+
+
+def log_table(samples: list[dict[str, Any]], demo: bool) -> None:
+    """A W&B table of the candidates of the first `TABLE_PROMPTS` prompts, when the runner opened a run."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    columns = ["prompt_id", "prompt", "candidate_index", "candidate"] + (["correct"] if demo else [])
+    rows = []
+    for sample in samples[:TABLE_PROMPTS]:
+        prompt = sample["prompt"] if isinstance(sample["prompt"], str) else json.dumps(sample["prompt"])
+        for index, text in enumerate(sample["candidates"]):
+            correct = [demo_task.is_correct(text, sample["answer"])] if demo else []
+            rows.append([str(sample["id"]), prompt, index, text, *correct])
+    wandb.run.log({"samples": wandb.Table(columns=columns, data=rows)})

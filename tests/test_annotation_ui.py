@@ -1,0 +1,151 @@
+"""A person ranks in the real Argilla web UI (headless Chromium), and collect returns exactly that ranking.
+
+Needs .venv-argilla (`make setup`) and Debian's chromium at /usr/bin/chromium (`bash
+annotation/setup_browser.sh`), driven by Playwright's Python package without a downloaded browser.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from annotation import argilla_dataset as layout
+from annotation import collect, push, server
+from annotation.configs import AnnotateConfig, CollectConfig
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def argilla(tmp_path_factory):
+    try:
+        server.server_python()
+    except server.ArgillaServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    with server.temporary_server(annotators=1, home=tmp_path_factory.mktemp("argilla")) as info:
+        yield info
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `bash annotation/setup_browser.sh`", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="chromium-", dir=tmp_path),  # a fresh profile
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        context.set_default_timeout(30_000)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def test_a_ranking_made_in_the_web_ui_is_collected_exactly(argilla, browser_page, tmp_path, monkeypatch):
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    monkeypatch.setenv("RLHF_ARGILLA_HOME", str(argilla.home))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rows = [
+        {
+            "id": "p1",
+            "prompt": "What is 2 + 3?",
+            "candidates": ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 4"],
+            "answer": 5,
+        },
+        {
+            "id": "p2",
+            "prompt": "What is 4 + 3?",
+            "candidates": ["4 + 3 = 7", "4 + 3 = 8", "4 + 3 = 9", "4 + 3 = 1"],
+            "answer": 7,
+        },
+    ]
+    (samples / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (samples / "generation.json").write_text(
+        json.dumps({"policy": {"ref": "sft:v1"}, "prompt_format": "plain"})
+    )
+    (tmp_path / "batch").mkdir()
+    metrics = push.run(AnnotateConfig(), {"samples": samples}, tmp_path / "batch")
+    batch, records = layout.load_batch(tmp_path / "batch")
+    login = argilla.annotators[0]
+    page = browser_page
+
+    try:
+        # Log in as the annotator and open the dataset from the home page.
+        page.goto(f"{argilla.url}/sign-in", wait_until="networkidle")
+        page.fill("input[name=Username]", login.username)
+        page.fill("input[name=Password]", login.password)
+        page.locator("button[type=submit]").click()
+        page.get_by_text(metrics["dataset"]).click()
+        page.wait_for_url("**/annotation-mode**")
+        page.wait_for_selector("#response_1")
+
+        # The record in focus (the queue order is per user): find it by its prompt.
+        text = page.locator("body").inner_text()
+        [record] = [r for r in records if r["prompt"] in text]
+        k = len(record["candidates"])
+        # The last candidate is the best (dragged into box 1); the others tie in box 2 (keyboard: focus
+        # an item, type its box number); placeholder slots go to the last box.
+        page.locator(f"#{layout.slot(k - 1)}").drag_to(page.locator(".draggable__slot-box").nth(0))
+        for index in range(batch["slots"]):
+            if index == k - 1:
+                continue
+            page.locator(f"#{layout.slot(index)}").focus()
+            page.keyboard.press("2" if index < k else str(batch["slots"]))
+            time.sleep(0.3)  # the UI moves the item after a short debounce
+        page.get_by_role("button", name="Submit").click()
+        wait_for_responses(argilla, batch["dataset"]["id"], count=1)
+    except Exception as error:
+        shot = tmp_path / "failure.png"
+        page.screenshot(path=str(shot), full_page=True)
+        pytest.fail(f"driving the Argilla UI failed: {error}\nscreenshot: {shot}", pytrace=False)
+
+    result = collect.run(CollectConfig(), {"batch": tmp_path / "batch"}, tmp_path / "collect")
+    rankings = [
+        json.loads(line) for line in (tmp_path / "collect/rankings/rankings.jsonl").read_text().splitlines()
+    ]
+    assert [(r["record_id"], r["annotator"], r["status"], r["simulated"]) for r in rankings] == [
+        (record["record_id"], login.username, "submitted", False)
+    ]
+    assert rankings[0]["ranks"] == [2] * (k - 1) + [1]
+    pairs = [
+        json.loads(line)
+        for line in (tmp_path / "collect/preferences/preferences.jsonl").read_text().splitlines()
+    ]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        (record["candidates"][-1], other) for other in record["candidates"][:-1]
+    }
+    assert result["records_ranked"] == 1 and result["ties"] == (k - 1) * (k - 2) // 2
+
+
+def wait_for_responses(info: server.ServerInfo, dataset_id: str, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    with layout.Api(info.connection()) as api:
+        while time.monotonic() < deadline:
+            if sum(len(r["responses"]) for r in api.records(dataset_id)) >= count:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"the server has no submitted response after {timeout:.0f} s")
