@@ -3,7 +3,7 @@
 A stage is a plain function `run(config, inputs, out_dir) -> metrics` in its own module:
 - `config` is the stage's validated pydantic config;
 - `inputs` maps each input slot to a `pathlib.Path` (an artifact's directory or a local path) or a
-  `str` (a hub id, for slots that accept one);
+  `str` (a hub id, for slots that accept one); a slot with `many=True` maps to a dict label -> those;
 - `out_dir` is an empty directory to write the payload into. A stage with several outputs writes each
   into `out_dir/<output name>/`. Anything under `out_dir/scratch/` (checkpoints) is dropped before the
   payload is sealed, and it survives a crash: a rerun with the same cache key gets the same `out_dir`,
@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from annotation import configs as annotation_configs
 from policy import configs as policy_configs
+from reward import configs as reward_configs
 
 MODEL_KINDS = ("base-model", "merged-model", "policy")
 POLICY_KINDS = ("adapter", *MODEL_KINDS)
@@ -40,6 +41,9 @@ class Slot:
     required: bool = True
     external: bool = False
     """Also accepts a local path or (for models) a hub id."""
+    many: bool = False
+    """Takes several inputs, as a list or a mapping label -> reference; the stage receives a dict
+    label -> path (a list is labelled by its references, e.g. `sft`, `dpo:v2`)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,100 @@ STAGES: dict[str, StageKind] = {
             doc="Draw K candidate responses per prompt for annotators to rank.",
         ),
         StageKind(
+            name="dpo",
+            config=policy_configs.DPOConfig,
+            run="policy.dpo:run",
+            inputs={
+                "policy": Slot(
+                    POLICY_KINDS, "the SFT policy to optimize; also the frozen reference", external=True
+                ),
+                "preferences": Slot(("preferences",), "prompt/chosen/rejected pairs", external=True),
+            },
+            outputs=_single("policy"),
+            doc="Direct preference optimization on the comparisons (TRL DPOTrainer).",
+        ),
+        StageKind(
+            name="ppo",
+            config=policy_configs.PPOConfig,
+            run="policy.ppo:run",
+            inputs={
+                "policy": Slot(
+                    POLICY_KINDS, "the SFT policy to optimize; also the KL reference", external=True
+                ),
+                "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
+                "prompts": Slot(
+                    ("dataset",),
+                    "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts",
+                    required=False,
+                    external=True,
+                ),
+            },
+            outputs=_single("policy"),
+            doc="PPO against the reward model with a per-token KL penalty to the SFT policy (our implementation).",
+        ),
+        StageKind(
+            name="rloo",
+            config=policy_configs.OnlineRLConfig,
+            run="policy.online_rl:run_rloo",
+            inputs={
+                "policy": Slot(
+                    POLICY_KINDS, "the SFT policy to optimize; also the KL reference", external=True
+                ),
+                "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
+                "prompts": Slot(
+                    ("dataset",), "prompts; omit for the demo's train prompts", required=False, external=True
+                ),
+            },
+            outputs=_single("policy"),
+            doc="REINFORCE leave-one-out with the reward model (TRL RLOOTrainer).",
+        ),
+        StageKind(
+            name="grpo",
+            config=policy_configs.OnlineRLConfig,
+            run="policy.online_rl:run_grpo",
+            inputs={
+                "policy": Slot(
+                    POLICY_KINDS, "the SFT policy to optimize; also the KL reference", external=True
+                ),
+                "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
+                "prompts": Slot(
+                    ("dataset",), "prompts; omit for the demo's train prompts", required=False, external=True
+                ),
+            },
+            outputs=_single("policy"),
+            doc="Group relative policy optimization with the reward model (TRL GRPOTrainer).",
+        ),
+        StageKind(
+            name="evaluate",
+            config=policy_configs.EvaluateConfig,
+            run="policy.evaluate:run",
+            inputs={
+                "policies": Slot(
+                    POLICY_KINDS,
+                    "the policies to compare: a list, or a mapping label -> reference",
+                    many=True,
+                    external=True,
+                ),
+                "reward": Slot(
+                    ("reward-model",), "the reward model that judges mean reward and win rate", required=False
+                ),
+                "reference": Slot(
+                    POLICY_KINDS,
+                    "the policy KL is measured against (usually the SFT policy)",
+                    required=False,
+                    external=True,
+                ),
+                "prompts": Slot(
+                    ("dataset",),
+                    "held-out prompts; omit for the demo's held-out split",
+                    required=False,
+                    external=True,
+                ),
+            },
+            outputs=_single("eval-report"),
+            doc="Compare policies: reward, win rate, KL, length and (demo) accuracy with bootstrap intervals.",
+        ),
+        StageKind(
             name="annotate",
             config=annotation_configs.AnnotateConfig,
             run="annotation.push:run",
@@ -143,6 +241,26 @@ STAGES: dict[str, StageKind] = {
             outputs=lambda config: {"rankings": "rankings", "preferences": "preferences"},
             always_run=True,
             doc="Snapshot submitted rankings and convert them to preference pairs; waits below the threshold.",
+        ),
+        StageKind(
+            name="reward",
+            config=reward_configs.RewardConfig,
+            run="reward.train:run",
+            inputs={
+                "preferences": Slot(
+                    ("preferences",),
+                    "preference pairs (prompt/chosen/rejected JSONL): collect's output or a local file",
+                    external=True,
+                ),
+                "model": Slot(
+                    POLICY_KINDS,
+                    "the model to start from (an adapter is merged into its base first): an artifact, "
+                    "a local path or a hub id",
+                    external=True,
+                ),
+            },
+            outputs=_single("reward-model"),
+            doc="Train a reward model on preference pairs (TRL RewardTrainer); gate it on held-out accuracy.",
         ),
     ]
 }

@@ -189,7 +189,7 @@ class Runner:
         clock = time.perf_counter()
         try:
             function = stage.spec.load()
-            metrics = function(stage.config, {i.slot: i.source for i in inputs}, out_dir) or {}
+            metrics = function(stage.config, stage_inputs(stage, inputs), out_dir) or {}
         except Waiting as waiting:
             seconds = time.perf_counter() - clock
             tracker.finish({"waiting": str(waiting)})
@@ -254,7 +254,7 @@ class Runner:
     def resolve_inputs(self, stage: Stage) -> list[ResolvedInput]:
         resolved = []
         for slot_name, ref in stage.inputs.items():
-            slot = stage.spec.inputs[slot_name]
+            slot = stage.spec.inputs[slot_name.split(".", 1)[0]]  # "policies.sft" for a many-slot
             where = f"{stage.name}.inputs.{slot_name}"
             if ref.stage is not None:
                 candidates = self._artifacts_of(ref.stage)
@@ -337,6 +337,18 @@ class Runner:
             )
         self.done[stage_name] = found
         return found
+
+
+def stage_inputs(stage: Stage, inputs: list[ResolvedInput]) -> dict[str, Any]:
+    """What the stage function receives: slot -> source, or slot -> {label: source} for a many-slot."""
+    out: dict[str, Any] = {}
+    for item in inputs:
+        slot, _, label = item.slot.partition(".")
+        if stage.spec.inputs[slot].many:
+            out.setdefault(slot, {})[label] = item.source
+        else:
+            out[slot] = item.source
+    return out
 
 
 def _duration(seconds: float) -> str:

@@ -258,6 +258,12 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
                 raise check.fail(slot_path, f"missing required input ({slot.doc})")
             continue
         value = raw_inputs[slot_name]
+        if slot.many:
+            for label, item_path, item in _many(check, value, slot_path):
+                inputs[f"{slot_name}.{label}"] = _parse_ref(
+                    check, item, slot, item_path, names - {name}, base_dir
+                )
+            continue
         if not isinstance(value, str):
             raise check.fail(
                 slot_path, f"expected a stage name or artifact reference, got {_type_name(value)}"
@@ -268,6 +274,32 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
     if not isinstance(artifact, str) or not STAGE_NAME.match(artifact):
         raise check.fail((*path, "artifact"), "expected a name made of letters, digits, '_', '.', '-'")
     return Stage(name=name, kind=kind, config=config, inputs=inputs, artifact=artifact, line=check.line(path))
+
+
+def _many(check: _Checker, value: Any, path: Path_) -> list[tuple[str, Path_, str]]:
+    """A slot that takes several inputs: a list (labelled by the references themselves) or a
+    mapping label -> reference. Returns (label, key path, reference) triples."""
+    if isinstance(value, list):
+        items = [(str(v), (*path, i), v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(str(k), (*path, k), v) for k, v in value.items()]
+    else:
+        raise check.fail(
+            path,
+            f"expected a list or a mapping of stage names or artifact references, got {_type_name(value)}",
+        )
+    if not items:
+        raise check.fail(path, "expected at least one input")
+    labels = set()
+    for label, item_path, item in items:
+        if not isinstance(item, str):
+            raise check.fail(
+                item_path, f"expected a stage name or artifact reference, got {_type_name(item)}"
+            )
+        if label in labels:
+            raise check.fail(item_path, f"{label!r} is given twice")
+        labels.add(label)
+    return items
 
 
 def _parse_ref(

@@ -187,3 +187,51 @@ class SampleConfig(StageConfig):
     memory, not the samples."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to generate: `auto` picks CUDA when available."""
+
+
+class DPOConfig(StageConfig):
+    """Direct preference optimization on TRL's `DPOTrainer` (draft: the implementer refines the fields)."""
+
+    seed: int = 0
+    """Seed for data order and dropout."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint to the reference (SFT) policy."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` picks CUDA when available."""
+
+
+class PPOConfig(StageConfig):
+    """Our PPO with a reward model, a value model and a KL penalty to the SFT policy (draft)."""
+
+    seed: int = 0
+    """Seed for rollouts and initialisation."""
+    updates: int = Field(100, ge=1)
+    """PPO updates (each: a batch of rollouts, then several epochs of optimization on it)."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty coefficient against the reference (SFT) policy."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` picks CUDA when available."""
+
+
+class OnlineRLConfig(StageConfig):
+    """RLOO / GRPO on TRL's trainers with the reward-model artifact as reward function (draft)."""
+
+    seed: int = 0
+    """Seed for generation and data order."""
+    kl_coef: float = Field(0.05, ge=0)
+    """KL coefficient (TRL's `beta`), set explicitly: GRPO's default of 0 disables the KL term."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` picks CUDA when available."""
+
+
+class EvaluateConfig(StageConfig):
+    """Compare policies on held-out prompts (draft)."""
+
+    seed: int = 0
+    """Seed of sampling and bootstrap."""
+    baseline: str | None = None
+    """Label of the policy others are compared against (win rate); default: the first one."""
+    samples_per_prompt: int = Field(8, ge=1)
+    """Samples per prompt for sampled accuracy and mean reward."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to generate: `auto` picks CUDA when available."""

@@ -155,3 +155,45 @@ def test_input_references(tmp_path):
 def test_shipped_workflows_validate(path: Path):
     wf = workflow.load(path)
     assert wf.stages
+
+
+def test_many_input_slot_takes_a_list_or_a_mapping():
+    text = textwrap.dedent("""\
+        stages:
+          pretrain: {}
+          more: {kind: pretrain, inputs: {model: pretrain}}
+          evaluate:
+            inputs:
+              policies: [pretrain, more, 'more:v1']
+              reference: pretrain
+          labelled:
+            kind: evaluate
+            inputs:
+              policies: {base: pretrain, tuned: more}
+        """)
+    wf = workflow.parse(text, "wf.yaml")
+    assert set(wf.stages["evaluate"].inputs) == {
+        "policies.pretrain",
+        "policies.more",
+        "policies.more:v1",
+        "reference",
+    }
+    assert wf.stages["labelled"].inputs["policies.tuned"].stage == "more"
+    assert list(wf.stages).index("labelled") > list(wf.stages).index("more")
+
+
+@pytest.mark.parametrize(
+    ("policies", "line", "key", "words"),
+    [
+        ("[pretrain, 3]", 4, "stages.evaluate.inputs.policies.1", "got int"),
+        ("[pretrain, pretrain]", 4, "stages.evaluate.inputs.policies.1", "given twice"),
+        ("[]", 4, "stages.evaluate.inputs.policies", "at least one"),
+        ("{a: nowhere}", 4, "stages.evaluate.inputs.policies.a", "nowhere"),
+    ],
+)
+def test_many_input_slot_errors(policies, line, key, words):
+    text = f"stages:\n  pretrain: {{}}\n  evaluate:\n    inputs: {{policies: {policies}}}\n"
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(text, "wf.yaml")
+    assert (caught.value.key, caught.value.line) == (key, line)
+    assert words in caught.value.message

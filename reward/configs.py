@@ -1,0 +1,89 @@
+"""Typed config of the reward stage. Each field's docstring is its only description. No torch here:
+validating a workflow imports this module."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RewardConfig(BaseModel):
+    """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
+    on a held-out split by prompt and gated on its held-out pairwise accuracy. The defaults take the
+    pretrained demo model to over 90% held-out accuracy on ~3,000 demo pairs in about a minute on 2 CPU
+    cores."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    seed: int = 0
+    """Seed for the held-out split, the score head and adapter initialisation, and the data order."""
+    method: Literal["lora", "full"] = "lora"
+    """What is trained: a LoRA adapter on every linear layer plus the score head (`lora`), or every
+    weight (`full`). Either way the published reward model is one complete sequence-classification model
+    (LoRA merged in), so loading it needs neither PEFT nor the model it started from."""
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training pairs."""
+    batch_size: int = Field(32, ge=1)
+    """Pairs per device per micro-batch (each pair is two sequences)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (linear warm-up, then cosine decay to 0). LoRA wants a larger rate than `full`
+    fine-tuning (e.g. 2e-3 against 1e-4)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up linearly."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    center_rewards_coefficient: float | None = Field(0.01, ge=0)
+    """Weight of a penalty on the squared mean reward, which keeps rewards centred on 0 (useful for PPO);
+    null disables it."""
+    max_length: int | None = Field(1024, ge=8)
+    """Pairs whose chosen or rejected sequence (prompt and response, in tokens) is longer are left out of
+    training and evaluation, and counted; null keeps every pair."""
+    # --- LoRA ---
+    lora_r: int = Field(16, ge=1)
+    """`lora`: rank of the update matrices."""
+    lora_alpha: float = Field(32, gt=0)
+    """`lora`: scaling numerator; the update is scaled by `lora_alpha / lora_r`."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """`lora`: dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """`lora`: the modules that get an adapter: `all-linear` or a list of module names such as
+    `[q_proj, v_proj]`. The score head is always trained in full."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower (worth it for large models only)."""
+    # --- held-out evaluation and the acceptance gate ---
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    """Fraction of the prompts (by `prompt_id`, a seeded draw, at least one) whose pairs are held out of
+    training to evaluate the reward model. No prompt has pairs on both sides."""
+    min_accuracy: float = Field(0.6, ge=0, le=1)
+    """Acceptance gate: a reward model whose held-out pairwise accuracy is below this is still published,
+    but marked rejected, and the run fails."""
+    max_length_correlation: float | None = Field(None, gt=0, le=1)
+    """Acceptance gate, optional: reject a reward model when the absolute Spearman correlation between
+    its reward and the response length in tokens, over the held-out responses, exceeds this."""
+    worst_pairs: int = Field(20, ge=0)
+    """The held-out pairs with the lowest margin (misranked ones first) listed in `eval.json` and in a
+    W&B table."""
+    train_eval_pairs: int = Field(512, ge=0)
+    """Training pairs (a seeded draw) scored at the end, to compare train and held-out accuracy."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Sequences scored together in the evaluation."""
+    # --- logging, checkpoints, device ---
+    logging_steps: int = Field(10, ge=1)
+    """Steps between loss/accuracy reports (progress bar and W&B)."""
+    save_steps: int = Field(200, ge=1)
+    """Steps between checkpoints (under the stage's `scratch/`, the last two only, dropped when the
+    stage finishes): a rerun after a crash resumes from the last one."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` picks CUDA when available."""
+
+    @model_validator(mode="after")
+    def _lora_settings_need_lora(self) -> RewardConfig:
+        """A LoRA setting with `method: full` is a mistake, not something to ignore."""
+        lora = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+        wrong = [name for name in lora if name in self.model_fields_set and self.method != "lora"]
+        if wrong:
+            raise ValueError(f"method {self.method!r} does not use {', '.join(wrong)} (for lora)")
+        return self
