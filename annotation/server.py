@@ -162,9 +162,12 @@ def status(home: Path | None = None) -> ServerInfo | None:
     home = _resolve_home(home)
     if not home.exists():
         return None
-    records = {name: _read_pid_file(home, name) for name in PROCESSES}
-    if not all(record and _process_alive(record) for record in records.values()):
-        return None
+    records = {}
+    for name in PROCESSES:
+        record = _read_pid_file(home, name)
+        if not record or not _process_alive(record):
+            return None
+        records[name] = record
     credentials = _load_credentials(home)
     if credentials is None:
         return None
