@@ -72,7 +72,10 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
         )
     need = required_records(config, len(records))
     if summary["records_ranked"] < need:
-        raise Waiting(f"{summary['records_ranked']}/{len(records)} records ranked (collect needs {need})")
+        raise Waiting(
+            f"{summary['records_ranked']}/{len(records)} records ranked (collect needs {need}); "
+            f"annotators rank at {connection.url}, dataset {batch['dataset']['name']}"
+        )
 
     # Save
     rankings_summary = summarize_rankings(batch, records, rankings, summary)

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
+    serve = commands.add_parser("serve", help="keep running a workflow, triggered by annotation progress")
+    serve.add_argument("file", type=Path)
+    serve.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    serve.add_argument("--allow-rejected", action="store_true", help="as for `run`")
+    serve.set_defaults(handler=cmd_serve)
+
     artifacts = commands.add_parser("artifacts", help="list, show, trace and verify artifacts")
     verbs = artifacts.add_subparsers(title="verbs", metavar="VERB")
     listing = verbs.add_parser("list", help="every artifact version in the store")
@@ -134,6 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = runner.run(until=args.until, only=args.only)
     _summary(results)
     return EXIT_WAITING if any(r.status == "waiting" for r in results) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.service import Service, run_service
+
+    wf = workflow.load(args.file)
+    run_service(Service(wf, Store(), console, interval=args.interval, allow_rejected=args.allow_rejected))
+    return 0
 
 
 def _summary(results: list[StageResult]) -> None:

@@ -66,7 +66,8 @@ class ResolvedInput:
 @dataclass
 class StageResult:
     stage: str
-    status: Literal["ran", "cached", "waiting", "rejected"]
+    status: Literal["ran", "unchanged", "cached", "waiting", "rejected"]
+    """`unchanged`: an always-run stage (collect) ran and produced exactly its last output again."""
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
@@ -223,7 +224,7 @@ class Runner:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "duration_s": round(seconds, 3),
         }
-        published = {}
+        published, reused = {}, 0
         for name, kind in outputs.items():
             payload = out_dir if len(outputs) == 1 else out_dir / name.rsplit(".", 1)[-1]
             if not payload.is_dir():
@@ -232,6 +233,7 @@ class Runner:
             unchanged = self.store.find(name, key) if stage.spec.always_run else None
             if unchanged is not None and unchanged.digest == tree_digest(hash_tree(payload)):
                 published[name] = unchanged  # same inputs, same result: no new version
+                reused += 1
                 continue
             published[name] = artifact = self.store.publish(name, payload, {"kind": kind, **manifest})
             tracker.publish(artifact)
@@ -241,6 +243,9 @@ class Runner:
         self.done[stage.name] = published
 
         refs = ", ".join(f"{a.ref} → {a.path}" for a in published.values())
+        if reused == len(outputs):
+            self.console.print(f"{label}  [cyan]unchanged[/] in {_duration(seconds)}  {refs}")
+            return StageResult(stage.name, "unchanged", published, seconds)
         if rejected:
             self.console.print(
                 f"{label}  [red]rejected[/] in {_duration(seconds)}: {rejected}  ({refs}, marked rejected)"

@@ -1,0 +1,99 @@
+"""Service mode: keep a workflow running, triggered by annotation progress.
+
+`rlhf serve WORKFLOW` runs the workflow, and whenever it stops at a waiting stage (a `collect` below
+its threshold) polls again after an interval. Stages upstream are cached, `collect` always rereads the
+annotation server, and when its threshold is met and its rankings changed, the stages downstream
+(reward model, policy, evaluation) run. Then it waits again for new rankings.
+
+Every decision is logged with its reason. SIGTERM or Ctrl-C stops it cleanly: a stage interrupted
+mid-run publishes nothing (its checkpoints stay for the next run), and a finished one is complete.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from rich.console import Console
+
+from pipeline.runner import Runner, StageResult
+from pipeline.store import Store
+from pipeline.workflow import Workflow
+
+
+class Service:
+    def __init__(
+        self,
+        workflow: Workflow,
+        store: Store,
+        console: Console,
+        interval: float = 30.0,
+        allow_rejected: bool = False,
+    ):
+        self.workflow = workflow
+        self.store = store
+        self.console = console
+        self.interval = interval
+        self.allow_rejected = allow_rejected
+        self.stopping = threading.Event()
+
+    def log(self, message: str) -> None:
+        self.console.print(f"[dim]{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}[/] {message}")
+
+    def serve(
+        self, max_cycles: int | None = None, on_cycle: Callable[[list[StageResult]], None] | None = None
+    ) -> None:
+        """Poll until stopped (or for `max_cycles` cycles)."""
+        self.log(
+            f"serving workflow {self.workflow.name} ({self.workflow.file}); polling every {self.interval:g} s"
+        )
+        cycle = 0
+        while not self.stopping.is_set() and (max_cycles is None or cycle < max_cycles):
+            cycle += 1
+            try:
+                results = self.cycle()
+            except Exception as err:  # a failed stage is reported; the service waits for new input
+                self.log(f"[red]failed[/]: {type(err).__name__}: {err}; retrying after the next interval")
+                results = []
+            if on_cycle is not None:
+                on_cycle(results)
+            self.stopping.wait(self.interval)
+        self.log("stopped")
+
+    def cycle(self) -> list[StageResult]:
+        """One pass over the workflow; logs what ran and why."""
+        runner = Runner(
+            self.workflow, self.store, console=Console(quiet=True), allow_rejected=self.allow_rejected
+        )
+        results = runner.run()
+        ran = [r for r in results if r.status == "ran"]
+        waiting = next((r for r in results if r.status == "waiting"), None)
+        if ran:
+            cause = self._cause(results)
+            for result in ran:
+                refs = ", ".join(a.ref for a in result.artifacts.values())
+                self.log(f"ran {result.stage} -> {refs} in {result.seconds:.1f} s ({cause})")
+        if waiting is not None:
+            self.log(f"waiting at {waiting.stage}: {waiting.message}")
+        elif not ran:
+            self.log("up to date: every stage cached; waiting for new rankings")
+        return results
+
+    def _cause(self, results: list[StageResult]) -> str:
+        """Why stages ran this cycle: the first stage whose output changed."""
+        first = next(r for r in results if r.status == "ran")
+        metrics = next(iter(first.artifacts.values())).manifest.get("metrics", {}) if first.artifacts else {}
+        ranked = metrics.get("records_ranked")
+        if ranked is not None:
+            return f"triggered by {first.stage}: {ranked} records ranked, threshold met, new rankings"
+        return f"triggered by {first.stage}: new or changed inputs"
+
+
+def run_service(service: Service) -> None:
+    """Serve until SIGTERM/Ctrl-C (raised as KeyboardInterrupt by the CLI's signal handler)."""
+    try:
+        service.serve()
+    except KeyboardInterrupt:
+        service.stopping.set()
+        service.log("stopped on signal: nothing half-written was published")
