@@ -1,0 +1,198 @@
+"""Reward models as stages hand them on: load one (checking its score head and tokenizer), check that a
+policy tokenizes exactly like it, and score (prompt, response) pairs exactly as it was trained.
+
+A reward-model directory holds one complete sequence-classification model with a single output
+(`num_labels: 1`, the score head included in its weights), its tokenizer with chat template, and
+`reward.json` (how it formats text, its tokenizer's fingerprint, what it was trained from). The reward
+stage (`reward/`) writes it; the policy stages (PPO, RLOO/GRPO, evaluation), which may not import
+`reward/`, load it with `load_reward_model` and score with `score_batch`.
+
+Text is formatted one way for training and scoring: with the chat template when the tokenizer has one
+(the prompt as the user turn, or the conversation so far; the response as the assistant turn), else as
+the plain concatenation prompt + response + eos. The reward is the score head's output at the last
+token, which the model finds as the last token that is not the pad token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.models import ADAPTER_CONFIG, load_tokenizer, tokenizer_fingerprint
+from common.outcomes import InputError
+
+REWARD_FILE = "reward.json"
+"""`{"format": "chat" | "plain", "tokenizer_fingerprint": ..., "trained_from": ...}` in a reward-model dir."""
+
+Text = str | list[dict[str, Any]]
+"""A prompt or response: plain text, or a list of `{"role", "content"}` messages."""
+
+
+# --- loading ---
+
+
+def load_reward_model(
+    path: Path, device: torch.device | None = None, dtype: torch.dtype | str = "auto"
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a reward-model directory, in eval mode on `device` (default: the CPU).
+
+    Raises `InputError` before loading any weights when the directory is not a reward model (no
+    sequence-classification config with one label, an adapter, no tokenizer), and after loading them when
+    the score head is missing from the weights or the tokenizer is not the one it was trained with."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(path)
+    what = f"reward model {path}"
+    if not (path / "config.json").is_file():
+        hint = (
+            " it is a PEFT adapter; a reward model is published as one complete model"
+            if (path / ADAPTER_CONFIG).is_file()
+            else ""
+        )
+        raise InputError(f"{what}: no config.json, so it is not a model directory;{hint or ' wrong path?'}")
+    config = AutoConfig.from_pretrained(str(path))
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise InputError(
+            f"{what} has no score head: its architecture is {', '.join(architectures) or 'unknown'}, not a "
+            "sequence classifier (a reward model is trained by the reward stage from such a model)"
+        )
+    if config.num_labels != 1:
+        raise InputError(f"{what} has {config.num_labels} outputs; a reward model has one (num_labels: 1)")
+    if not (path / "tokenizer_config.json").is_file():
+        raise InputError(
+            f"{what} has no tokenizer (tokenizer_config.json); it must carry the one it was trained with"
+        )
+    tokenizer = load_tokenizer(path)
+    info = json.loads((path / REWARD_FILE).read_text()) if (path / REWARD_FILE).is_file() else {}
+    if info.get("format") == "chat" and not tokenizer.chat_template:
+        raise InputError(f"{what} was trained with a chat template, but its tokenizer has none")
+    if info.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise InputError(f"{what}: its tokenizer is not the one it was trained with (fingerprint differs)")
+
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        str(path), dtype=dtype, output_loading_info=True
+    )
+    if loading["missing_keys"]:
+        raise InputError(
+            f"{what} has no trained score head: {', '.join(sorted(loading['missing_keys']))} missing from its "
+            "weights (they would be randomly initialised)"
+        )
+    set_pad_token(model, tokenizer)
+    model.to(device or torch.device("cpu"))
+    model.eval()
+    return model, tokenizer
+
+
+def set_pad_token(model: Any, tokenizer: Any) -> None:
+    """Make the model find the last real token: the tokenizer's pad token, distinct from eos, in its config."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError(
+            "the tokenizer needs a pad token distinct from eos: the reward is read at the last token that is "
+            "not padding, which must be the eos that ends the response"
+        )
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+
+# --- the tokenizer hand-off ---
+
+
+def check_tokenizers_match(
+    policy_tokenizer: Any, reward_tokenizer: Any, policy: str = "the policy", reward: str = "the reward model"
+) -> None:
+    """Raise `InputError` saying what differs (vocabulary, special tokens, chat template) unless both
+    tokenizers have the same `tokenizer_fingerprint`. Policy stages call it before any training, so a
+    reward model never scores text rendered by another tokenizer or template."""
+    if tokenizer_fingerprint(policy_tokenizer) == tokenizer_fingerprint(reward_tokenizer):
+        return
+    differences = []
+    a, b = policy_tokenizer.get_vocab(), reward_tokenizer.get_vocab()
+    if a != b:
+        changed = sum(a.get(token) != b.get(token) for token in a.keys() | b.keys())
+        differences.append(f"vocabulary ({len(a)} vs {len(b)} tokens, {changed} differ)")
+    sa, sb = policy_tokenizer.special_tokens_map, reward_tokenizer.special_tokens_map
+    special = sorted(key for key in sa.keys() | sb.keys() if str(sa.get(key)) != str(sb.get(key)))
+    if special:
+        differences.append(
+            "special tokens (" + ", ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in special) + ")"
+        )
+    ta, tb = policy_tokenizer.chat_template or "", reward_tokenizer.chat_template or ""
+    if ta != tb:
+        detail = "one has none" if not (ta and tb) else "they differ"
+        differences.append(f"chat template ({detail})")
+    raise InputError(
+        f"{policy} and {reward} do not tokenize alike: {'; '.join(differences) or 'fingerprints differ'}. "
+        "Train the reward model from the policy's model (or its SFT model) so both share tokenizer and chat template."
+    )
+
+
+# --- formatting and scoring ---
+
+
+def encode(tokenizer: Any, prompt: Text, response: Text) -> list[int]:
+    """Token ids of a (prompt, response) pair, as the reward model is trained on and scores them."""
+    if tokenizer.chat_template:
+        messages = as_messages(prompt, "user") + as_messages(response, "assistant")
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    if not (isinstance(prompt, str) and isinstance(response, str)):
+        raise InputError("conversational prompts and responses need a tokenizer with a chat template")
+    text = prompt + response
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return list(tokenizer(text)["input_ids"])
+
+
+def as_messages(text: Text, role: str) -> list[dict[str, Any]]:
+    """A plain text as one message of `role`; a list of messages as it is."""
+    if isinstance(text, str):
+        return [{"role": role, "content": text}]
+    if isinstance(text, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in text):
+        return text
+    raise InputError(f"expected a string or a list of {{role, content}} messages, got {str(text)[:80]!r}")
+
+
+def response_text(response: Text) -> str:
+    """The text of a response: itself, or the content of its messages."""
+    return response if isinstance(response, str) else "".join(str(m["content"]) for m in response)
+
+
+@torch.no_grad()
+def score_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[Text], responses: Sequence[Text], batch_size: int = 32
+) -> list[float]:
+    """The reward of each (prompt, response) pair, formatted as in training (see `encode`)."""
+    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def score_ids(
+    model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 32
+) -> list[float]:
+    """The reward of each token sequence. Sequences are batched by length and padded on the right, as in
+    training; a sequence's reward does not depend on the others in its batch (up to float rounding)."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+    rewards = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(sequences[chunk[0]])
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids = sequences[index]
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+        ).logits
+        for index, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
+            rewards[index] = value
+    model.train(training)
+    return rewards

@@ -1,0 +1,476 @@
+"""The `reward` stage: a reward model trained on human preference pairs, with a held-out acceptance gate.
+
+Inputs: `preferences` (a directory holding `preferences.jsonl`, or a JSONL file, in TRL's explicit-prompt
+preference format: `prompt`, `chosen`, `rejected`, conversational or plain, with optional `prompt_id` and
+`agreement`) and `model` (a model directory, a PEFT adapter directory, which is merged into its base
+first, or a hub id). The model gets a score head (`AutoModelForSequenceClassification`, one label) and
+is trained with TRL's `RewardTrainer` (Bradley-Terry loss), with LoRA by default.
+
+The pairs of a seeded fraction of the prompts are held out. After training the reward model is
+measured on them (`reward.evaluation`): pairwise accuracy, mean margin, accuracy by annotator agreement,
+length bias, the worst-misranked pairs. Below `min_accuracy` (or above `max_length_correlation`) it is
+still published, but the stage returns `rejected` and the runner marks it so.
+
+Output (`reward-model`): one complete sequence-classification model with the LoRA update merged in (so
+it loads with plain transformers, needs no base model on disk, and its score head is an ordinary weight
+that the loader can check), its tokenizer and chat template, `reward.json` (text format, tokenizer
+fingerprint, what it was trained from), `eval.json` (the evaluation) and `held_out.jsonl` (every
+held-out pair with its rewards). Load it with `common.reward_model.load_reward_model`.
+
+Reads top to bottom: check, load, train, save, measure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.models import (
+    is_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    set_threads,
+    source_reference,
+    tokenizer_fingerprint,
+)
+from common.outcomes import InputError
+from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
+from reward import evaluation
+from reward.configs import RewardConfig
+
+SCRATCH = "scratch"
+"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
+PREFERENCES_FILE = "preferences.jsonl"
+EVAL_FILE = "eval.json"
+HELD_OUT_FILE = "held_out.jsonl"
+FORMAT = (
+    "one JSON object per line with `prompt`, `chosen` and `rejected`: all three strings (plain), or all "
+    "three lists of {role, content} messages (conversational: the prompt's turns, then the response's "
+    "assistant turn); optional `prompt_id` (pairs of one prompt share it) and `agreement` (0..1)"
+)
+
+
+def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    # Check: everything that can be told without loading the model
+    device = pick_device(config.device)
+    rows, data_format = load_preferences(inputs["preferences"])
+    source = inputs["model"]
+    tokenizer = load_tokenizer(source)
+    check_tokenizer(tokenizer, data_format)
+    train_rows, held_out_rows = split_by_prompt(rows, config.held_out_fraction, config.seed)
+    train_rows, train_too_long = tokenize_pairs(train_rows, tokenizer, config.max_length)
+    held_out_rows, held_out_too_long = tokenize_pairs(held_out_rows, tokenizer, config.max_length)
+    if not train_rows or not held_out_rows:
+        raise InputError(
+            f"reward: no pairs left to {'train on' if not train_rows else 'evaluate'} after leaving out the "
+            f"pairs longer than max_length {config.max_length} tokens"
+        )
+    set_threads()
+
+    # Load
+    model = load_model(source, config, tokenizer, out_dir / SCRATCH)
+
+    # Train
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    scratch = out_dir / SCRATCH
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args(config, device, scratch),
+        train_dataset=Dataset.from_list(
+            [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in train_rows]
+        ),
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
+    trainable, total = count_parameters(trainer.model)
+    checkpoint = last_checkpoint(scratch)
+    if checkpoint is not None:
+        print(f"reward: resuming from {checkpoint.name}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model, merge_difference = merged(trainer.model, held_out_rows, tokenizer, config)
+
+    # Save
+    save(model, tokenizer, out_dir, source, data_format)
+
+    # Measure
+    scored = score_pairs(model, tokenizer, held_out_rows, config.eval_batch_size)
+    train_sample = random.Random(config.seed).sample(
+        train_rows, min(config.train_eval_pairs, len(train_rows))
+    )
+    train_scored = score_pairs(model, tokenizer, train_sample, config.eval_batch_size)
+    held_out = evaluation.pairwise(scored)
+    metrics: dict[str, Any] = {
+        "accuracy": held_out["accuracy"],
+        "margin_mean": held_out["margin_mean"],
+        "train_accuracy": evaluation.pairwise(train_scored)["accuracy"],
+        "loss": held_out["loss"],
+        "held_out_pairs": len(scored),
+        "held_out_prompts": len({r["prompt_id"] for r in scored}),
+        "accuracy_by_agreement": evaluation.by_agreement(scored),
+        **evaluation.length_bias(scored),
+        **(evaluation.demo_breakdown(scored) or {}),
+        **evaluation.reward_stats(scored),
+        "train_pairs": len(train_rows),
+        "train_prompts": len({r["prompt_id"] for r in train_rows}),
+        "pairs_too_long": train_too_long + held_out_too_long,
+        "data_format": data_format,
+        "text_format": "chat" if tokenizer.chat_template else "plain",
+        "method": config.method,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": trainer.state.global_step,
+        "train_loss": final_train_loss(trainer, result.training_loss),
+        "train_seconds": result.metrics["train_runtime"],
+        "merge_max_abs_difference": merge_difference,
+        "device": str(device),
+    }
+    rejected = evaluation.gate(metrics, config)
+    metrics["gate"] = "rejected" if rejected else "passed"
+    worst = evaluation.worst(scored, config.worst_pairs)
+    write_evaluation(out_dir, metrics, worst, scored, config)
+    log_to_wandb(metrics, worst)
+    metrics["duration_seconds"] = time.perf_counter() - started
+    if rejected:
+        metrics = {"rejected": rejected, **metrics}
+    return metrics
+
+
+# --- check ---
+
+
+def load_preferences(source: Path | str) -> tuple[list[dict[str, Any]], str]:
+    """The preference rows and their format (`conversational` or `plain`), each row with a `prompt_id`
+    (derived from the prompt when the data has none)."""
+    if isinstance(source, str):
+        raise InputError(f"reward: preferences must be a local directory or JSONL file, got {source!r}")
+    file = source / PREFERENCES_FILE if source.is_dir() else source
+    if not file.is_file():
+        raise InputError(
+            f"reward: no preference data at {file}; expected {PREFERENCES_FILE} in the directory"
+        )
+    rows = []
+    formats = set()
+    with file.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"reward: {where} is not JSON ({err})") from None
+            kind = row_format(row) if isinstance(row, dict) else None
+            if kind is None:
+                found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise InputError(
+                    f"reward: {where} is not a preference pair (found {found}); expected {FORMAT}"
+                )
+            formats.add(kind)
+            if len(formats) > 1:
+                raise InputError(
+                    f"reward: {where} is {kind}, earlier rows are not; one data set has one format"
+                )
+            if row.get("prompt_id") is None:
+                digest = hashlib.sha256(json.dumps(row["prompt"], sort_keys=True).encode()).hexdigest()
+                row["prompt_id"] = "prompt-" + digest[:12]
+            rows.append(row)
+    if not rows:
+        raise InputError(f"reward: {file} holds no preference pairs")
+    return rows, formats.pop()
+
+
+def row_format(row: dict[str, Any]) -> str | None:
+    values = [row.get(key) for key in ("prompt", "chosen", "rejected")]
+    if all(isinstance(v, str) for v in values):
+        return "plain"
+    if all(
+        isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in v)
+        for v in values
+    ):
+        return "conversational"
+    return None
+
+
+def check_tokenizer(tokenizer: Any, data_format: str) -> None:
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError(
+            "reward: the tokenizer's pad token is its eos token; the reward is read at the last token that "
+            "is not padding, so give it a distinct pad token (as the sft stage requires)"
+        )
+    if data_format == "conversational" and not tokenizer.chat_template:
+        raise InputError(
+            "reward: the preferences are conversational but the model's tokenizer has no chat template"
+        )
+
+
+def split_by_prompt(
+    rows: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held_out): the pairs of a seeded draw of `fraction` of the prompt ids (at least one) are
+    held out, so no prompt has pairs on both sides."""
+    prompts = sorted({row["prompt_id"] for row in rows})
+    if len(prompts) < 2:
+        raise InputError(
+            f"reward: the preferences come from {len(prompts)} prompt; holding prompts out needs at least 2"
+        )
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: min(len(prompts) - 1, max(1, round(fraction * len(prompts))))])
+    return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]
+
+
+def tokenize_pairs(
+    rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows with `chosen_ids`/`rejected_ids` (formatted as `common.reward_model.encode` does) and the
+    response lengths in tokens; pairs longer than `max_length` are dropped and counted."""
+    kept, too_long = [], 0
+    for row in rows:
+        chosen = encode(tokenizer, row["prompt"], row["chosen"])
+        rejected = encode(tokenizer, row["prompt"], row["rejected"])
+        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
+            too_long += 1
+            continue
+        kept.append(
+            {
+                **row,
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                "length_chosen": response_length(tokenizer, row["chosen"]),
+                "length_rejected": response_length(tokenizer, row["rejected"]),
+            }
+        )
+    return kept, too_long
+
+
+def response_length(tokenizer: Any, response: Any) -> int:
+    return len(tokenizer(response_text(response), add_special_tokens=False)["input_ids"])
+
+
+# --- load ---
+
+
+def load_model(source: Path | str, config: RewardConfig, tokenizer: Any, scratch: Path) -> Any:
+    """The model with a freshly initialised (seeded) score head, in fp32 (mixed precision on a GPU keeps
+    fp32 master weights). An adapter is merged into its base first."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if is_adapter(source):
+        assert isinstance(source, Path)
+        source = merge_adapter(source, scratch / "merged-input")
+    torch.manual_seed(config.seed)
+    with suppress_seqcls_warning():  # the new score head and the unused LM head are expected
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(source), num_labels=1, dtype=torch.float32
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise InputError(
+            f"reward: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+            f"{model.get_input_embeddings().num_embeddings} embeddings"
+        )
+    set_pad_token(model, tokenizer)
+    return model
+
+
+def merge_adapter(adapter: Path, out_dir: Path) -> Path:
+    """Merge a PEFT adapter into its base and save the result as a complete model directory."""
+    model, tokenizer = load_causal_lm(adapter, device=torch.device("cpu"), dtype=torch.float32)
+    if not hasattr(model, "merge_and_unload") or model.peft_config[model.active_adapter].is_prompt_learning:
+        raise InputError(
+            f"reward: the adapter {adapter} cannot be merged into its base (prompt learning); "
+            "train the reward model from its base, or from a LoRA/IA3 adapter"
+        )
+    model.merge_and_unload().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_config(config: RewardConfig) -> Any:
+    """LoRA for sequence classification: PEFT adds the score head to `modules_to_save`, so it is trained
+    in full; None for `full`."""
+    if config.method != "lora":
+        return None
+    import peft
+
+    return peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+    )
+
+
+# --- train ---
+
+
+def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> Any:
+    from trl import RewardConfig as TRLRewardConfig
+
+    return TRLRewardConfig(
+        output_dir=str(scratch),
+        seed=config.seed,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=config.weight_decay,
+        center_rewards_coefficient=config.center_rewards_coefficient,
+        max_length=None,  # pairs over max_length were left out, and counted, before
+        activation_checkpointing=config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),  # TRL defaults to on
+        use_cpu=device.type == "cpu",
+        eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,  # the last one may be half-written when the process is killed
+        report_to=["wandb"] if wandb_run() is not None else "none",
+        disable_tqdm=False,
+        dataloader_pin_memory=device.type == "cuda",
+    )
+
+
+def last_checkpoint(scratch: Path) -> Path | None:
+    """The newest complete checkpoint (the trainer writes `trainer_state.json` last)."""
+    complete = [
+        (int(match.group(1)), path)
+        for path in scratch.glob("checkpoint-*")
+        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").exists()
+    ]
+    return max(complete)[1] if complete else None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def final_train_loss(trainer: Any, mean_loss: float) -> float:
+    """The last logged training loss (a mean over the last `logging_steps` steps), else the mean loss."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses[-1] if losses else mean_loss
+
+
+def merged(
+    model: Any, rows: list[dict[str, Any]], tokenizer: Any, config: RewardConfig
+) -> tuple[Any, float | None]:
+    """The trained model as one plain model (LoRA merged into the weights, the trained score head in place
+    of the original), in eval mode, and the largest change merging made to a held-out reward."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model.eval(), None
+    sample = [ids for row in rows[:64] for ids in (row["chosen_ids"], row["rejected_ids"])]
+    before = score_ids(model, sample, tokenizer.pad_token_id, config.eval_batch_size)
+    model = model.merge_and_unload().eval()
+    after = score_ids(model, sample, tokenizer.pad_token_id, config.eval_batch_size)
+    return model, max(abs(a - b) for a, b in zip(before, after, strict=True))
+
+
+# --- save ---
+
+
+def save(model: Any, tokenizer: Any, out_dir: Path, source: Path | str, data_format: str) -> None:
+    set_pad_token(model, tokenizer)
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {
+        "format": "chat" if tokenizer.chat_template else "plain",
+        "data_format": data_format,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "trained_from": source_reference(source),
+    }
+    (out_dir / REWARD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --- measure ---
+
+
+def score_pairs(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int
+) -> list[dict[str, Any]]:
+    """The rows with `reward_chosen` and `reward_rejected` (token ids dropped)."""
+    sequences = [ids for row in rows for ids in (row["chosen_ids"], row["rejected_ids"])]
+    rewards = score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+    return [
+        {
+            **{k: v for k, v in row.items() if k not in ("chosen_ids", "rejected_ids")},
+            "reward_chosen": rewards[2 * i],
+            "reward_rejected": rewards[2 * i + 1],
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def write_evaluation(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    worst: list[dict[str, Any]],
+    scored: list[dict[str, Any]],
+    config: RewardConfig,
+) -> None:
+    report = {
+        "metrics": metrics,
+        "gate": {
+            "min_accuracy": config.min_accuracy,
+            "max_length_correlation": config.max_length_correlation,
+        },
+        "worst_pairs": worst,
+    }
+    (out_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    with (out_dir / HELD_OUT_FILE).open("w") as file:
+        for row in scored:
+            file.write(json.dumps(row) + "\n")
+
+
+def log_to_wandb(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
+    """The evaluation under `eval/`, and a table of the worst-misranked held-out pairs."""
+    run = wandb_run()
+    if run is None:
+        return
+    import wandb
+
+    flat = {
+        f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    for bucket, values in metrics["accuracy_by_agreement"].items():
+        if values["accuracy"] is not None:
+            flat[f"eval/accuracy_agreement_{bucket}"] = values["accuracy"]
+    columns = ["prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "margin", "agreement"]
+    table = wandb.Table(columns=columns)
+    for pair in worst:
+        table.add_data(
+            response_text(pair["prompt"]),
+            response_text(pair["chosen"]),
+            response_text(pair["rejected"]),
+            pair["reward_chosen"],
+            pair["reward_rejected"],
+            pair["margin"],
+            pair["agreement"],
+        )
+    run.log({**flat, "eval/worst_pairs": table})
+
+
+def wandb_run() -> Any:
+    """The W&B run the runner opened around this stage, if any; W&B is never required."""
+    wandb = sys.modules.get("wandb")
+    return wandb.run if wandb is not None else None
