@@ -134,6 +134,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     wf = workflow.load(args.file)
     wf.select(until=args.until, only=args.only)  # reject an unknown stage name before any work
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        stage = wf.stages.get(args.only or "")
+        if stage is None or not stage.spec.distributed:
+            capable = ", ".join(n for n, s in wf.stages.items() if s.spec.distributed) or "none"
+            raise workflow.WorkflowError(
+                str(args.file),
+                None,
+                "--only",
+                f"a launch with {processes} processes runs one training stage: use --only with one of: {capable}",
+            )
     store = Store()
     runner = Runner(wf, store, console=console, force=args.force, allow_rejected=args.allow_rejected)
     console.print(f"workflow [bold]{wf.name}[/] · run {runner.run_id} · store {store.root}")

@@ -57,6 +57,9 @@ class StageKind:
     """Output name -> artifact kind, given the config. A single output is named ''."""
     always_run: bool = False
     """Reads external state (an annotation server), so a matching cache key is not enough to skip it."""
+    distributed: bool = False
+    """Runs under `accelerate launch`/`torchrun` with several processes (the stage builds an Accelerator
+    or a TRL trainer); the others refuse a multi-process launch."""
     doc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +98,7 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="sft",
+            distributed=True,
             config=policy_configs.SFTConfig,
             run="policy.sft:run",
             inputs={
@@ -133,6 +137,7 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="dpo",
+            distributed=True,
             config=policy_configs.DPOConfig,
             run="policy.dpo:run",
             inputs={
@@ -146,6 +151,7 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="ppo",
+            distributed=True,
             config=policy_configs.PPOConfig,
             run="policy.ppo:run",
             inputs={
@@ -165,7 +171,8 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="rloo",
-            config=policy_configs.OnlineRLConfig,
+            distributed=True,
+            config=policy_configs.RLOOConfig,
             run="policy.online_rl:run_rloo",
             inputs={
                 "policy": Slot(
@@ -181,7 +188,8 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="grpo",
-            config=policy_configs.OnlineRLConfig,
+            distributed=True,
+            config=policy_configs.GRPOConfig,
             run="policy.online_rl:run_grpo",
             inputs={
                 "policy": Slot(
@@ -244,6 +252,7 @@ STAGES: dict[str, StageKind] = {
         ),
         StageKind(
             name="reward",
+            distributed=True,
             config=reward_configs.RewardConfig,
             run="reward.train:run",
             inputs={

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from common.outcomes import Waiting
 from pipeline import tracking
+from pipeline.distributed import Group
 from pipeline.store import Artifact, Store, StoreError, hash_tree, sha256_file, tree_digest
 from pipeline.workflow import Stage, Workflow
 
@@ -106,7 +107,11 @@ class Runner:
         self.console = console or Console(highlight=False)
         self.force = force
         self.allow_rejected = allow_rejected
-        self.run_id = new_run_id(workflow)
+        self.group = Group()
+        """The processes of a multi-GPU launch (usually just this one); only the main one publishes."""
+        if not self.group.main:
+            self.console = Console(quiet=True)
+        self.run_id = self.group.share(new_run_id(workflow))
         self.done: dict[str, dict[str, Artifact]] = {}
         """Stage name -> its artifacts (by artifact name), for the stages resolved so far."""
         self._verified: set[Path] = set()
@@ -131,16 +136,20 @@ class Runner:
         key = cache_key(stage, inputs)
         outputs = output_names(stage)
 
-        if not self.force and not stage.spec.always_run and (cached := self._cached(outputs, key)):
+        may_skip = not self.force and not stage.spec.always_run
+        cached = self.group.share(self._cached(outputs, key) if may_skip and self.group.main else None)
+        if cached:
             self.done[stage.name] = cached
             refs = ", ".join(a.ref for a in cached.values())
             self.console.print(f"{label}  [cyan]cached[/]  {refs}")
             return StageResult(stage.name, "cached", cached)
+        if not self.group.main:
+            return self._execute(stage, label, inputs, key, outputs)
 
         lock = f".staging/{stage.artifact}-{key[:16]}.lock"
         (self.store.root / ".staging").mkdir(parents=True, exist_ok=True)
         with self.store.lock(lock):  # a second process running the same stage waits, then finds it cached
-            if not self.force and not stage.spec.always_run and (cached := self._cached(outputs, key)):
+            if self.group.size == 1 and may_skip and (cached := self._cached(outputs, key)):
                 self.done[stage.name] = cached
                 self.console.print(
                     f"{label}  [cyan]cached[/]  {', '.join(a.ref for a in cached.values())} (published meanwhile)"
@@ -158,8 +167,8 @@ class Runner:
         self, stage: Stage, label: str, inputs: list[ResolvedInput], key: str, outputs: dict[str, str]
     ) -> StageResult:
         out_dir = self.store.staging(stage.artifact, key)
-        for leftover in out_dir.iterdir():  # a crashed attempt's payload is redone; its checkpoints are kept
-            if leftover.name != SCRATCH:
+        for leftover in out_dir.iterdir() if self.group.main else ():
+            if leftover.name != SCRATCH:  # a crashed attempt's payload is redone; its checkpoints are kept
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         if (out_dir / SCRATCH).exists():
             self.console.print(f"{label}  [yellow]resuming[/] from the checkpoints of an interrupted run")
@@ -180,6 +189,7 @@ class Runner:
                 "inputs": {i.slot: i.record for i in inputs},
             },
             tags=list(wandb_cfg.get("tags", [])),
+            active=self.group.main,
         )
         for item in inputs:
             if item.artifact is not None:
@@ -188,6 +198,7 @@ class Runner:
         started = datetime.now(timezone.utc)
         self.console.print(f"{label}  [bold]running[/] ({stage.kind})")
         clock = time.perf_counter()
+        self.group.barrier()  # the payload directory is clean before any process writes to it
         try:
             function = stage.spec.load()
             metrics = function(stage.config, stage_inputs(stage, inputs), out_dir) or {}
@@ -200,6 +211,10 @@ class Runner:
             tracker.finish(failed=True)
             raise
         seconds = time.perf_counter() - clock
+        self.group.barrier()  # every process has finished writing
+        if not self.group.main:
+            self.done[stage.name] = self.group.share({})
+            return StageResult(stage.name, "ran", self.done[stage.name], seconds)
 
         shutil.rmtree(out_dir / SCRATCH, ignore_errors=True)
         rejected = metrics.get(REJECTED)
@@ -224,7 +239,8 @@ class Runner:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "duration_s": round(seconds, 3),
         }
-        published, reused = {}, 0
+        published: dict[str, Artifact] = {}
+        reused = 0
         for name, kind in outputs.items():
             payload = out_dir if len(outputs) == 1 else out_dir / name.rsplit(".", 1)[-1]
             if not payload.is_dir():
@@ -240,7 +256,7 @@ class Runner:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tracker.finish(metrics)
-        self.done[stage.name] = published
+        self.done[stage.name] = self.group.share(published)
 
         refs = ", ".join(f"{a.ref} → {a.path}" for a in published.values())
         if reused == len(outputs):

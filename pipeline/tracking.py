@@ -67,9 +67,10 @@ class StageRun:
         kind: str,
         config: dict[str, Any],
         tags: list[str],
+        active: bool = True,
     ):
         self.run = None
-        if not enabled():
+        if not active or not enabled():
             return
         import wandb
 

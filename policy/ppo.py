@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import random
 import shutil
 import sys
@@ -885,39 +884,3 @@ def final_metrics(
         duration_seconds=duration,
     )
     return metrics
-
-
-# --- running the stage without the runner (e.g. under a launcher; see workflows/accelerate/README.md) ---
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m policy.ppo --policy DIR --reward DIR [--prompts FILE] --out DIR [--config FILE]`: the
-    stage function on local directories, writing the policy to `--out` (no artifact, no W&B run).
-    A rerun with the same `--out` resumes from the checkpoints under `--out/scratch/`."""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(prog="python -m policy.ppo", description=main.__doc__)
-    parser.add_argument("--policy", type=Path, required=True)
-    parser.add_argument("--reward", type=Path, required=True)
-    parser.add_argument("--prompts", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", type=Path, help="a YAML mapping of PPOConfig fields")
-    args = parser.parse_args(argv)
-    fields = yaml.safe_load(args.config.read_text()) if args.config else None
-    config = PPOConfig(**(fields or {}))
-    inputs: dict[str, Path | str] = {"policy": args.policy, "reward": args.reward}
-    if args.prompts is not None:
-        inputs["prompts"] = args.prompts
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        metrics = run(config, inputs, args.out)
-    except InputError as error:
-        sys.exit(f"error: {error}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -374,26 +374,51 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny, workspace):
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun(tiny, tmp_path):
-    """DDP over two CPU processes (gloo), through `python -m policy.ppo`: both processes agree on the
-    metrics, each saves its random states, only one writes the output."""
-    out_dir = tmp_path / "out"
-    config = tmp_path / "ppo.yaml"
-    config.write_text(json.dumps({**FAST, "checkpoint_every": 1}))  # JSON is YAML
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "policy.ppo"]
-    command += ["--policy", str(tiny.sft), "--reward", str(tiny.reward), "--out", str(out_dir)]
+def test_two_processes_under_torchrun(tiny, workspace):
+    """`rlhf run --only ppo` under torchrun with two CPU processes (gloo): they share one run and one
+    cache decision, both train (DDP), and only the main process publishes one artifact."""
+    store = Store(workspace / "artifacts")
+    payload = workspace / "reward-payload"
+    subprocess.run(["cp", "-r", str(tiny.reward), str(payload)], check=True)
+    store.publish("rm", payload, {"kind": "reward-model", "status": "ok", "stage": {"name": "reward"}})
+    workflow = workspace / "wf.yaml"
+    config = json.dumps({**FAST, "checkpoint_every": 1})  # JSON is YAML
+    workflow.write_text(
+        f"stages:\n  ppo:\n    inputs: {{policy: {tiny.sft}, reward: 'rm:v1'}}\n    config: {config}\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.cli"]
     result = subprocess.run(
-        [*command, "--config", str(config)], cwd=REPO, capture_output=True, text=True, timeout=300
+        [*command, "run", str(workflow), "--only", "ppo"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = json.loads(result.stdout[result.stdout.index("{") :])  # printed by rank 0 only
-    assert metrics["processes"] == 2
-    assert metrics["episodes"] == 2 * FAST["updates"] * FAST["batch_size"]
-    history = json.loads((out_dir / ppo.HISTORY_FILE).read_text())["history"]
+    assert Store(workspace / "artifacts").versions("ppo") == [1]
+    manifest = Store(workspace / "artifacts").get("ppo:v1").manifest
+    assert manifest["metrics"]["processes"] == 2
+    assert manifest["metrics"]["episodes"] == 2 * FAST["updates"] * FAST["batch_size"]
+    assert result.stdout.count("ppo:v1") >= 1 and result.stdout.count("running") == 1  # rank 0 speaks
+    history = json.loads((store.get("ppo:v1").path / ppo.HISTORY_FILE).read_text())["history"]
     assert len(history) == FAST["updates"]
-    assert (out_dir / "adapter_model.safetensors").is_file()
-    states = sorted(p.name for p in (out_dir / ppo.SCRATCH / "checkpoint-1").glob("random_states_*"))
-    assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+
+    again = subprocess.run(
+        [*command, "run", str(workflow), "--only", "ppo"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0 and "cached" in again.stdout
+    assert Store(workspace / "artifacts").versions("ppo") == [1]
+
+
+def test_a_multi_process_launch_needs_one_distributed_stage(workspace):
+    (workspace / "wf.yaml").write_text("stages:\n  pretrain: {}\n")
+    result = rlhf("run", "wf.yaml", cwd=workspace, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2
+    assert "use --only with one of: none" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["multi_gpu.yaml", "deepspeed_zero2.yaml"])
