@@ -18,7 +18,8 @@ evaluation work is identical by construction). The ratio then measures the pipel
 a difference in what was computed.
 
 Each side runs `--repeats` times, alternating, and the fastest run of each counts (other processes on
-the machine only ever slow a run down). Choose `--steps` so that a run takes a minute or more: the
+the machine only ever slow a run down). The CPU time of each side (user + system, from
+`getrusage(RUSAGE_CHILDREN)`) is reported too: on a busy machine it is steadier than wall time. Choose `--steps` so that a run takes a minute or more: the
 fixed costs (process start, imports, the W&B run) are then a few percent.
 
     .venv/bin/python bench/sft_overhead.py [--steps 1000] [--repeats 2] [--base DIR]
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -120,13 +122,17 @@ def build_base(out_dir: Path) -> Path:
     return out_dir
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the subprocess and the children it waited for, its stdout)."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return seconds, cpu, done.stdout
 
 
 def main() -> None:
@@ -149,7 +155,7 @@ def main() -> None:
     }
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         env.pop(var, None)
-    ours, theirs = [], []
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sft-overhead-") as tmp:
         work = Path(tmp)
         base = args.base.resolve() if args.base else build_base(work / "base")
@@ -160,8 +166,11 @@ def main() -> None:
                 f"name: overhead\nstages:\n  sft:\n    inputs: {{model: {base}}}\n    config: {{steps: {args.steps}}}\n"
             )
             run_env = {**env, "RLHF_STORE": str(run_dir / "artifacts"), "RLHF_RUNS": str(run_dir / "runs")}
-            seconds, _ = timed([sys.executable, "-m", "pipeline.cli", "run", "wf.yaml"], run_dir, run_env)
+            seconds, cpu, _ = timed(
+                [sys.executable, "-m", "pipeline.cli", "run", "wf.yaml"], run_dir, run_env
+            )
             ours.append(seconds)
+            ours_cpu.append(cpu)
             manifest = json.loads((run_dir / "artifacts" / "sft" / "v1" / "manifest.json").read_text())
             command = [
                 sys.executable,
@@ -173,8 +182,9 @@ def main() -> None:
                 "--direct",
                 str(work / f"direct-{repeat}"),
             ]
-            seconds, output = timed(command, work, env)
+            seconds, cpu, output = timed(command, work, env)
             theirs.append(seconds)
+            theirs_cpu.append(cpu)
             print(f"repeat {repeat}: ours {ours[-1]:.1f}s, direct {theirs[-1]:.1f}s", file=sys.stderr)
     metrics = manifest["metrics"]
     direct_accuracy = json.loads(output.strip().splitlines()[-1])
@@ -186,6 +196,9 @@ def main() -> None:
                 "direct_s": round(min(theirs), 2),
                 "ours_all_s": [round(s, 2) for s in ours],
                 "direct_all_s": [round(s, 2) for s in theirs],
+                "cpu_ratio": round(min(ours_cpu) / min(theirs_cpu), 3),
+                "ours_cpu_s": round(min(ours_cpu), 2),
+                "direct_cpu_s": round(min(theirs_cpu), 2),
                 "steps": args.steps,
                 "base": "given" if args.base else "demo model, untrained",
                 "ours_accuracy_greedy": metrics.get("accuracy_greedy"),

@@ -105,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("ref")
     verify.set_defaults(handler=cmd_artifacts_verify)
 
+    export = commands.add_parser("export", help="write a policy as one merged Hugging Face model")
+    export.add_argument("ref", help="a policy artifact (name:vN, name:latest) or a model/adapter directory")
+    export.add_argument("--merged", required=True, type=Path, metavar="DIR", help="new directory to write")
+    export.set_defaults(handler=cmd_export)
+
+    score = commands.add_parser("score", help="score responses to a prompt with a reward model")
+    score.add_argument("ref", help="a reward-model artifact (name:vN, name:latest) or directory")
+    score.add_argument("--prompt", required=True, help="the user's message")
+    score.add_argument("--response", required=True, action="append", help="a response; repeat for several")
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    score.set_defaults(handler=cmd_score)
+
     annotation = commands.add_parser("annotation", help="the embedded Argilla server for local ranking")
     verbs = annotation.add_subparsers(title="verbs", metavar="VERB")
     serve = verbs.add_parser(
@@ -250,6 +262,40 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     console.print(f"{artifact.ref}: ok ({len(artifact.manifest['files'])} files verified)")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from policy.export import export_merged
+
+    source = _model_dir(args.ref)
+    with console.status(f"merging {args.ref}"):
+        export_merged(source, args.merged)
+    console.print(f"wrote {args.merged} (loads with AutoModelForCausalLM.from_pretrained alone)")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from reward.score import score_responses
+
+    scores = score_responses(_model_dir(args.ref), args.prompt, args.response)
+    if args.json:
+        print(json.dumps([{"response": r, "score": s} for r, s in zip(args.response, scores)], indent=2))
+        return 0
+    for response, value in zip(args.response, scores):
+        console.print(f"{value:+.4f}  {response}")
+    return 0
+
+
+def _model_dir(ref: str) -> Path:
+    """A directory given as such, or a verified artifact's directory (refused when its files changed)."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    store = Store()
+    artifact = store.get(ref)
+    problems = store.verify(artifact)
+    if problems:
+        raise InputError(f"{artifact.ref} failed verification: " + "; ".join(problems[:3]))
+    return artifact.path
 
 
 def cmd_annotation_serve(args: argparse.Namespace) -> int:

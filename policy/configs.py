@@ -59,8 +59,9 @@ LORA_METHODS = ("lora", "dora", "qlora")
 
 
 class SFTConfig(StageConfig):
-    """Supervised fine-tuning on TRL's `SFTTrainer`. The defaults take the pretrained demo model to about
-    95% held-out greedy accuracy in the chat format in about half a minute on 2 CPU cores."""
+    """Supervised fine-tuning on TRL's `SFTTrainer`. With the defaults, LoRA teaches the pretrained demo
+    model (pretrain defaults) the chat format in 100 steps: about 85% held-out greedy accuracy, about
+    82% sampled at temperature 1 (the base's own plain-format accuracy, 91%, bounds what SFT reaches)."""
 
     seed: int = 0
     """Seed for adapter initialisation, the eval split and the data order."""
@@ -69,8 +70,9 @@ class SFTConfig(StageConfig):
     bitsandbytes only; `ia3`; `prompt_tuning`; `prefix_tuning`), the last `trainable_blocks` transformer
     blocks (`freeze`), or every weight (`full`). Adapter methods publish an `adapter` artifact, `freeze`
     and `full` a `merged-model`."""
-    steps: int = Field(400, ge=1)
-    """Optimizer steps (the data is repeated as often as needed)."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps (the data is repeated as often as needed: 100 steps of 32 are about 3 epochs of
+    the demo data; more steps make the demo model more confident, not more accurate)."""
     batch_size: int = Field(32, ge=1)
     """Examples per device per micro-batch."""
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -189,49 +191,345 @@ class SampleConfig(StageConfig):
     """Where to generate: `auto` picks CUDA when available."""
 
 
-class DPOConfig(StageConfig):
-    """Direct preference optimization on TRL's `DPOTrainer` (draft: the implementer refines the fields)."""
+DPOLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+TUNING_LORA = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+"""Settings of the new LoRA adapter of the policy optimization stages (`method: lora`)."""
+
+
+class PolicyTuningConfig(StageConfig):
+    """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints.
+
+    The SFT policy (an adapter is first merged into its base) is the starting point and the frozen
+    reference; the result is published as one complete model (see `policy/tuning.py`)."""
 
     seed: int = 0
-    """Seed for data order and dropout."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the implicit KL constraint to the reference (SFT) policy."""
+    """Seed for adapter initialisation, data order and sampling."""
+    method: Literal["lora", "full"] = "lora"
+    """What is trained on the SFT policy's weights: a new LoRA adapter (the reference is the same model with
+    the adapter disabled: no second copy in memory), or every weight (`full`, against a frozen copy)."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (linear warm-up, then cosine decay to 0). LoRA wants a larger rate than `full`."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Fraction of the optimizer steps spent warming the learning rate up linearly."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    lora_r: int = Field(16, ge=1)
+    """`lora`: rank of the update matrices."""
+    lora_alpha: float = Field(32, gt=0)
+    """`lora`: scaling numerator; the update is scaled by `lora_alpha / lora_r`."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """`lora`: dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """`lora`: the modules that get an adapter: `all-linear` (every linear layer of the transformer blocks,
+    not the output head) or a list of module names such as `[q_proj, v_proj]`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower (worth it for large models only)."""
+    demo_eval: bool | None = None
+    """At the end, measure held-out accuracy on the demo task (greedy, and sampled at temperature 1) into the
+    stage's metrics. Null: only when the stage trains on demo prompts (DPO: preferences with an `answer`
+    field; RLOO/GRPO: no `prompts` input). The `evaluate` stage compares policies properly."""
+    demo_samples: int = Field(4, ge=1)
+    """Samples per held-out prompt for the sampled demo accuracy."""
+    max_operand: int = Field(19, ge=1)
+    """Demo task: operands are drawn from 0..max_operand (as in the pretrain stage)."""
+    logging_steps: int = Field(10, ge=1)
+    """Optimizer steps between loss reports (progress bar and W&B)."""
+    save_steps: int = Field(100, ge=1)
+    """Optimizer steps between checkpoints (under the stage's `scratch/`, the last two only, dropped when the
+    stage finishes): a rerun after a crash resumes from the last one."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: `auto` picks CUDA when available."""
+
+    @model_validator(mode="after")
+    def _lora_settings_need_lora(self) -> PolicyTuningConfig:
+        """A LoRA setting with `method: full` is a mistake, not something to ignore."""
+        wrong = [name for name in TUNING_LORA if name in self.model_fields_set and self.method != "lora"]
+        if wrong:
+            raise ValueError(f"method {self.method!r} does not use {', '.join(wrong)} (for lora)")
+        return self
+
+
+class DPOConfig(PolicyTuningConfig):
+    """Direct preference optimization on TRL's `DPOTrainer`, from the SFT policy (also the frozen reference)
+    on prompt/chosen/rejected pairs. On the demo (1,512 best-versus-rest pairs of 500 train prompts) the
+    defaults took a briefly trained SFT policy (30 steps) from 68% to 80% sampled held-out accuracy in
+    1-1.5 minutes on 2 busy CPU cores; the default SFT policy, already right on about 98% of the train
+    prompts, gained nothing (81%): its remaining errors are on held-out operand pairs."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint to the reference (SFT) policy: higher stays closer. For `ipo`
+    it is the regularization parameter tau."""
+    loss_type: list[DPOLoss] = Field(default_factory=lambda: ["sigmoid", "sft"], min_length=1)
+    """TRL's loss terms, summed with `loss_weights`: `sigmoid` is DPO; `sft` is the negative log-likelihood
+    of the chosen responses (`[sigmoid, sft]` is RPO, TRL's former `rpo_alpha`); others: `hinge`, `ipo`,
+    `exo_pair`, `nca_pair`, `robust`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`,
+    `apo_down`, `discopop`, `sigmoid_norm`. With plain `sigmoid` the demo policy gets worse: its wrong
+    answers are near misses of the right ones, so pushing them down pulls the chosen log-probability down
+    too; the `sft` term holds it up."""
+    loss_weights: list[float] | None = None
+    """Weight of each `loss_type` term, in the same order; null weighs every term 1."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """`robust`: the assumed probability that a preference label is flipped; `exo_pair`: its epsilon (must
+    be above 0 there, e.g. 1e-3)."""
+    pairs: Literal["all", "best_vs_rest"] = "best_vs_rest"
+    """Which pairs to train on: every pair, or per prompt only the pairs whose chosen response is the best
+    one (chosen in some pair, rejected in none; UltraFeedback's binarization). With `sft` among the losses,
+    `all` also trains the policy to imitate the second-best response of each prompt (on the demo: wrong
+    answers that are merely closer to the truth), which made it worse there."""
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the preference pairs."""
+    batch_size: int = Field(32, ge=1)
+    """Pairs per device per micro-batch (each pair is two sequences, plus the reference's forward pass)."""
+    max_length: int | None = Field(1024, ge=8)
+    """Prompt plus response longer than this many tokens is cut (from the end); null keeps all."""
+
+    @model_validator(mode="after")
+    def _losses_are_consistent(self) -> DPOConfig:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type terms"
+            )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing above 0 (its epsilon, e.g. 0.001)")
+        return self
 
 
 class PPOConfig(StageConfig):
-    """Our PPO with a reward model, a value model and a KL penalty to the SFT policy (draft)."""
+    """Our PPO (`policy/ppo.py`): rollouts from the policy, scores from the reward model, a per-token KL
+    penalty to the SFT policy, a value model, GAE, clipped policy and value losses, LoRA. The defaults
+    take the demo SFT policy to a higher reward and sampled accuracy in about two minutes on 2 CPU cores.
+
+    With an adapter as `policy` (the sft stage's output) PPO continues training that adapter, and the
+    reference is a frozen copy of it; with a full model it trains a fresh LoRA adapter on it, and the
+    reference is the model with the adapter disabled. Either way the output is an adapter on the same
+    base model as the input, loadable by `common.models.load_causal_lm`."""
 
     seed: int = 0
-    """Seed for rollouts and initialisation."""
+    """Seed for the prompt order, the rollouts (each response has its own random stream, derived from
+    the seed, the update and its row), minibatch order and adapter initialisation."""
     updates: int = Field(100, ge=1)
-    """PPO updates (each: a batch of rollouts, then several epochs of optimization on it)."""
+    """PPO updates: each draws `batch_size` rollouts per process, then optimizes on them for `ppo_epochs`."""
+    batch_size: int = Field(32, ge=1)
+    """Rollouts (prompts, one response each) per update and process; under `accelerate launch` the
+    global batch is this times the number of processes."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Passes of optimization over each batch of rollouts."""
+    minibatches: int = Field(2, ge=1)
+    """Each pass splits the batch into this many minibatches (a seeded shuffle), one optimizer step each;
+    `batch_size` must be a multiple of it."""
+    lr: float = Field(1e-4, gt=0)
+    """Learning rate of the policy's adapter (AdamW, decayed linearly to 0 over all optimizer steps). On
+    the demo, 1e-4 keeps the KL to the reference near 0.1 nats per response; 1e-3 overshoots (KL of
+    several nats within 20 updates)."""
+    value_lr: float | None = Field(None, gt=0)
+    """Learning rate of the value model; null: `lr` for a LoRA value model, `lr / 10` for a full one."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients (policy and value together) are clipped to this global norm."""
+    # --- the objective ---
     kl_coef: float = Field(0.05, ge=0)
-    """Per-token KL penalty coefficient against the reference (SFT) policy."""
+    """Per-token KL penalty coefficient against the reference (SFT) policy: each response token's reward
+    is `-kl_coef * (log pi(token) - log pi_ref(token))`, and the score is added at the last token."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO's ratio clipping: the objective ignores ratios `pi / pi_old` beyond `1 ± clip_range`."""
+    value_clip_range: float = Field(0.2, gt=0)
+    """The value loss ignores value changes beyond `± value_clip_range` from the rollout's values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the loss (policy and value are optimized together)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per token in GAE (1: none; the score comes at the end of the response)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE's lambda: 1 is the Monte-Carlo return, 0 the one-step TD target."""
+    normalize_reward: bool = True
+    """Normalize the reward model's scores by the running mean and standard deviation of every score
+    seen so far (kept in checkpoints). Advantages are always whitened per batch."""
+    missing_eos_score: float | None = -3.0
+    """The score given, instead of the reward model's, to a response that reaches `max_new_tokens`
+    without eos (in normalized units when `normalize_reward`); null scores it like any other."""
+    # --- rollouts ---
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest response, in tokens; most stop earlier, at eos."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts; log-probabilities are taken at the same temperature."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """How prompts are shown to the policy: `chat` (the tokenizer's chat template, assistant turn
+    opened), `plain` (the text as it is), `auto` (`chat` when the tokenizer has a template)."""
+    num_prompts: int | None = Field(None, ge=1)
+    """Draw rollouts from at most this many prompts: the first N demo train prompts (in their fixed order)
+    or the first N rows of the `prompts` file; null takes all. Prompts are reshuffled on each pass."""
+    max_operand: int = Field(19, ge=1)
+    """Demo task: operands are drawn from 0..max_operand (match the pretrain stage's setting)."""
+    forward_batch_size: int = Field(64, ge=1)
+    """Sequences per forward pass when scoring rollouts (log-probabilities, reference, values, reward;
+    no gradients) and per generation batch. Changes memory and speed, not results."""
+    merge_for_generation: bool = True
+    """Generate with the policy's LoRA folded into the base weights (and unfolded after), which is
+    faster than running the adapter beside them; only for float32 weights, where unfolding is exact to
+    rounding. Off: generate through the adapter."""
+    # --- the models ---
+    lora_r: int = Field(16, ge=1)
+    """With a full model as `policy` only: rank of the fresh LoRA adapter trained on it. (An adapter
+    `policy` keeps its own settings.)"""
+    lora_alpha: float = Field(32, gt=0)
+    """With a full model as `policy` only: LoRA scaling numerator (`lora_alpha / lora_r`)."""
+    target_modules: str | list[str] = "all-linear"
+    """With a full model as `policy`, and for a LoRA value model: the modules that get LoRA."""
+    value_model: Literal["lora", "full"] = "lora"
+    """The value model starts as the reward model (its backbone, and its score head as the value head,
+    applied at every token). `lora` trains a LoRA adapter and a copy of the head on it, and scores
+    rewards with the same weights, adapter disabled (no second copy of the model); `full` trains a full
+    copy of the reward model beside the frozen one."""
+    value_lora_r: int = Field(16, ge=1)
+    """`value_model: lora`: rank of its adapter (its alpha is twice the rank)."""
+    allow_rejected_reward: bool = False
+    """Use a reward model whose artifact was marked rejected by its acceptance gate (the runner also
+    refuses one unless run with --allow-rejected; this guards stages run on a path)."""
+    # --- checkpoints, logging, device ---
+    checkpoint_every: int = Field(20, ge=1)
+    """Updates between checkpoints under the stage's `scratch/` (adapter, value model, optimizer,
+    scheduler, random states, reward statistics; the last one kept). A rerun after a crash resumes from
+    the last one and ends after exactly `updates` updates."""
+    metrics_window: int = Field(10, ge=1)
+    """The final metrics (reward, KL, accuracy on the rollouts, ...) are means over the last this many
+    updates."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train: `auto` picks CUDA when available."""
+    """Where to train when not under `accelerate launch` (which decides by itself): `auto` picks CUDA
+    when available."""
+
+    @model_validator(mode="after")
+    def _minibatches_divide_batch(self) -> PPOConfig:
+        if self.batch_size % self.minibatches:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of minibatches {self.minibatches}"
+            )
+        return self
 
 
-class OnlineRLConfig(StageConfig):
-    """RLOO / GRPO on TRL's trainers with the reward-model artifact as reward function (draft)."""
+class OnlineRLConfig(PolicyTuningConfig):
+    """Settings shared by RLOO and GRPO: on-policy RL on TRL's trainers, rewards from the reward-model
+    artifact, a KL penalty to the SFT policy (the frozen reference)."""
 
-    seed: int = 0
-    """Seed for generation and data order."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps. Each generates `batch_size` completions (`batch_size / num_generations` prompts)."""
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt: the group whose other members give each completion its baseline."""
+    batch_size: int = Field(64, ge=2)
+    """Completions per device per micro-batch (not prompts); a multiple of `num_generations`."""
     kl_coef: float = Field(0.05, ge=0)
-    """KL coefficient (TRL's `beta`), set explicitly: GRPO's default of 0 disables the KL term."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train: `auto` picks CUDA when available."""
+    """Coefficient of the KL penalty to the reference (SFT) policy: TRL's `beta`, always passed explicitly
+    (GRPO's own default is 0, no KL term at all). 0 drops the reference."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the completions."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the completions (1 = the whole distribution)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest completion in tokens (TRL's `max_completion_length`); a demo answer with its stop token is at
+    most 12."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimization passes over each generated batch (TRL's mu); above 1 the clipped ratio matters."""
+    epsilon: float = Field(0.2, gt=0)
+    """Clipping range of the probability ratio (matters when `num_iterations` > 1)."""
+    num_prompts: int | None = Field(None, ge=1)
+    """Train on at most this many prompts: the first N demo train prompts or rows of the `prompts` file; null
+    takes all."""
+    allow_rejected_reward: bool = False
+    """Train against a reward model whose manifest says its acceptance gate rejected it (`status: rejected`)."""
+    reward_batch_size: int = Field(64, ge=1)
+    """Sequences the reward model scores together."""
+
+    @model_validator(mode="after")
+    def _batch_holds_whole_groups(self) -> OnlineRLConfig:
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) counts completions and must be a multiple of num_generations "
+                f"({self.num_generations})"
+            )
+        return self
+
+
+class RLOOConfig(OnlineRLConfig):
+    """REINFORCE leave-one-out on TRL's `RLOOTrainer`: each completion's baseline is the mean reward of the
+    other completions of its prompt; the KL penalty (summed over tokens) is subtracted from the reward. On
+    the demo the defaults took a briefly trained SFT policy (30 steps) from 68% to 76% sampled held-out
+    accuracy, the default SFT policy from 81% to 83%, in about 2 minutes on 2 busy CPU cores."""
+
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (linear warm-up, then cosine decay to 0). At 5e-4 the demo policy, already right on
+    about 98% of its training prompts, learned within 100 steps to exploit the reward model's errors."""
+    normalize_advantages: bool = False
+    """Scale the advantages of each batch to mean 0 and standard deviation 1."""
+
+
+class GRPOConfig(OnlineRLConfig):
+    """Group relative policy optimization on TRL's `GRPOTrainer`: advantages are rewards relative to the
+    other completions of the prompt, the KL penalty is a per-token loss term. On the demo the defaults took a
+    briefly trained SFT policy (30 steps) from 68% to 71% sampled held-out accuracy, the default SFT policy
+    from 81% to 82.5%, in about 1.5 minutes on 2 busy CPU cores."""
+
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (linear warm-up, then cosine decay to 0). Lower than RLOO's: advantages scaled by the
+    group's reward spread make even tiny reward differences full-size updates, and at 5e-4 the demo policy
+    learned to exploit the reward model's errors within 100 steps (reward up, accuracy halved)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = "dapo"
+    """How token losses are aggregated (TRL's `loss_type`): `dapo` normalizes by the active tokens of the
+    batch (no length bias), `grpo` by each sequence's length, `dr_grpo` by a constant, ..."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the standard deviation of the rewards of the group, of the batch, or not."""
 
 
 class EvaluateConfig(StageConfig):
-    """Compare policies on held-out prompts (draft)."""
+    """Compare policies on held-out prompts: ground-truth accuracy (greedy and sampled), mean reward, win
+    rate against a baseline, KL to a reference and response length, with bootstrap intervals over prompts
+    (`policy/evaluate.py` defines each). The defaults compare four demo policies on the 234 held-out
+    prompts in 35-50 seconds on 2 busy CPU cores."""
 
     seed: int = 0
-    """Seed of sampling and bootstrap."""
+    """Seed of the samples and of the bootstrap resamples: the same seed gives the same report."""
     baseline: str | None = None
-    """Label of the policy others are compared against (win rate); default: the first one."""
+    """Label of the policy the others are compared against (win rate, accuracy improvement); null: the first."""
     samples_per_prompt: int = Field(8, ge=1)
-    """Samples per prompt for sampled accuracy and mean reward."""
+    """Sampled responses per prompt and policy (sampled accuracy, mean reward, win rate, KL, length)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (KL is estimated without bias only at 1)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling (1 = the whole distribution)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest response in tokens; a response cut here has not ended and does not count as correct. A demo
+    answer with its stop token is at most 12."""
+    num_prompts: int | None = Field(None, ge=1)
+    """Evaluate at most this many prompts (the first N, in their fixed order); null takes all."""
+    demo_split: Literal["held_out", "train"] = "held_out"
+    """Without a `prompts` input: the demo task's prompts to use (held out of every training set)."""
+    max_operand: int = Field(19, ge=1)
+    """Demo task: operands are drawn from 0..max_operand (as in the pretrain stage)."""
+    win_rate_by: Literal["prompt_mean", "sample_pairs"] = "prompt_mean"
+    """How the reward model judges a prompt against the baseline: `prompt_mean` compares the mean rewards of
+    the two policies' samples (1 win, 1/2 tie, 0 loss); `sample_pairs` scores the fraction of (policy
+    sample, baseline sample) pairs won, ties half. The win rate is the mean over prompts."""
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Bootstrap resamples of the prompts for the intervals."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    """Coverage of the bootstrap intervals."""
+    batch_size: int = Field(256, ge=1)
+    """Sequences generated (or scored for KL) together. Changes speed and memory, not the results."""
+    reward_batch_size: int = Field(128, ge=1)
+    """Sequences the reward model scores together."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to generate: `auto` picks CUDA when available."""

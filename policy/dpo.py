@@ -1,0 +1,255 @@
+"""The `dpo` stage: direct preference optimization on TRL's `DPOTrainer`.
+
+Inputs: `policy`, the SFT policy (an adapter or a complete model), which is both the starting point and the
+frozen reference; `preferences`, a directory with `preferences.jsonl` (or a JSONL file) in TRL's
+explicit-prompt format: `prompt`, `chosen`, `rejected`, either all plain strings or all lists of
+`{role, content}` messages (conversational: the prompt's turns, then one assistant turn each); any other
+field (`prompt_id`, `agreement`, `votes`, `answer`) is carried along and ignored by training.
+
+An SFT adapter is merged into its base and a new LoRA adapter is trained on the merged weights, so the
+reference (the same model with the adapter disabled) is exactly the SFT policy; the result is published
+as one complete model (`policy/tuning.py` says why). Loss terms, beta and the adapter come from the config.
+
+Reads top to bottom: check, load, train, save, measure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.models import load_tokenizer, pick_device, set_threads
+from common.outcomes import InputError
+from policy import tuning
+from policy.configs import DPOConfig
+
+SCRATCH = "scratch"
+"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
+PREFERENCES_FILE = "preferences.jsonl"
+FORMAT = (
+    "one JSON object per line with `prompt`, `chosen` and `rejected`: all three strings (plain), or all three "
+    "lists of {role, content} messages (conversational: the prompt's turns, then the response's assistant turn)"
+)
+
+
+def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    # Check: everything that can be told without loading the model
+    device = pick_device(config.device)
+    rows, data_format = load_preferences(inputs["preferences"])
+    all_pairs = len(rows)
+    if config.pairs == "best_vs_rest":
+        rows = best_vs_rest(rows)
+    if not rows:
+        raise InputError("dpo: no preference pair is left after keeping the best-versus-rest pairs")
+    check_tokenizer(load_tokenizer(inputs["policy"]), data_format, rows[0])
+    set_threads()
+
+    # Load: the SFT policy's complete weights (an adapter merged into its base)
+    scratch = out_dir / SCRATCH
+    trainer, tokenizer = build_trainer(config, inputs["policy"], rows, scratch, device)
+
+    # Train
+    trainable, total = tuning.count_parameters(trainer.model)
+    checkpoint = tuning.last_checkpoint(scratch)
+    if checkpoint is not None:
+        print(f"dpo: resuming from {checkpoint.name}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    # Save
+    model = tuning.publish(trainer.model, tokenizer, out_dir, tuning.lineage("dpo", config, dict(inputs)))
+
+    # Measure
+    demo: dict[str, Any] = {}
+    if config.demo_eval or (config.demo_eval is None and all("answer" in row for row in rows)):
+        from policy.evaluate import demo_accuracy
+
+        demo = demo_accuracy(model, tokenizer, config.max_operand, config.demo_samples, config.seed)
+    return {
+        **demo,
+        **training_metrics(trainer),
+        "train_loss": result.training_loss,
+        "pairs": len(rows),
+        "pairs_given": all_pairs,
+        "prompts": len({json.dumps(row["prompt"], sort_keys=True) for row in rows}),
+        "data_format": data_format,
+        "method": config.method,
+        "loss_type": "+".join(config.loss_type),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": trainer.state.global_step,
+        "train_seconds": result.metrics["train_runtime"],
+        "device": str(device),
+        "duration_seconds": time.perf_counter() - started,
+    }
+
+
+# --- check ---
+
+
+def load_preferences(source: Path | str) -> tuple[list[dict[str, Any]], str]:
+    """The preference rows and their format, `conversational` or `plain`."""
+    if isinstance(source, str):
+        raise InputError(f"dpo: preferences must be a local directory or JSONL file, got {source!r}")
+    file = source / PREFERENCES_FILE if source.is_dir() else source
+    if not file.is_file():
+        raise InputError(f"dpo: no preference data at {file}; expected {PREFERENCES_FILE} in the directory")
+    rows, formats = [], set()
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"dpo: {where} is not JSON ({err})") from None
+        kind = row_format(row) if isinstance(row, dict) else None
+        if kind is None:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise InputError(f"dpo: {where} is not a preference pair (found {found}); expected {FORMAT}")
+        formats.add(kind)
+        if len(formats) > 1:
+            raise InputError(f"dpo: {where} is {kind}, earlier rows are not; one data set has one format")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"dpo: {file} holds no preference pairs")
+    return rows, formats.pop()
+
+
+def best_vs_rest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per prompt, the pairs whose chosen response is the best one: chosen in some pair of the prompt and
+    rejected in none. A prompt whose preferences name no such response (a cycle) gives no pairs."""
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True), []).append(row)
+    kept = []
+    for pairs in by_prompt.values():
+        rejected = {json.dumps(row["rejected"], sort_keys=True) for row in pairs}
+        kept += [row for row in pairs if json.dumps(row["chosen"], sort_keys=True) not in rejected]
+    return kept
+
+
+def row_format(row: dict[str, Any]) -> str | None:
+    values = [row.get(key) for key in ("prompt", "chosen", "rejected")]
+    if all(isinstance(v, str) for v in values):
+        return "plain"
+    messages = all(
+        isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in v)
+        for v in values
+    )
+    if messages and all(m["role"] == "assistant" for key in ("chosen", "rejected") for m in row[key]):
+        return "conversational"
+    return None
+
+
+def check_tokenizer(tokenizer: Any, data_format: str, example: dict[str, Any]) -> None:
+    """The policy must read the data the way it was trained to: conversational pairs through its chat
+    template, plain pairs only when it has none (a chat policy shown plain prompts sees a format it was not
+    fine-tuned on, and its samples in the annotation loop would have been conversational)."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError("dpo: the policy's tokenizer needs a pad token distinct from its eos token")
+    if data_format == "conversational" and not tokenizer.chat_template:
+        raise InputError(
+            "dpo: the preferences are conversational (lists of chat messages) but the policy's tokenizer has no "
+            "chat template to render them; use a policy fine-tuned in the chat format, or plain-text preferences"
+        )
+    if data_format == "plain" and tokenizer.chat_template:
+        raise InputError(
+            "dpo: the preferences are plain text, but the policy has a chat template, so it answers prompts "
+            "rendered as chat (as the sample stage shows them); give conversational preferences (prompt, chosen "
+            "and rejected as lists of {role, content} messages)"
+        )
+    if data_format == "conversational":
+        try:
+            prompt = tokenizer.apply_chat_template(
+                example["prompt"], add_generation_prompt=True, tokenize=False
+            )
+            full = tokenizer.apply_chat_template(example["prompt"] + example["chosen"], tokenize=False)
+        except Exception as err:
+            raise InputError(
+                f"dpo: the policy's chat template cannot render the preferences: {err}"
+            ) from None
+        if not full.startswith(prompt):
+            raise InputError(
+                "dpo: the policy's chat template renders a prompt with the generation prompt differently from the "
+                "same prompt followed by a response, so the response tokens cannot be told apart from the prompt"
+            )
+
+
+# --- train ---
+
+
+def build_trainer(
+    config: DPOConfig, policy: Path | str, rows: list[dict[str, Any]], scratch: Path, device: torch.device
+) -> tuple[Any, Any]:
+    """TRL's `DPOTrainer` on the SFT policy's complete weights, and the tokenizer. The reference is the SFT
+    policy: with `lora`, the model with the new adapter disabled; with `full`, a frozen copy that TRL loads
+    from the model's `name_or_path` (the merged SFT weights)."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=training_args(config, device, scratch),
+        train_dataset=Dataset.from_list(
+            [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
+        ),
+        processing_class=tokenizer,
+        peft_config=tuning.lora_config(config),
+    )
+    return trainer, tokenizer
+
+
+def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any:
+    from trl import DPOConfig as TRLConfig
+
+    return TRLConfig(
+        output_dir=str(scratch),
+        seed=config.seed,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=config.weight_decay,
+        beta=config.beta,
+        loss_type=list(config.loss_type),
+        loss_weights=config.loss_weights,
+        label_smoothing=config.label_smoothing,
+        max_length=config.max_length,
+        activation_checkpointing=config.gradient_checkpointing,  # TRL's default is on
+        **tuning.precision(device),
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,  # the last one may be half-written when the process is killed
+        report_to=tuning.report_to(),
+        disable_tqdm=False,
+    )
+
+
+# --- measure ---
+
+
+def training_metrics(trainer: Any) -> dict[str, Any]:
+    """The implicit-reward accuracy and margin, and the log-probabilities of chosen and rejected responses,
+    at the first and the last logging step (means over `logging_steps` steps)."""
+    metrics: dict[str, Any] = {}
+    for key, name in (
+        ("rewards/accuracies", "reward_accuracy"),
+        ("rewards/margins", "reward_margin"),
+        ("logps/chosen", "logp_chosen"),
+        ("logps/rejected", "logp_rejected"),
+    ):
+        values = tuning.logged(trainer, key)
+        if values:
+            metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
+    return metrics

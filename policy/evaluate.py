@@ -1,0 +1,549 @@
+"""The `evaluate` stage: compare policies on held-out prompts.
+
+Inputs: `policies` (label -> policy: adapter or complete model), and optionally `reward` (a reward model),
+`reference` (the policy KL is measured against, usually the SFT policy) and `prompts` (JSONL/Parquet with
+a `prompt` column and, for ground-truth accuracy, an integer `answer` column; default: the demo task's
+held-out prompts).
+
+Every policy answers every prompt greedily once and `samples_per_prompt` times by sampling. Sample j of a
+prompt is drawn with the random stream seeded by (`seed`, the prompt's tokens, j) (`policy.generation`),
+so policies that tokenize alike share their random numbers: a comparison between two policies is paired,
+and a policy compared with itself gets identical samples. Measured per policy, first per prompt, then
+averaged over prompts:
+
+- `accuracy_greedy`, `accuracy_sampled` (prompts with an `answer`): the fraction of correct answers
+  (`common.demo_task.is_correct`); a response counts only when it ended with the stop token;
+- `reward_mean` (with `reward`): the reward model's mean score of the samples;
+- `win_rate` (with `reward`), against the baseline policy: per prompt, `prompt_mean` compares the mean
+  reward of the policy's samples with the baseline's (1 win, 1/2 tie, 0 loss); `sample_pairs` compares
+  every sample of the policy with every sample of the baseline and scores the fraction won, ties half.
+  The baseline's own win rate is 1/2;
+- `kl` (with `reference`): KL(policy || reference) estimated from the policy's samples: the mean over
+  responses of the sum over response tokens (stop token included) of log p_policy - log p_reference,
+  both at temperature 1 (the estimate is unbiased when sampling at temperature 1);
+- `length_mean`: response length in tokens, the stop token excluded, mean over samples.
+
+Each mean has a 95% (`confidence`) percentile bootstrap interval from resampling prompts (seeded; one set
+of resamples shared by all policies). For each policy other than the baseline, `improvement_sampled` and
+`improvement_greedy` are the differences in accuracy from the baseline, with paired bootstrap intervals
+(the same resampled prompts for both).
+
+Payload (`eval-report`): `report.json` (settings, prompts, every metric with its interval, per-prompt
+values), `responses.jsonl` (per prompt: every policy's greedy and sampled responses, correctness and
+rewards), `report.md` (a table) and `chart.png` (accuracy with intervals and mean reward per policy).
+With a W&B run: a table of greedy responses side by side and the chart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import demo_task
+from common.models import (
+    load_causal_lm,
+    merged_for_inference,
+    pick_device,
+    set_threads,
+    source_reference,
+    tokenizer_fingerprint,
+)
+from common.outcomes import InputError
+from policy.configs import EvaluateConfig
+from policy.generation import Completion, Sampling, encode_prompts, left_pad, sample_candidates
+
+REPORT_FILE = "report.json"
+RESPONSES_FILE = "responses.jsonl"
+MARKDOWN_FILE = "report.md"
+CHART_FILE = "chart.png"
+METRICS = ("accuracy_sampled", "accuracy_greedy", "reward_mean", "win_rate", "kl", "length_mean")
+"""Per-policy metrics, in the order reports show them."""
+IMPROVEMENTS = ("improvement_sampled", "improvement_greedy")
+"""Per-policy differences from the baseline (paired)."""
+
+
+@dataclass
+class PolicyResult:
+    """One policy's responses and per-prompt values (one entry per prompt; None when not measured)."""
+
+    label: str
+    source: Path | str
+    greedy: list[str]
+    sampled: list[list[str]]
+    per_prompt: dict[str, np.ndarray | None] = field(default_factory=dict)
+    sample_rewards: np.ndarray | None = None
+    """(prompts, samples) rewards, for pairwise win rates."""
+    correct_greedy: list[bool] | None = None
+    correct_sampled: list[list[bool]] | None = None
+
+
+def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    set_threads()
+    device = pick_device(config.device)
+
+    # Load and check
+    records, prompt_source = load_records(config, inputs.get("prompts"))
+    policies: dict[str, Path | str] = dict(inputs["policies"])
+    if not policies:
+        raise InputError("evaluate: no policies to compare (inputs.policies is empty)")
+    baseline = config.baseline or next(iter(policies))
+    if baseline not in policies:
+        raise InputError(
+            f"evaluate: baseline {baseline!r} is not one of the policies' labels: {', '.join(policies)}"
+        )
+    judge = load_judge(inputs.get("reward"), device)
+    reference = load_reference(inputs.get("reference"), device)
+
+    # Generate and measure, one policy at a time
+    results = {}
+    for label, source in policies.items():
+        clock = time.perf_counter()
+        results[label] = evaluate_policy(label, source, records, config, device, judge, reference)
+        print(f"evaluate: {label} in {time.perf_counter() - clock:.1f}s", flush=True)
+
+    # Compare
+    report = build_report(config, records, prompt_source, results, baseline, inputs)
+
+    # Save
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_responses(out_dir / RESPONSES_FILE, records, results)
+    (out_dir / MARKDOWN_FILE).write_text(markdown(report))
+    figure = chart(report, out_dir / CHART_FILE)
+    log_to_wandb(records, results, out_dir / CHART_FILE)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+    # Measure
+    metrics: dict[str, Any] = {"baseline": baseline, "prompts": len(records), "policies": list(policies)}
+    for label, entry in report["policies"].items():
+        for name in (*METRICS, *IMPROVEMENTS):
+            if name not in entry:
+                continue
+            value = entry[name]
+            metrics[f"{label}.{name}"] = value["value"]
+            if value.get("ci_low") is not None:
+                metrics[f"{label}.{name}_ci_low"] = value["ci_low"]
+                metrics[f"{label}.{name}_ci_high"] = value["ci_high"]
+    metrics["duration_s"] = time.perf_counter() - started
+    return metrics
+
+
+# --- load ---
+
+
+def load_records(config: EvaluateConfig, prompts: Path | str | None) -> tuple[list[dict[str, Any]], Any]:
+    """The prompts (`{"id", "prompt", "answer"?, ...}`), the first `num_prompts` of them, and where they came from."""
+    if prompts is None:
+        split = demo_task.held_out_prompts if config.demo_split == "held_out" else demo_task.train_prompts
+        records = split(config.max_operand)[: config.num_prompts]
+        return records, {"demo_task": config.demo_split, "max_operand": config.max_operand}
+    from policy.sample import load_prompts
+
+    try:
+        records = load_prompts(prompts, config.num_prompts)
+    except InputError as err:
+        raise InputError("evaluate: " + str(err).removeprefix("sample: ")) from None
+    answers = [record.get("answer") for record in records]
+    if any(answer is not None for answer in answers) and not all(isinstance(a, int) for a in answers):
+        raise InputError(
+            f"evaluate: the `answer` column of {prompts} must hold an integer on every row (for ground-truth "
+            "accuracy), or be absent"
+        )
+    return records, source_reference(prompts)
+
+
+@dataclass
+class Judge:
+    """The reward model that scores responses."""
+
+    model: Any
+    tokenizer: Any
+    source: Path
+
+
+def load_judge(source: Path | str | None, device: torch.device) -> Judge | None:
+    if source is None:
+        return None
+    from common.reward_model import load_reward_model
+
+    model, tokenizer = load_reward_model(Path(source), device=device)
+    return Judge(model, tokenizer, Path(source))
+
+
+@dataclass
+class Reference:
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    source: Path | str
+
+
+def load_reference(source: Path | str | None, device: torch.device) -> Reference | None:
+    if source is None:
+        return None
+    model, tokenizer = load_causal_lm(source, device=device)
+    return Reference(merged_for_inference(model), tokenizer, tokenizer_fingerprint(tokenizer), source)
+
+
+# --- one policy ---
+
+
+@torch.no_grad()
+def evaluate_policy(
+    label: str,
+    source: Path | str,
+    records: list[dict[str, Any]],
+    config: EvaluateConfig,
+    device: torch.device,
+    judge: Judge | None,
+    reference: Reference | None,
+) -> PolicyResult:
+    model, tokenizer = load_causal_lm(source, device=device)
+    if reference is not None and tokenizer_fingerprint(tokenizer) != reference.fingerprint:
+        raise InputError(
+            f"evaluate: policy {label!r} and the reference do not share tokenizer and chat template, so the KL "
+            "between them (a sum over tokens) is undefined; compare policies of one family, or omit `reference`"
+        )
+    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    prompts = [record["prompt"] for record in records]
+    prompt_ids = encode_prompts(tokenizer, prompts, "auto")
+    greedy = generate(
+        model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=config.max_new_tokens), config
+    )
+    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=config.max_new_tokens)
+    sampled = generate(model, tokenizer, prompt_ids, config.samples_per_prompt, sampling, config)
+
+    result = PolicyResult(
+        label,
+        source,
+        greedy=[drawn[0].text for drawn in greedy],
+        sampled=[[c.text for c in drawn] for drawn in sampled],
+    )
+    result.per_prompt["length_mean"] = np.array(
+        [np.mean([len(c.token_ids) - c.finished for c in drawn]) for drawn in sampled]
+    )
+    if all(record.get("answer") is not None for record in records):
+        result.correct_greedy = [
+            is_right(drawn[0], r["answer"]) for drawn, r in zip(greedy, records, strict=True)
+        ]
+        result.correct_sampled = [
+            [is_right(c, r["answer"]) for c in drawn] for drawn, r in zip(sampled, records, strict=True)
+        ]
+        result.per_prompt["accuracy_greedy"] = np.array(result.correct_greedy, dtype=float)
+        result.per_prompt["accuracy_sampled"] = np.array([np.mean(c) for c in result.correct_sampled])
+    if judge is not None:
+        from common.reward_model import score_batch
+
+        flat = [(prompt, c.text) for prompt, drawn in zip(prompts, sampled, strict=True) for c in drawn]
+        rewards = score_batch(
+            judge.model,
+            judge.tokenizer,
+            [p for p, _ in flat],
+            [r for _, r in flat],
+            batch_size=config.reward_batch_size,
+        )
+        result.sample_rewards = np.array(rewards).reshape(len(records), config.samples_per_prompt)
+        result.per_prompt["reward_mean"] = result.sample_rewards.mean(axis=1)
+    if reference is not None and same_source(source, reference.source):
+        result.per_prompt["kl"] = np.zeros(len(records))  # the reference itself
+    elif reference is not None:
+        rows = [(ids, c.token_ids) for ids, drawn in zip(prompt_ids, sampled, strict=True) for c in drawn]
+        policy_logps = sequence_logprobs(model, rows, tokenizer.pad_token_id, config.batch_size)
+        reference_logps = sequence_logprobs(reference.model, rows, tokenizer.pad_token_id, config.batch_size)
+        kl = (np.array(policy_logps) - np.array(reference_logps)).reshape(len(records), -1)
+        result.per_prompt["kl"] = kl.mean(axis=1)
+    return result
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    n: int,
+    sampling: Sampling,
+    config: EvaluateConfig,
+) -> list[list[Completion]]:
+    return sample_candidates(
+        model, tokenizer, prompt_ids, n, sampling, seed=config.seed, batch_size=config.batch_size
+    )
+
+
+def same_source(a: Path | str, b: Path | str) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else a.resolve() == b.resolve()
+
+
+def is_right(completion: Completion, answer: int) -> bool:
+    """A response is right when it ended (stop token) and parses to the answer."""
+    return completion.finished and demo_task.is_correct(completion.text, answer)
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: Any, rows: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int
+) -> list[float]:
+    """For each (prompt ids, response ids): the sum of log p(response token | what precedes it), at
+    temperature 1. Rows are left-padded in batches of similar length, with position ids as in generation,
+    and logits are computed for the response positions only (batch x response length x vocabulary)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
+    sums = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        sequences = [list(rows[i][0]) + list(rows[i][1]) for i in chunk]
+        input_ids, attention = left_pad(sequences, pad_token_id, device)
+        keep = max(len(rows[i][1]) for i in chunk)  # the last `keep` tokens hold every response
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep + 1
+        ).logits[:, :-1]
+        targets = input_ids[:, -keep:]
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lengths = torch.tensor([len(rows[i][1]) for i in chunk], device=device)
+        response = torch.arange(keep, device=device).unsqueeze(0) >= (keep - lengths).unsqueeze(1)
+        totals = (token_logps * response).sum(dim=1)
+        for index, value in zip(chunk, totals.tolist(), strict=True):
+            sums[index] = value
+    return sums
+
+
+# --- compare ---
+
+
+def win_rates(policy: PolicyResult, baseline: PolicyResult, method: str) -> np.ndarray:
+    """Per prompt: how often the policy beats the baseline under the reward model (ties count half)."""
+    assert policy.sample_rewards is not None and baseline.sample_rewards is not None
+    if method == "prompt_mean":
+        mine, theirs = policy.sample_rewards.mean(axis=1), baseline.sample_rewards.mean(axis=1)
+        return (mine > theirs) + 0.5 * (mine == theirs)
+    mine = policy.sample_rewards[:, :, None]
+    theirs = baseline.sample_rewards[:, None, :]
+    return ((mine > theirs) + 0.5 * (mine == theirs)).mean(axis=(1, 2))
+
+
+def resamples(prompts: int, config: EvaluateConfig) -> np.ndarray:
+    """(bootstrap_samples, prompts) indices of prompts drawn with replacement: one set, seeded, for all."""
+    return np.random.default_rng(config.seed).integers(0, prompts, size=(config.bootstrap_samples, prompts))
+
+
+def estimate(values: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, float]:
+    """The mean of per-prompt values and its percentile bootstrap interval."""
+    means = values[indices].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {"value": float(values.mean()), "ci_low": float(low), "ci_high": float(high)}
+
+
+def build_report(
+    config: EvaluateConfig,
+    records: list[dict[str, Any]],
+    prompt_source: Any,
+    results: dict[str, PolicyResult],
+    baseline: str,
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    indices = resamples(len(records), config)
+    base = results[baseline]
+    policies: dict[str, Any] = {}
+    per_prompt: dict[str, Any] = {}
+    for label, result in results.items():
+        values = dict(result.per_prompt)
+        if result.sample_rewards is not None and base.sample_rewards is not None:
+            values["win_rate"] = win_rates(result, base, config.win_rate_by)
+        entry: dict[str, Any] = {"source": source_reference(result.source)}
+        for name in METRICS:
+            if values.get(name) is not None:
+                entry[name] = estimate(values[name], indices, config.confidence)
+        if label != baseline:
+            for name, metric in zip(IMPROVEMENTS, ("accuracy_sampled", "accuracy_greedy"), strict=True):
+                if values.get(metric) is not None and base.per_prompt.get(metric) is not None:
+                    difference = values[metric] - base.per_prompt[metric]
+                    entry[name] = estimate(difference, indices, config.confidence)
+        policies[label] = entry
+        per_prompt[label] = {name: value.tolist() for name, value in values.items() if value is not None}
+    return {
+        "baseline": baseline,
+        "prompts": {"source": prompt_source, "count": len(records), "ids": [r["id"] for r in records]},
+        "settings": config.model_dump(mode="json"),
+        "inputs": {
+            slot: source_reference(value)
+            for slot, value in inputs.items()
+            if slot != "policies" and value is not None
+        },
+        "confidence": config.confidence,
+        "policies": policies,
+        "per_prompt": per_prompt,
+        "definitions": DEFINITIONS | {"win_rate": WIN_RATE[config.win_rate_by]},
+    }
+
+
+DEFINITIONS = {
+    "accuracy_greedy": "fraction of prompts whose greedy response ends and parses to the answer",
+    "accuracy_sampled": "fraction of sampled responses (per prompt, then averaged) that end and parse to the answer",
+    "reward_mean": "mean reward-model score of the sampled responses",
+    "kl": "mean over sampled responses of sum over response tokens of log p_policy - log p_reference",
+    "length_mean": "mean sampled response length in tokens, stop token excluded",
+    "improvement_sampled": "accuracy_sampled minus the baseline's (paired bootstrap interval)",
+    "improvement_greedy": "accuracy_greedy minus the baseline's (paired bootstrap interval)",
+    "intervals": "percentile bootstrap over prompts, one seeded set of resamples shared by every policy",
+}
+WIN_RATE = {
+    "prompt_mean": "per prompt, the policy's mean sample reward against the baseline's: 1 win, 1/2 tie, 0 loss",
+    "sample_pairs": "per prompt, the fraction of (policy sample, baseline sample) pairs the policy's sample wins, ties half",
+}
+
+
+# --- save ---
+
+
+def write_responses(file: Path, records: list[dict[str, Any]], results: dict[str, PolicyResult]) -> None:
+    with file.open("w", encoding="utf-8") as out:
+        for index, record in enumerate(records):
+            row: dict[str, Any] = {"id": record["id"], "prompt": record["prompt"]}
+            if record.get("answer") is not None:
+                row["answer"] = record["answer"]
+            for label, result in results.items():
+                entry: dict[str, Any] = {"greedy": result.greedy[index], "sampled": result.sampled[index]}
+                if result.correct_greedy is not None and result.correct_sampled is not None:
+                    entry["greedy_correct"] = result.correct_greedy[index]
+                    entry["sampled_correct"] = result.correct_sampled[index]
+                if result.sample_rewards is not None:
+                    entry["rewards"] = result.sample_rewards[index].tolist()
+                row[label] = entry
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _cell(entry: dict[str, Any], name: str, percent: bool) -> str:
+    if name not in entry:
+        return "–"
+    value = entry[name]
+    show = (lambda x: f"{100 * x:.1f}") if percent else (lambda x: f"{x:.3g}")
+    return f"{show(value['value'])} [{show(value['ci_low'])}, {show(value['ci_high'])}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A table: one row per policy, the metrics with their intervals (accuracies in percent)."""
+    columns = [*METRICS, *IMPROVEMENTS]
+    percent = {"accuracy_sampled", "accuracy_greedy", "win_rate", *IMPROVEMENTS}
+    header = "| policy | " + " | ".join(columns) + " |"
+    lines = [
+        f"# Policy evaluation ({report['prompts']['count']} prompts, baseline `{report['baseline']}`)",
+        "",
+        f"Values with {report['confidence']:.0%} bootstrap intervals over prompts; accuracies, win rates and "
+        "improvements in percent.",
+        "",
+        header,
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for label, entry in report["policies"].items():
+        cells = [_cell(entry, name, name in percent) for name in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Definitions:", ""]
+    lines += [f"- `{name}`: {text}" for name, text in report["definitions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], file: Path) -> Any:
+    """Accuracy (greedy, sampled) with interval error bars, and mean reward, per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["policies"])
+    entries = [report["policies"][label] for label in labels]
+    has_accuracy = any("accuracy_sampled" in e for e in entries)
+    has_reward = any("reward_mean" in e for e in entries)
+    panels = [
+        p for p, present in (("accuracy", has_accuracy), ("reward", has_reward), ("length", True)) if present
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    positions = np.arange(len(labels))
+    for axis, panel in zip(axes[0], panels, strict=True):
+        names = {
+            "accuracy": ["accuracy_greedy", "accuracy_sampled"],
+            "reward": ["reward_mean"],
+            "length": ["length_mean"],
+        }[panel]
+        width = 0.8 / len(names)
+        for offset, name in enumerate(names):
+            values = [e[name]["value"] if name in e else np.nan for e in entries]
+            low = [e[name]["value"] - e[name]["ci_low"] if name in e else 0 for e in entries]
+            high = [e[name]["ci_high"] - e[name]["value"] if name in e else 0 for e in entries]
+            axis.bar(
+                positions + (offset - (len(names) - 1) / 2) * width,
+                values,
+                width,
+                yerr=[low, high],
+                capsize=3,
+                label=name.replace("_", " "),
+            )
+        axis.set_xticks(positions, labels, rotation=20, ha="right")
+        axis.set_title({"accuracy": "accuracy", "reward": "mean reward", "length": "length (tokens)"}[panel])
+        if panel == "accuracy":
+            axis.set_ylim(0, 1)
+            axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"{report['prompts']['count']} prompts, {report['confidence']:.0%} bootstrap intervals")
+    figure.tight_layout()
+    figure.savefig(file, dpi=110)
+    return figure
+
+
+def log_to_wandb(records: list[dict[str, Any]], results: dict[str, PolicyResult], chart_file: Path) -> None:
+    """Greedy responses side by side (prompt, answer, per policy: response and correctness) and the chart."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    demo = all(result.correct_greedy is not None for result in results.values())
+    columns = ["prompt", "answer"]
+    for label in results:
+        columns += [label] + ([f"{label} correct"] if demo else [])
+    rows = []
+    for index, record in enumerate(records):
+        prompt = record["prompt"] if isinstance(record["prompt"], str) else json.dumps(record["prompt"])
+        row: list[Any] = [prompt, record.get("answer")]
+        for result in results.values():
+            row.append(result.greedy[index])
+            if demo:
+                assert result.correct_greedy is not None
+                row.append(result.correct_greedy[index])
+        rows.append(row)
+    wandb.run.log(
+        {"responses": wandb.Table(columns=columns, data=rows), "chart": wandb.Image(str(chart_file))}
+    )
+
+
+# --- for other stages: a quick demo measurement at the end of training ---
+
+
+def demo_accuracy(
+    model: Any, tokenizer: Any, max_operand: int, samples: int, seed: int = 0, batch_size: int = 256
+) -> dict[str, float]:
+    """Held-out demo accuracy of a policy in memory: greedy, and `samples` sampled answers per prompt at
+    temperature 1 (seeded), counted as in the `evaluate` stage."""
+    records = demo_task.held_out_prompts(max_operand)
+    was_training = model.training
+    model.eval()
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], "auto")
+    kwargs = {"seed": seed, "batch_size": batch_size}
+    greedy = sample_candidates(model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=16), **kwargs)
+    sampled = sample_candidates(
+        model, tokenizer, prompt_ids, samples, Sampling(1.0, max_new_tokens=16), **kwargs
+    )
+    model.train(was_training)
+    right = [[is_right(c, r["answer"]) for c in drawn] for drawn, r in zip(sampled, records, strict=True)]
+    return {
+        "accuracy_greedy": float(
+            np.mean([is_right(d[0], r["answer"]) for d, r in zip(greedy, records, strict=True)])
+        ),
+        "accuracy_sampled": float(np.mean(right)),
+    }

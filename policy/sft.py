@@ -1,0 +1,461 @@
+"""The `sft` stage: supervised fine-tuning with LoRA or another PEFT method, on TRL's `SFTTrainer`.
+
+Inputs: `model` (a model directory or a hub id) and optionally `data` in one of TRL's standard formats
+(prompt/completion or messages, conversational or plain, or plain `text`); without `data` it trains on
+the demo task's SFT examples. The loss is on the completions / assistant turns only by default.
+
+Output: an adapter directory (adapter weights, tokenizer with chat template, `base.json`) for the PEFT
+methods, a full model directory for `freeze` and `full`. Checkpoints go to `out_dir/scratch/`; a rerun
+after a crash continues from the last complete one.
+
+Reads top to bottom: check, load, train, save, measure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from common import demo_task
+from common.models import is_adapter, load_tokenizer, pick_device, save_model, set_threads
+from common.outcomes import InputError
+from policy.configs import SFTConfig
+
+SCRATCH = "scratch"
+"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
+ADAPTER_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
+FORMATS = (
+    "prompt/completion: `prompt` and `completion` columns, both strings (plain) or both lists of "
+    "{role, content} messages (conversational)",
+    "messages: a `messages` column of lists of {role, content} messages",
+    "text: a `text` column of strings (trained on every token)",
+)
+"""The data formats accepted, as error messages list them."""
+NOT_DATA = {"manifest.json", "base.json", "dataset_info.json", "state.json"}
+"""JSON files found beside data files (an artifact's manifest, ...) that are not data."""
+MAX_NEW_TOKENS = 16
+"""Enough for any demo response ("19 + 19 = 38" and eos is 12 tokens)."""
+
+
+def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    # Check: everything that can be told without loading the model
+    device = pick_device(config.device)
+    check_method(config, device)
+    source = inputs["model"]
+    if is_adapter(source):
+        raise InputError(
+            f"sft: the model {source} is an adapter; merge it into its base first (rlhf export) to train on it"
+        )
+    dataset, data_format = load_data(inputs.get("data"), config)
+    train_set, eval_set = split(dataset, config)
+    tokenizer = load_tokenizer(source)
+    check_tokenizer(tokenizer, data_format, config)
+    set_threads()
+
+    # Load
+    memory = PeakMemory(device)
+    model = load_model(source, config, device)
+
+    # Train
+    from trl import SFTTrainer
+
+    scratch = out_dir / SCRATCH
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args(config, data_format, device, scratch),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
+    trainable, total = count_parameters(trainer.model)
+    checkpoint = last_checkpoint(scratch)
+    resumed_from, tokens_before = None, 0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        resumed_from, tokens_before = state["global_step"], state.get("num_input_tokens_seen", 0)
+        print(f"sft: resuming from step {resumed_from} ({checkpoint.name})", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    peak_mb, peak_method = memory.peak_mb()
+
+    # Save
+    model = trainer.model
+    save_model(model, tokenizer, out_dir, base=source if config.method in ADAPTER_METHODS else None)
+
+    # Measure
+    demo: dict[str, Any] = {}
+    if config.demo_eval or (config.demo_eval is None and "data" not in inputs):
+        records = demo_task.held_out_prompts(config.max_operand)
+        demo["accuracy_greedy"] = demo_accuracy(model, tokenizer, records, samples=0)
+        torch.manual_seed(config.seed)
+        demo["accuracy_sampled"] = demo_accuracy(model, tokenizer, records, samples=config.demo_samples)
+    return {
+        **demo,
+        "train_loss": final_train_loss(trainer, result.training_loss),
+        "eval_loss": eval_loss,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_fraction": trainable / total,
+        **({"demo_prompts": len(records)} if demo else {}),
+        "method": config.method,
+        "data_format": data_format,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set) if eval_set is not None else 0,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / result.metrics["train_runtime"],
+        "train_seconds": result.metrics["train_runtime"],
+        "peak_memory_mb": peak_mb,
+        "peak_memory_method": peak_method,
+        "device": str(device),
+        "duration_seconds": time.perf_counter() - started,
+    }
+
+
+# --- check ---
+
+
+def check_method(config: SFTConfig, device: torch.device) -> None:
+    if config.method != "qlora":
+        return
+    if device.type != "cuda":
+        raise InputError(
+            f"sft: method qlora quantizes the base model to 4 bits with bitsandbytes, which needs a CUDA GPU; "
+            f"this run is on {device.type}. Use method: lora (the same adapter on an unquantized base)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("sft: method qlora needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def check_tokenizer(tokenizer: Any, data_format: str, config: SFTConfig) -> None:
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise InputError("sft: the tokenizer's pad token is its eos token; give it a distinct pad token")
+    conversational = data_format.endswith("(conversational)")
+    if conversational and not tokenizer.chat_template:
+        raise InputError(
+            f"sft: the data is conversational ({data_format}) but the tokenizer has no chat template"
+        )
+    if conversational and data_format.startswith("messages") and config.completion_only_loss:
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            raise InputError(
+                "sft: completion_only_loss on `messages` data needs a chat template with {% generation %} markers "
+                "around the assistant turns, and TRL does not know how to add them to this one; add them, use "
+                "prompt/completion data, or set completion_only_loss: false"
+            ) from None
+
+
+# --- load ---
+
+
+def load_data(data: Path | str | None, config: SFTConfig) -> tuple[Dataset, str]:
+    """The SFT data and its format; the demo task's examples when `data` is None."""
+    import datasets
+
+    if data is None:
+        dataset = Dataset.from_list(demo_task.sft_examples(config.max_operand))
+    elif isinstance(data, str):
+        dataset = datasets.load_dataset(data, split="train")
+    elif not data.exists():
+        raise InputError(
+            f"sft: data {data} does not exist; expected a JSONL or Parquet file, a folder of them, "
+            "or a folder written by `datasets.Dataset.save_to_disk`"
+        )
+    elif data.is_dir() and any((data / name).exists() for name in ("state.json", "dataset_dict.json")):
+        dataset = datasets.load_from_disk(str(data))
+    else:
+        candidates = sorted(data.rglob("*")) if data.is_dir() else [data]
+        files = [
+            f for f in candidates if f.suffix in (".jsonl", ".json", ".parquet") and f.name not in NOT_DATA
+        ]
+        if not files:
+            raise InputError(
+                f"sft: no .jsonl, .json or .parquet file in {data}; expected a JSONL or Parquet file, "
+                "a folder of them, or a folder written by `datasets.Dataset.save_to_disk`"
+            )
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        files = [f for f in files if (f.suffix == ".parquet") == (builder == "parquet")]
+        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    data_format = detect_format(dataset, data)
+    columns = {"prompt/completion": ["prompt", "completion"], "messages": ["messages"], "text": ["text"]}
+    return dataset.select_columns(columns[data_format.split(" ")[0]]), data_format
+
+
+def detect_format(dataset: Dataset, source: Any) -> str:
+    """`prompt/completion`, `messages` or `text`, followed by `(conversational)` or `(plain)`."""
+    columns = dataset.column_names
+    found = None
+    if len(dataset) > 0:
+        example = dataset[0]
+        if "prompt" in columns and "completion" in columns:
+            kinds = {_kind(example["prompt"]), _kind(example["completion"])}
+            found = f"prompt/completion ({kinds.pop()})" if len(kinds) == 1 and None not in kinds else None
+        elif "messages" in columns and _kind(example["messages"]) == "conversational":
+            found = "messages (conversational)"
+        elif "text" in columns and _kind(example["text"]) == "plain":
+            found = "text (plain)"
+    if found is None:
+        what = "an empty data set" if len(dataset) == 0 else f"columns {columns}"
+        raise InputError(
+            f"sft: data {source or '(demo)'} fits none of the accepted formats; found {what}. Accepted:\n- "
+            + "\n- ".join(FORMATS)
+        )
+    return found
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "plain"
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+    ):
+        return "conversational"
+    return None
+
+
+def split(dataset: Dataset, config: SFTConfig) -> tuple[Dataset, Dataset | None]:
+    """(train, eval): `eval_examples` drawn with the seed, at most a fifth of the data."""
+    size = min(config.eval_examples, len(dataset) // 5)
+    if size == 0:
+        return dataset, None
+    parts = dataset.train_test_split(test_size=size, seed=config.seed)
+    return parts["train"], parts["test"]
+
+
+def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> Any:
+    """The model to train: fp32 on CPU and for `freeze`/`full` (mixed precision keeps fp32 master
+    weights), bf16 under adapters on a GPU that has it, 4-bit for `qlora`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if device.type == "cuda" and config.method in ADAPTER_METHODS and torch.cuda.is_bf16_supported():
+        kwargs["dtype"] = torch.bfloat16
+    if config.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    if config.method == "freeze":
+        freeze_all_but_last_blocks(model, config.trainable_blocks)
+    return model
+
+
+def freeze_all_but_last_blocks(model: Any, keep: int) -> None:
+    """Freeze every weight except those of the last `keep` transformer blocks."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    blocks = next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers), None
+    )
+    if blocks is None:
+        raise InputError(
+            f"sft: method freeze cannot find the {layers} transformer blocks of {type(model).__name__}"
+        )
+    if keep > len(blocks):
+        raise InputError(f"sft: trainable_blocks is {keep}, but the model has only {len(blocks)} blocks")
+    model.requires_grad_(False)
+    for block in blocks[len(blocks) - keep :]:
+        block.requires_grad_(True)
+
+
+def peft_config(config: SFTConfig) -> Any:
+    """The PEFT configuration of an adapter method; None for `freeze` and `full`."""
+    import peft
+
+    task = "CAUSAL_LM"
+    if config.method in ("lora", "dora", "qlora"):
+        return peft.LoraConfig(
+            task_type=task,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            use_dora=config.method == "dora",
+        )
+    if config.method == "ia3":
+        return peft.IA3Config(task_type=task)
+    if config.method == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=config.virtual_tokens)
+    if config.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=config.virtual_tokens)
+    return None
+
+
+# --- train ---
+
+
+def training_args(config: SFTConfig, data_format: str, device: torch.device, scratch: Path) -> Any:
+    from trl import SFTConfig as TRLConfig
+
+    return TRLConfig(
+        output_dir=str(scratch),
+        seed=config.seed,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        completion_only_loss=config.completion_only_loss,
+        assistant_only_loss=config.completion_only_loss and data_format.startswith("messages"),
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        use_cpu=device.type == "cpu",
+        eval_strategy="no",  # the eval loss is measured once, at the end
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,  # the last one may be half-written when the process is killed
+        include_num_input_tokens_seen="non_padding",
+        report_to=["wandb"] if wandb_run_open() else "none",
+        disable_tqdm=False,
+        dataloader_pin_memory=device.type == "cuda",
+    )
+
+
+def wandb_run_open() -> bool:
+    """Whether a W&B run is open in this process (the runner opens one around the stage)."""
+    wandb = sys.modules.get("wandb")
+    return wandb is not None and wandb.run is not None
+
+
+def last_checkpoint(scratch: Path) -> Path | None:
+    """The newest complete checkpoint (the trainer writes `trainer_state.json` last)."""
+    complete = [
+        (int(match.group(1)), path)
+        for path in scratch.glob("checkpoint-*")
+        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").exists()
+    ]
+    return max(complete)[1] if complete else None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; PEFT counts 4-bit weights at their unpacked size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def final_train_loss(trainer: Any, mean_loss: float) -> float:
+    """The last logged training loss (a mean over the last `logging_steps` steps), else the mean loss."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses[-1] if losses else mean_loss
+
+
+class PeakMemory:
+    """Peak memory from now on: CUDA's max allocated on a GPU; on CPU the rise of the process's peak
+    resident set size (Linux `VmHWM`, reset here through `/proc/self/clear_refs`) over its size now."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.method = "cuda_max_memory_allocated"
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "cpu_peak_rss_delta"
+        except OSError:  # cannot reset the high-water mark: it covers the process's whole life
+            self.method = "cpu_peak_rss_delta_since_process_start"
+        self.baseline_kb = _proc_status_kb("VmRSS")
+
+    def peak_mb(self) -> tuple[float, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, self.method
+        peak_kb = _proc_status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0, peak_kb - self.baseline_kb) / 1024, self.method
+
+
+def _proc_status_kb(field: str) -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+# --- measure ---
+
+
+@torch.no_grad()
+def demo_accuracy(
+    model: Any, tokenizer: Any, records: list[dict], samples: int = 0, batch_size: int = 256
+) -> float:
+    """Fraction of correct answers to demo records asked in the chat format: greedy when `samples` is 0,
+    else `samples` answers per prompt sampled at temperature 1 (no top-k/top-p). Batched, left-padded;
+    a response counts only when the model ends it with eos."""
+    was_training = model.training
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    per_prompt = max(1, samples)
+    correct = 0
+    for start in range(0, len(records), max(1, batch_size // per_prompt)):
+        chunk = records[start : start + max(1, batch_size // per_prompt)]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+            )
+            for r in chunk
+        ]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
+        sampling = (
+            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+            if samples
+            else {"do_sample": False}
+        )
+        output = model.generate(
+            **encoded,
+            max_new_tokens=MAX_NEW_TOKENS,
+            num_return_sequences=per_prompt,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        for index, tokens in enumerate(new_tokens):
+            record = chunk[index // per_prompt]
+            ended = (tokens == tokenizer.eos_token_id).any().item()
+            response = tokenizer.decode(tokens, skip_special_tokens=True)
+            correct += bool(ended) and demo_task.is_correct(response, record["answer"])
+    tokenizer.padding_side = padding_side
+    model.train(was_training)
+    return correct / (len(records) * per_prompt) if records else 0.0

@@ -1,0 +1,151 @@
+"""Where the policy optimization stages (DPO, RLOO, GRPO) start and what they publish.
+
+They start from the SFT policy, which is also their reference: DPO's implicit KL anchor, the KL penalty
+of RLOO and GRPO. So that the reference is exactly the SFT policy and the result stands on its own:
+
+1. An SFT adapter is merged into its base weights, written to `scratch/start/` (a full model is used
+   where it is). The model is loaded from there, so its `name_or_path` names the SFT policy.
+2. `lora` trains a new LoRA adapter on those weights; TRL's trainers then take the same model with the
+   adapter disabled as the reference: the SFT policy, with no second copy in memory. `full` trains every
+   weight, and the trainers load their frozen reference from the model's `name_or_path`, the SFT weights
+   again. (Training the SFT adapter itself would also work, since TRL then keeps a frozen copy of it as
+   the reference, but its rank and target modules would be the SFT stage's, not this stage's.)
+3. The result is published as one complete model, the new adapter merged in: weights, tokenizer with
+   chat template, generation config and `policy.json` (what it was trained from, and how). There is no
+   `base.json`: the base a new adapter would sit on is the merged SFT model, which is no artifact, and a
+   complete model loads with `load_causal_lm` (or plain transformers) without a chain of artifacts that
+   must all still exist. The price is disk space: a full copy of the weights per policy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.models import is_adapter, load_tokenizer, save_model, source_reference
+from common.outcomes import InputError
+
+START = "start"
+"""Under the stage's scratch directory: the merged SFT weights the stage starts from."""
+POLICY_FILE = "policy.json"
+"""In a published policy: what it was trained from and how."""
+
+
+def starting_point(source: Path | str, scratch: Path, stage: str) -> Path | str:
+    """A complete model to start from: `source` itself, or its adapter merged into its base."""
+    if not is_adapter(source):
+        return source
+    from policy.export import export_merged
+
+    start = scratch / START
+    shutil.rmtree(start, ignore_errors=True)  # a crashed run may have left half of it
+    try:
+        export_merged(Path(source), start)
+    except InputError as err:
+        raise InputError(f"{stage}: the policy cannot be merged to start from: {err}") from None
+    return start
+
+
+def load_start(
+    source: Path | str, scratch: Path, stage: str, method: str, device: torch.device
+) -> tuple[Any, Any]:
+    """(model, tokenizer) to train: the SFT policy's complete weights (see the module docstring).
+
+    fp32, except bf16 under a LoRA adapter on a GPU that has it (`full` keeps fp32 master weights and
+    trains in bf16 mixed precision there)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(source)
+    start = starting_point(source, scratch, stage)
+    dtype = torch.float32
+    if device.type == "cuda" and method == "lora" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(start), dtype=dtype)
+    for config in (model.config, model.generation_config):
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def lora_config(config: Any) -> Any:
+    """The new adapter's PEFT configuration (`method: lora`), or None (`full`)."""
+    if config.method != "lora":
+        return None
+    import peft
+
+    return peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+    )
+
+
+def precision(device: torch.device) -> dict[str, Any]:
+    """Trainer arguments for the device: bf16 mixed precision only on a CUDA GPU that has it (TRL's
+    configs default to bf16 everywhere, which on a CPU is slow and lossy)."""
+    return {
+        "bf16": device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        "fp16": False,
+        "use_cpu": device.type == "cpu",
+        "dataloader_pin_memory": device.type == "cuda",
+    }
+
+
+def report_to() -> list[str] | str:
+    """`["wandb"]` when the runner opened a W&B run in this process, else `"none"`."""
+    wandb = sys.modules.get("wandb")
+    return ["wandb"] if wandb is not None and wandb.run is not None else "none"
+
+
+def publish(model: Any, tokenizer: Any, out_dir: Path, record: dict[str, Any]) -> Any:
+    """Write the trained policy as one complete model (a LoRA adapter merged in) and `policy.json`;
+    returns the merged model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.eval()
+    save_model(model, tokenizer, out_dir)
+    (out_dir / POLICY_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return model
+
+
+def lineage(stage: str, config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`policy.json`: the stage, its method and the inputs it read (artifact refs and digests)."""
+    return {
+        "stage": stage,
+        "method": config.method,
+        "format": "complete model (a trained LoRA adapter is merged in)",
+        "reference": "the input policy (SFT), frozen",
+        "inputs": {slot: source_reference(source) for slot, source in inputs.items()},
+    }
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def last_checkpoint(scratch: Path) -> Path | None:
+    """The newest complete trainer checkpoint under `scratch` (the trainer writes `trainer_state.json` last)."""
+    steps = [
+        (int(path.name.split("-")[1]), path)
+        for path in scratch.glob("checkpoint-*")
+        if path.name.split("-")[1].isdigit() and (path / "trainer_state.json").exists()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def logged(trainer: Any, key: str) -> list[float]:
+    """The values of `key` in the trainer's log history, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -1,0 +1,402 @@
+"""The `sft` stage and `export_merged` on a tiny demo model (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import demo_task
+from common.models import load_causal_lm
+from common.outcomes import InputError
+from policy import sft
+from policy.configs import SFTConfig
+from policy.demo_model import build_model, train_tokenizer
+from policy.export import export_merged
+from tests.conftest import REPO
+
+LAYERS, HIDDEN, INTERMEDIATE = 2, 32, 64
+FAST = {"steps": 4, "batch_size": 4, "eval_examples": 4, "demo_eval": False, "logging_steps": 2}
+"""A few steps on a few examples: enough to exercise a method, nothing to learn from."""
+METHOD_SETTINGS = {
+    "lora": {"lora_r": 4},
+    "dora": {"lora_r": 4},
+    "ia3": {},
+    "prompt_tuning": {"virtual_tokens": 4},
+    "prefix_tuning": {"virtual_tokens": 4},
+    "freeze": {"trainable_blocks": 1},
+    "full": {"lr": 1e-3},
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A freshly initialised tiny demo model with its tokenizer (untrained: the tests check mechanics)."""
+    out_dir = tmp_path_factory.mktemp("base")
+    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    torch.manual_seed(0)
+    build_model(tokenizer, LAYERS, HIDDEN, INTERMEDIATE, heads=2).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """40 demo examples as conversational prompt/completion JSONL."""
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    path.write_text("".join(json.dumps(example) + "\n" for example in demo_task.sft_examples()[:40]))
+    return path
+
+
+def expected_trainable(method: str, model: torch.nn.Module, config: SFTConfig) -> int:
+    """What each method should train, computed from the architecture."""
+    blocks = model.model.layers
+    linears = [m for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
+    if method == "lora":
+        return sum(config.lora_r * (m.in_features + m.out_features) for m in linears)
+    if method == "dora":  # LoRA plus a magnitude per output feature
+        return sum(config.lora_r * (m.in_features + m.out_features) + m.out_features for m in linears)
+    if method == "ia3":  # PEFT's Llama defaults: scale the outputs of k/v, the input of the MLP's down_proj
+        return LAYERS * (HIDDEN + HIDDEN + INTERMEDIATE)
+    if method == "prompt_tuning":
+        return config.virtual_tokens * HIDDEN
+    if method == "prefix_tuning":  # a key and a value per virtual token and layer
+        return config.virtual_tokens * LAYERS * 2 * HIDDEN
+    if method == "freeze":
+        return sum(p.numel() for block in blocks[-config.trainable_blocks :] for p in block.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_each_method_trains_what_it_should_and_writes_its_output(method, base, data, tmp_path):
+    config = SFTConfig(method=method, **FAST, **METHOD_SETTINGS[method])
+    metrics = sft.run(config, {"model": base, "data": data}, tmp_path)
+
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    assert metrics["trainable_parameters"] == expected_trainable(method, base_model, config)
+    assert 0 < metrics["trainable_fraction"] <= 1
+    assert metrics["steps"] == 4
+    for key in ("train_loss", "eval_loss", "tokens_per_second", "peak_memory_mb", "duration_seconds"):
+        assert metrics[key] is not None and metrics[key] == metrics[key] and metrics[key] >= 0, key
+    assert "accuracy_greedy" not in metrics  # demo_eval is off
+
+    files = {p.name for p in tmp_path.iterdir()} - {"scratch"}
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    } <= files
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["pad_token_id"] is not None and generation["pad_token_id"] != generation["eos_token_id"]
+    if method in sft.ADAPTER_METHODS:
+        assert {"adapter_config.json", "adapter_model.safetensors", "base.json"} <= files
+        assert not {"model.safetensors", "config.json"} & files
+        assert json.loads((tmp_path / "base.json").read_text())["path"] == str(base.resolve())
+        model, _ = load_causal_lm(tmp_path)  # loads on top of its base, found through base.json
+        assert type(model).__name__.startswith("PeftModel")
+    else:
+        assert {"config.json", "model.safetensors"} <= files
+        assert "adapter_config.json" not in files
+        trained, initial = load_file(tmp_path / "model.safetensors"), load_file(base / "model.safetensors")
+        changed = {name for name in initial if not torch.equal(trained[name], initial[name])}
+        last = f"model.layers.{LAYERS - 1}."
+        if method == "freeze":
+            assert changed and all(name.startswith(last) for name in changed)
+        else:
+            assert any(name.startswith("model.layers.0.") for name in changed)
+
+
+def test_freeze_cannot_keep_more_blocks_than_the_model_has(base, data, tmp_path):
+    with pytest.raises(InputError, match="only 2 blocks"):
+        sft.run(
+            SFTConfig(method="freeze", trainable_blocks=3, **FAST), {"model": base, "data": data}, tmp_path
+        )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_on_cpu_is_a_clear_error_before_anything_loads(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("nothing may load before the method is checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_loading)
+    with pytest.raises(InputError, match=r"qlora .*CUDA GPU.*method: lora"):
+        sft.run(SFTConfig(method="qlora"), {"model": tmp_path / "nowhere"}, tmp_path)
+
+
+def test_data_in_no_known_format_lists_the_formats_and_the_columns_found(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "What is 1 + 2?", "answer": "3"}) + "\n")
+    with pytest.raises(InputError) as error:  # the model does not exist: the data is checked first
+        sft.run(SFTConfig(), {"model": tmp_path / "no-model", "data": path}, tmp_path)
+    message = str(error.value)
+    assert "question" in message and "answer" in message
+    for accepted in ("prompt/completion", "messages", "text"):
+        assert accepted in message
+
+
+def test_mixed_plain_and_conversational_columns_are_rejected(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "What is 1 + 2?", "completion": [{"role": "assistant", "content": "3"}]}) + "\n"
+    )
+    with pytest.raises(InputError, match="fits none of the accepted formats"):
+        sft.run(SFTConfig(), {"model": tmp_path / "no-model", "data": path}, tmp_path)
+
+
+def test_missing_data_says_what_was_expected(tmp_path):
+    with pytest.raises(InputError, match=r"does not exist; expected a JSONL or Parquet file"):
+        sft.run(SFTConfig(), {"model": tmp_path / "no-model", "data": tmp_path / "missing.jsonl"}, tmp_path)
+
+
+def test_an_adapter_as_the_model_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputError, match="is an adapter; merge it"):
+        sft.run(SFTConfig(), {"model": tmp_path}, tmp_path / "out")
+
+
+def test_settings_of_another_method_are_rejected():
+    with pytest.raises(ValidationError, match="does not use lora_r"):
+        SFTConfig(method="ia3", lora_r=8)
+    with pytest.raises(ValidationError, match="does not use trainable_blocks"):
+        SFTConfig(method="lora", trainable_blocks=2)
+    assert SFTConfig(method="freeze", trainable_blocks=2).trainable_blocks == 2
+
+
+def plain_prompt_completion() -> list[dict]:
+    return [
+        {
+            "prompt": demo_task.plain_prompt(e["prompt"][0]["content"]),
+            "completion": e["completion"][0]["content"],
+        }
+        for e in demo_task.sft_examples()[:40]
+    ]
+
+
+def messages() -> list[dict]:
+    return [{"messages": e["prompt"] + e["completion"]} for e in demo_task.sft_examples()[:40]]
+
+
+@pytest.mark.parametrize(
+    ("rows", "save", "expected"),
+    [
+        (plain_prompt_completion, "jsonl", "prompt/completion (plain)"),
+        (messages, "parquet", "messages (conversational)"),
+        (messages, "saved", "messages (conversational)"),
+        (lambda: [{"text": "What is 1 + 2?\n1 + 2 = 3"}] * 10, "jsonl", "text (plain)"),
+    ],
+    ids=["plain-prompt-completion-jsonl", "messages-parquet", "messages-saved-dataset", "text-jsonl"],
+)
+def test_data_formats_and_files_are_recognised(rows, save, expected, tmp_path):
+    dataset = Dataset.from_list(rows())
+    if save == "jsonl":
+        path = tmp_path / "data.jsonl"
+        dataset.to_json(path)
+    elif save == "parquet":
+        path = tmp_path / "data.parquet"
+        dataset.to_parquet(path)
+    else:
+        path = tmp_path / "saved"
+        dataset.save_to_disk(path)
+    (tmp_path / "manifest.json").write_text('{"kind": "dataset"}')  # as in an artifact directory
+    loaded, data_format = sft.load_data(path, SFTConfig())
+    assert data_format == expected
+    assert len(loaded) == len(dataset)
+    if save != "saved":  # the folder, like an artifact directory, finds the same data
+        assert sft.load_data(tmp_path, SFTConfig())[1] == expected
+
+
+@pytest.mark.parametrize(
+    "rows", [plain_prompt_completion, messages], ids=["plain-prompt-completion", "messages"]
+)
+def test_plain_prompt_completion_and_messages_data_train_on_the_response_only(rows, base, tmp_path):
+    path = tmp_path / "data.jsonl"
+    Dataset.from_list(rows()).to_json(path)
+    metrics = sft.run(SFTConfig(**FAST), {"model": base, "data": path}, tmp_path / "out")
+    assert metrics["steps"] == 4 and metrics["train_loss"] > 0
+
+    # the labels the trainer saw: the response (and eos) only
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    dataset, data_format = sft.load_data(path, SFTConfig())
+    trainer = build_trainer(base, dataset, data_format, tmp_path / "probe")
+    example = trainer.train_dataset[0]
+    trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    response = rows()[0].get("completion") or rows()[0]["messages"][-1]["content"]
+    assert tokenizer.decode(trained) == response + "<|eos|>"
+
+
+def build_trainer(base: Path, dataset: Dataset, data_format: str, out_dir: Path):
+    from trl import SFTTrainer
+
+    config = SFTConfig(**FAST)
+    return SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        args=sft.training_args(config, data_format, torch.device("cpu"), out_dir),
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(base),
+        peft_config=sft.peft_config(config),
+    )
+
+
+def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
+    class FakeWandb:
+        run = None
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    args = sft.training_args(SFTConfig(), "messages (conversational)", torch.device("cpu"), tmp_path)
+    assert args.report_to in ([], ["none"], "none")
+    assert not args.bf16 and not args.gradient_checkpointing and not args.disable_tqdm
+    FakeWandb.run = object()
+    args = sft.training_args(SFTConfig(), "messages (conversational)", torch.device("cpu"), tmp_path)
+    assert args.report_to == ["wandb"]
+
+
+def test_demo_accuracy_counts_only_answers_that_end_with_eos(base):
+    model, tokenizer = load_causal_lm(base)
+    records = demo_task.held_out_prompts()[:8]
+    assert sft.demo_accuracy(model, tokenizer, records) == 0.0  # an untrained model does not add
+
+    answers = {r["prompt"]: demo_task.render_response(r["a"], r["b"]) for r in records}
+
+    class Oracle:
+        """Answers every question right, ending with eos or not."""
+
+        device, training = torch.device("cpu"), False
+
+        def __init__(self, eos: bool):
+            self.eos = eos
+
+        def eval(self):
+            return self
+
+        def train(self, mode: bool = True):
+            return self
+
+        def generate(self, input_ids, attention_mask, num_return_sequences, **kwargs):
+            rows = []
+            for question in tokenizer.batch_decode(input_ids, skip_special_tokens=True):
+                ids = tokenizer(answers[question], add_special_tokens=False)["input_ids"]
+                rows += [ids + [tokenizer.eos_token_id] * self.eos] * num_return_sequences
+            width = max(map(len, rows))
+            padded = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+            return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), padded], dim=1)
+
+    assert sft.demo_accuracy(Oracle(eos=True), tokenizer, records, samples=2) == 1.0
+    assert sft.demo_accuracy(Oracle(eos=False), tokenizer, records) == 0.0
+
+
+# --- export ---
+
+
+def greedy_answers(model, tokenizer, prompts: list[str]) -> list[list[int]]:
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(
+            **encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return output[:, encoded["input_ids"].shape[1] :].tolist()
+
+
+def test_merged_export_loads_alone_and_answers_like_the_adapter(base, data, tmp_path):
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    config = SFTConfig(steps=20, batch_size=8, lr=1e-2, lora_r=4, demo_eval=False, eval_examples=0)
+    sft.run(config, {"model": base, "data": data}, adapter)
+
+    export_merged(adapter, merged)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in merged.iterdir()
+    }
+    assert not (merged / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+    prompts = [r["prompt"] for r in demo_task.held_out_prompts()[:20]]
+    with_adapter, adapter_tokenizer = load_causal_lm(adapter)
+    before = greedy_answers(AutoModelForCausalLM.from_pretrained(base), tokenizer, prompts)
+    expected = greedy_answers(with_adapter, adapter_tokenizer, prompts)
+    assert expected != before, "the adapter must change the answers for this comparison to mean anything"
+    assert greedy_answers(model, tokenizer, prompts) == expected
+
+
+def test_export_of_a_full_model_resaves_it(base, tmp_path):
+    export_merged(base, tmp_path / "out")
+    original, copy = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert original.keys() == copy.keys() and all(torch.equal(original[k], copy[k]) for k in original)
+    with pytest.raises(InputError, match="not empty"):
+        export_merged(base, tmp_path / "out")
+
+
+def test_prompt_tuning_adapters_cannot_be_merged(base, data, tmp_path):
+    sft.run(
+        SFTConfig(method="prompt_tuning", virtual_tokens=2, **FAST),
+        {"model": base, "data": data},
+        tmp_path / "a",
+    )
+    with pytest.raises(InputError, match="cannot be merged"):
+        export_merged(tmp_path / "a", tmp_path / "merged")
+
+
+# --- resume ---
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, base, data):
+    steps, save_steps = 60, 10
+    (workspace / "wf.yaml").write_text(
+        "name: resume\nstages:\n  sft:\n"
+        f"    inputs: {{model: {base}, data: {data}}}\n"
+        f"    config: {{steps: {steps}, save_steps: {save_steps}, batch_size: 2, lora_r: 4, logging_steps: 5,"
+        " eval_examples: 0, demo_eval: false}\n"
+    )
+    command = [sys.executable, "-m", "pipeline.cli", "run", "wf.yaml"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    staging = workspace / "artifacts" / ".staging"
+    deadline = time.monotonic() + 300
+    while not list(staging.glob("sft-*/scratch/checkpoint-*/trainer_state.json")):
+        assert first.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (workspace / "artifacts" / "sft").exists(), (
+        "killed after the last step: nothing left to resume"
+    )
+
+    second = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    resumed = re.search(r"sft: resuming from step (\d+)", second.stdout + second.stderr)
+    assert resumed, second.stdout + second.stderr
+    step = int(resumed.group(1))
+    assert step % save_steps == 0 and 0 < step < steps
+    manifest = json.loads((workspace / "artifacts" / "sft" / "v1" / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == steps
+    assert manifest["metrics"]["resumed_from_step"] == step
+    assert not (workspace / "artifacts" / "sft" / "v1" / "scratch").exists()
+    assert (workspace / "artifacts" / "sft" / "v1" / "adapter_model.safetensors").exists()
+
+
+# --- the demo task, end to end ---
