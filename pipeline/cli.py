@@ -160,9 +160,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = Store()
     runner = Runner(wf, store, console=console, force=args.force, allow_rejected=args.allow_rejected)
     console.print(f"workflow [bold]{wf.name}[/] · run {runner.run_id} · store {store.root}")
-    results = runner.run(until=args.until, only=args.only)
+    server_was_up = _embedded_server() is not None
+    try:
+        results = runner.run(until=args.until, only=args.only)
+    finally:
+        server = _embedded_server()
+    waiting = any(r.status == "waiting" for r in results)
     _summary(results)
-    return EXIT_WAITING if any(r.status == "waiting" for r in results) else 0
+    if server is not None:
+        _annotation_summary(server, keep=waiting or server_was_up)
+    return EXIT_WAITING if waiting else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,12 +190,47 @@ def _summary(results: list[StageResult]) -> None:
         for artifact in result.artifacts.values():
             table.add_row(result.stage, result.status, artifact.ref, _relative(artifact.path))
     console.print(table)
+    for result in results:
+        for artifact in result.artifacts.values():
+            if artifact.kind == "eval-report" and (artifact.path / "report.md").exists():
+                console.print(f"\n[bold]evaluation[/] ({artifact.ref})")
+                console.print((artifact.path / "report.md").read_text().strip())
+                console.print(f"chart: {_relative(artifact.path / 'chart.png')}")
     if tracking.enabled() and any(r.status == "ran" for r in results):
         wandb_dir = Path(os.environ.get("WANDB_DIR", tracking.runs_root() / "wandb")) / "wandb"
         if os.environ.get("WANDB_MODE", "offline") == "offline":
             console.print(
                 f"W&B offline runs: {_relative(wandb_dir)}  (upload with: wandb sync {_relative(wandb_dir)}/offline-run-*)"
             )
+
+
+def _embedded_server() -> Any:
+    """The embedded Argilla server's record when it is running (None when not, or when an external
+    server is configured, which this command neither starts nor stops)."""
+    if os.environ.get("ARGILLA_API_URL"):
+        return None
+    from annotation import server
+
+    return server.status()
+
+
+def _annotation_summary(info: Any, keep: bool) -> None:
+    """Where to look at the rankings; stops the embedded server when this run started it and nobody
+    is left to rank."""
+    from annotation import server
+
+    login = info.annotators[0].username if info.annotators else info.owner.username
+    credentials = info.home / "credentials.json"
+    if keep:
+        console.print(
+            f"Argilla: {info.url}  (log in as {login}; passwords in {credentials}; stop with: rlhf annotation stop)"
+        )
+        return
+    server.stop()
+    console.print(
+        f"Argilla: stopped the server this run started. To look at the rankings: rlhf annotation serve, then "
+        f"open {info.url} and log in as {login} (passwords in {credentials})"
+    )
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
@@ -279,9 +321,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     scores = score_responses(_model_dir(args.ref), args.prompt, args.response)
     if args.json:
-        print(json.dumps([{"response": r, "score": s} for r, s in zip(args.response, scores)], indent=2))
+        print(
+            json.dumps(
+                [{"response": r, "score": s} for r, s in zip(args.response, scores, strict=True)], indent=2
+            )
+        )
         return 0
-    for response, value in zip(args.response, scores):
+    for response, value in zip(args.response, scores, strict=True):
         console.print(f"{value:+.4f}  {response}")
     return 0
 

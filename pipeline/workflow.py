@@ -355,4 +355,9 @@ def load(file: str | Path) -> Workflow:
         raise WorkflowError(str(file), None, "", "no such file") from None
     except IsADirectoryError:
         raise WorkflowError(str(file), None, "", "is a directory, expected a YAML workflow file") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise WorkflowError(str(file), line, "", "not UTF-8 text, expected a YAML workflow file") from None
+    except PermissionError:
+        raise WorkflowError(str(file), None, "", "cannot be read (permission denied)") from None
     return parse(text, str(file), base_dir=path.resolve().parent)

@@ -112,6 +112,14 @@ def test_missing_workflow_file_is_a_usage_error(tmp_path):
     assert "nowhere.yaml: no such file" in result.stderr
 
 
+def test_binary_file_is_a_usage_error_without_traceback(tmp_path):
+    file = tmp_path / "model.bin"
+    file.write_bytes(b"name: x\n\x80\xff\x00")
+    result = rlhf("validate", str(file), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{file}:2: not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unknown_stage_for_until(tmp_path):
     (tmp_path / "wf.yaml").write_text(GOOD)
     result = rlhf("run", "wf.yaml", "--until", "sft", cwd=tmp_path)
@@ -155,6 +163,19 @@ def test_input_references(tmp_path):
 def test_shipped_workflows_validate(path: Path):
     wf = workflow.load(path)
     assert wf.stages
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "workflows" / "templates").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_templates_validate_once_their_data_exists(path: Path, tmp_path):
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    (tmp_path / "data").mkdir()
+    for name in ("sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl"):
+        (tmp_path / "data" / name).write_text("")
+    wf = workflow.load(copy)
+    assert {"sft", "annotate", "collect", "reward", "ppo", "evaluate"} <= set(wf.stages)
 
 
 def test_many_input_slot_takes_a_list_or_a_mapping():
