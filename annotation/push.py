@@ -78,7 +78,7 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
 
     simulated: dict[str, Any] = {}
     if config.simulate is not None:
-        simulated = simulate.rank_batch(connection, batch, records, config.simulate)
+        simulated = simulate.rank_batch(connection, batch, records, config.simulate, bulk=True)
 
     # Save
     (out_dir / BATCH_FILE).write_text(json.dumps(batch, indent=2, ensure_ascii=False) + "\n")

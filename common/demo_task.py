@@ -4,9 +4,13 @@
 model computes in one fixed format whatever the phrasing, and the result is written digit by digit:
 sampling at temperature 1 naturally produces near misses such as "7 + 12 = 18" or "7 + 12 = 29".
 
-Operand pairs are split once into train and held-out pairs by a seeded hash of the pair. No text for
-training (the pretraining corpus, SFT data, prompts sampled for annotation) ever contains a held-out
-pair; evaluations use the held-out prompts.
+The pretraining corpus plays the part of the web: it states every sum, but unreliably (a fixed share
+of its answers are near misses), so the base model knows the arithmetic yet often samples a wrong
+answer. Alignment then has something real to fix: making the policy reliable, not teaching it facts.
+
+Operand pairs are split once into train and held-out pairs by a seeded hash of the pair. Everything
+the pipeline trains on after pretraining (SFT data, prompts sampled for annotation, preference pairs,
+RL prompts) uses train pairs only; evaluations use the held-out prompts.
 
 Pure Python (no torch): used by pretraining, SFT, evaluation, simulated annotators and tests.
 """
@@ -14,6 +18,7 @@ Pure Python (no torch): used by pretraining, SFT, evaluation, simulated annotato
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 
 MAX_OPERAND = 19
@@ -22,6 +27,12 @@ HELD_OUT_FRACTION = 0.2
 """About this fraction of the operand pairs is held out."""
 SPLIT_SEED = 0
 """Default seed of the train / held-out split."""
+CORPUS_NOISE = 0.35
+"""Share of the pretraining corpus's answers that are wrong (near misses)."""
+CORPUS_COPIES = 3
+"""Times each question appears in the pretraining corpus (each copy draws its own answer)."""
+NEAR_MISSES = ((-1, 3), (1, 3), (-2, 1), (2, 1), (10, 1), (-10, 1))
+"""(offset from the right answer, weight) of the corpus's wrong answers: mostly off by one."""
 
 PHRASINGS = (
     "What is {a} + {b}?",
@@ -110,12 +121,27 @@ def plain_text(prompt: str, response: str) -> str:
     return plain_prompt(prompt) + response
 
 
-def pretraining_corpus(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[str]:
-    """Plain-text documents, one per train pair and phrasing: "What is 7 + 12?\\n7 + 12 = 19"."""
-    return [
-        plain_text(record["prompt"], render_response(record["a"], record["b"]))
-        for record in train_prompts(max_operand, split_seed)
-    ]
+def near_miss(answer: int, rng: random.Random) -> int:
+    """A wrong answer close to `answer` (never negative), drawn by `NEAR_MISSES`."""
+    offsets = [(offset, weight) for offset, weight in NEAR_MISSES if answer + offset >= 0]
+    return answer + rng.choices([o for o, _ in offsets], [w for _, w in offsets])[0]
+
+
+def pretraining_corpus(
+    max_operand: int = MAX_OPERAND, noise: float = CORPUS_NOISE, copies: int = CORPUS_COPIES, seed: int = 0
+) -> list[str]:
+    """Plain-text documents such as "What is 7 + 12?\\n7 + 12 = 19": every operand pair (held-out pairs
+    too, as a web would) in every phrasing, `copies` times, each answer wrong with probability `noise`
+    (a near miss). Seeded, in a shuffled order."""
+    rng = random.Random(seed)
+    documents = []
+    for a, b in operand_pairs(max_operand):
+        for phrasing in PHRASINGS:
+            for _ in range(copies):
+                answer = near_miss(a + b, rng) if rng.random() < noise else a + b
+                documents.append(plain_text(phrasing.format(a=a, b=b), f"{a} + {b} = {answer}"))
+    rng.shuffle(documents)
+    return documents
 
 
 def sft_examples(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -> list[dict]:

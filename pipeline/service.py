@@ -37,6 +37,7 @@ class Service:
         self.interval = interval
         self.allow_rejected = allow_rejected
         self.stopping = threading.Event()
+        self._last_state = ""
 
     def log(self, message: str) -> None:
         self.console.print(f"[dim]{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}[/] {message}")
@@ -75,10 +76,16 @@ class Service:
                 refs = ", ".join(a.ref for a in result.artifacts.values())
                 self.log(f"ran {result.stage} -> {refs} in {result.seconds:.1f} s ({cause})")
         if waiting is not None:
-            self.log(f"waiting at {waiting.stage}: {waiting.message}")
+            self._state(f"waiting at {waiting.stage}: {waiting.message}", ran)
         elif not ran:
-            self.log("up to date: every stage cached; waiting for new rankings")
+            self._state("up to date: every stage cached; waiting for new rankings", ran)
         return results
+
+    def _state(self, message: str, ran: list[StageResult]) -> None:
+        """Log a waiting state when it is news (not at every poll)."""
+        if ran or message != self._last_state:
+            self.log(message)
+        self._last_state = message
 
     def _cause(self, results: list[StageResult]) -> str:
         """Why stages ran this cycle: the first stage whose output changed."""

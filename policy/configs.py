@@ -41,6 +41,11 @@ class PretrainConfig(StageConfig):
     # --- the demo task ---
     max_operand: int = Field(19, ge=1)
     """Demo task: operands are drawn from 0..max_operand."""
+    corpus_noise: float = Field(0.35, ge=0, lt=1)
+    """Demo corpus: share of its answers that are wrong (near misses, mostly off by one). The base model
+    learns the arithmetic and the unreliability: greedy answers are mostly right, sampled ones often not."""
+    corpus_copies: int = Field(3, ge=1)
+    """Demo corpus: times each question appears, each copy with its own draw of right or wrong answer."""
     eval_prompts: int = Field(256, ge=1)
     """At most this many held-out demo prompts (in a fixed order) are asked at the end, in the plain
     pretraining format, to measure greedy and temperature-1 accuracy; the default takes all of them."""

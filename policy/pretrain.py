@@ -1,9 +1,10 @@
 """The `pretrain` stage: train a small causal LM on plain text.
 
 Without inputs it builds the demo tokenizer and model (`policy.demo_model`) and trains them on the
-plain-text demo corpus, so the base model knows the arithmetic of the demo task but not the chat
-format (that is SFT's job). With a `model` input it continues pretraining that model with its own
-tokenizer, on the `data` input when given, else on the demo corpus.
+plain-text demo corpus (every sum, a share of them wrong), so the base model knows the arithmetic of
+the demo task, unreliably, but not the chat format (that is SFT's job). With a `model` input it
+continues pretraining that model with its own tokenizer, on the `data` input when given, else on the
+demo corpus.
 
 Reads top to bottom: load, check, train, save, measure.
 """
@@ -88,7 +89,9 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
 
 
 def demo_corpus(config: PretrainConfig) -> list[str]:
-    return demo_task.pretraining_corpus(config.max_operand)
+    return demo_task.pretraining_corpus(
+        config.max_operand, noise=config.corpus_noise, copies=config.corpus_copies, seed=config.seed
+    )
 
 
 def load_texts(data: Path | str, column: str) -> list[str]:

@@ -65,15 +65,28 @@ def test_split_is_disjoint_and_covers_all_pairs():
     assert demo_task.split_pairs(split_seed=1)[1] != held_out
 
 
-def test_no_training_text_mentions_a_held_out_pair():
+def test_no_text_after_pretraining_mentions_a_held_out_pair():
     held_out = set(demo_task.split_pairs()[1])
-    texts = demo_task.pretraining_corpus() + [json.dumps(example) for example in demo_task.sft_examples()]
+    texts = [json.dumps(example) for example in demo_task.sft_examples()]
     texts += [record["prompt"] for record in demo_task.train_prompts()]
     mentioned = {(int(a), int(b)) for text in texts for a, b in re.findall(r"(\d+) (?:\+|plus) (\d+)", text)}
     assert mentioned, "the pattern must find the pairs of the training texts"
     assert not mentioned & held_out
     held_out_prompts = {record["prompt"] for record in demo_task.held_out_prompts()}
     assert not held_out_prompts & {record["prompt"] for record in demo_task.train_prompts()}
+
+
+def test_pretraining_corpus_states_every_sum_with_the_configured_share_of_near_misses():
+    corpus = demo_task.pretraining_corpus(noise=0.35, copies=3)
+    assert len(corpus) == len(demo_task.operand_pairs()) * len(demo_task.PHRASINGS) * 3
+    stated = [tuple(int(n) for n in re.findall(r"\d+", doc.split("\n")[1])) for doc in corpus]
+    assert {(a, b) for a, b, _ in stated} == set(demo_task.operand_pairs())
+    errors = [c - (a + b) for a, b, c in stated if c != a + b]
+    assert 0.32 < len(errors) / len(stated) < 0.38
+    assert set(errors) <= {-10, -2, -1, 1, 2, 10} and all(c >= 0 for _, _, c in stated)
+    assert demo_task.pretraining_corpus() == demo_task.pretraining_corpus()  # seeded
+    clean = demo_task.pretraining_corpus(noise=0.0, copies=1)
+    assert all(eval(doc.split("\n")[1].replace("=", "==")) for doc in clean)
 
 
 def test_records_have_stable_unique_ids_and_correct_answers():

@@ -1,0 +1,107 @@
+"""Service mode through the real command: `rlhf serve` waits at `collect`, bots rank in the background,
+the reward stage runs once enough is ranked; SIGTERM in the middle of a stage publishes nothing, and the
+next `rlhf serve` finishes the job. Needs the embedded Argilla (`make setup`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from annotation import server, simulate
+from annotation.configs import SimulatedAnnotators
+from pipeline.store import Store
+from tests import tiny_policies
+from tests.test_annotation import make_samples
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW = """\
+name: service
+stages:
+  annotate:
+    inputs: {samples: 'sample:v1'}
+  collect:
+    inputs: {batch: annotate}
+    config: {min_records: 8}
+  reward:
+    inputs: {model: ./base, preferences: collect}
+    config: {min_accuracy: 0.0, epochs: 400, batch_size: 8, save_steps: 50, held_out_fraction: 0.25}
+"""
+
+
+@pytest.fixture(scope="module")
+def argilla(tmp_path_factory):
+    with server.temporary_server(annotators=1, home=tmp_path_factory.mktemp("argilla")) as info:
+        yield info
+
+
+def serve(workspace: Path, log: Path, argilla_home: Path) -> subprocess.Popen:
+    env = {**os.environ, "RLHF_ARGILLA_HOME": str(argilla_home)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "service.yaml", "--interval", "1"],
+        cwd=workspace,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(condition, what: str, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def test_serve_triggers_the_reward_model_and_stops_cleanly_on_sigterm(argilla, workspace):
+    store = Store(workspace / "artifacts")
+    samples = make_samples(workspace / "payload", n=8, ks=(4,))
+    (samples / "manifest.json").unlink()
+    store.publish("sample", samples, {"kind": "samples", "status": "ok"})
+    tiny_policies.random_model(workspace / "base")
+    (workspace / "service.yaml").write_text(WORKFLOW)
+    log = workspace / "service.log"
+
+    service = serve(workspace, log, argilla.home)
+    try:
+        wait_for(lambda: "waiting at collect: 0/8 records ranked" in log.read_text(), "the first wait", log)
+        assert store.versions("reward") == []
+
+        bots = simulate.rank_in_background(
+            store.get("annotate:v1").path, SimulatedAnnotators(annotators=1), server.connect(argilla.home)
+        )
+        staging = store.root / ".staging"
+        wait_for(lambda: any(staging.glob("reward-*/scratch/checkpoint-*")), "reward training", log)
+        bots.stop()
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) in (0, 130)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    text = log.read_text()
+    assert "stopped on signal: nothing half-written was published" in text
+    assert store.versions("collect.preferences") == [1]
+    assert store.versions("reward") == []  # interrupted mid-training: no version, no half artifact
+
+    log2 = workspace / "service-2.log"
+    service = serve(workspace, log2, argilla.home)
+    try:
+        wait_for(lambda: store.versions("reward") == [1], "the resumed reward stage", log2)
+        wait_for(lambda: "up to date" in log2.read_text(), "the service to wait again", log2)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) in (0, 130)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    text = log2.read_text()
+    assert "resuming from checkpoint-" in text  # the reward stage continued from its checkpoint
+    assert "ran reward -> reward:v1" in text
+    assert store.verify(store.get("reward:v1")) == []
+    assert "collect.preferences:v1" in {item.get("ref") for item in store.get("reward:v1").manifest["inputs"]}
