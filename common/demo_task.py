@@ -27,7 +27,7 @@ HELD_OUT_FRACTION = 0.2
 """About this fraction of the operand pairs is held out."""
 SPLIT_SEED = 0
 """Default seed of the train / held-out split."""
-CORPUS_NOISE = 0.35
+CORPUS_NOISE = 0.5
 """Share of the pretraining corpus's answers that are wrong (near misses)."""
 CORPUS_COPIES = 3
 """Times each question appears in the pretraining corpus (each copy draws its own answer)."""

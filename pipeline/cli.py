@@ -192,6 +192,13 @@ def _summary(results: list[StageResult]) -> None:
     console.print(table)
     for result in results:
         for artifact in result.artifacts.values():
+            metrics = artifact.manifest.get("metrics", {})
+            if artifact.kind == "reward-model" and "accuracy" in metrics:
+                bound = artifact.manifest.get("config", {}).get("min_accuracy")
+                console.print(
+                    f"reward model {artifact.ref}: held-out pairwise accuracy {metrics['accuracy']:.3f}"
+                    f" (gate {metrics.get('gate', '?')}, min_accuracy {bound})"
+                )
             if artifact.kind == "eval-report" and (artifact.path / "report.md").exists():
                 console.print(f"\n[bold]evaluation[/] ({artifact.ref})")
                 console.print((artifact.path / "report.md").read_text().strip())

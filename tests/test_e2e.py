@@ -49,11 +49,24 @@ TABLES = {
 }
 
 
+ROUND_2 = {  # the README's second round: sample from round 1's DPO policy, rank, train on it
+    "sample_2": {"kind": "sample", "inputs": {"policy": "dpo"}, "config": {**REDUCED["sample"], "seed": 1}},
+    "annotate_2": {"kind": "annotate", "inputs": {"samples": "sample_2"}, "config": REDUCED["annotate"]},
+    "collect_2": {"kind": "collect", "inputs": {"batch": "annotate_2"}, "config": REDUCED["collect"]},
+    "dpo_2": {
+        "kind": "dpo",
+        "inputs": {"policy": "dpo", "preferences": "collect_2"},
+        "config": REDUCED["dpo"],
+    },
+}
+
+
 def reduced_demo(folder: Path) -> Path:
     workflow = yaml.safe_load((REPO / "workflows" / "demo.yaml").read_text())
     for name, config in REDUCED.items():
         stage = workflow["stages"][name]
         stage["config"] = {**stage.get("config", {}), **config}
+    workflow["stages"].update(ROUND_2)
     file = folder / "demo-reduced.yaml"
     file.write_text(yaml.safe_dump(workflow, sort_keys=False))
     return file
@@ -65,7 +78,7 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
     monkeypatch.delenv("ARGILLA_API_URL", raising=False)
     monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     file = reduced_demo(workspace)
-    assert set(REDUCED) == set(yaml.safe_load(file.read_text())["stages"])  # every demo stage is reduced
+    assert set(REDUCED) | set(ROUND_2) == set(yaml.safe_load(file.read_text())["stages"])  # all reduced
 
     try:
         done = rlhf("run", str(file), cwd=workspace, timeout=1500)
@@ -77,6 +90,14 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
             artifact = store.get(f"{name}:latest")
             assert store.verify(artifact) == []
             assert {item["ref"].split(":")[0] for item in artifact.manifest["inputs"]} == upstream, name
+        # Round 2 is built on round 1's policy, and the lineage command shows it.
+        assert {i["ref"] for i in store.get("dpo_2:latest").manifest["inputs"]} == {
+            "dpo:v1",
+            "collect_2.preferences:v1",
+        }
+        lineage = rlhf("artifacts", "lineage", "dpo_2:latest", cwd=workspace).stdout
+        for ref in ("dpo_2:v1", "dpo:v1", "collect_2.preferences:v1", "sample_2:v1", "sft:v1", "pretrain:v1"):
+            assert ref in lineage, lineage
         report = store.get("evaluate:latest")
         assert {"sft.accuracy_sampled", "dpo.win_rate", "ppo.kl"} <= set(report.manifest["metrics"])
         assert (report.path / "chart.png").stat().st_size > 0
@@ -84,6 +105,7 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
         # The closing summary: evaluation table, chart, where the rankings are, how to upload W&B.
         out = done.stdout
         assert "evaluation" in out and "chart: " in out and "wandb sync" in out
+        assert "reward model reward:v1: held-out pairwise accuracy" in out
         assert "Argilla: stopped the server this run started" in out and "log in as" in out
         assert server.status(argilla_home) is None
 
