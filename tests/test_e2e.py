@@ -113,17 +113,10 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
         runs = {}
         for run_file in wandb_offline.run_files(workspace / "runs" / "wandb"):
             summary = wandb_offline.summarize(run_file)
-            runs[summary["job_type"]] = summary
-        assert set(runs) == {
-            "pretrain",
-            "sft",
-            "sample",
-            "annotate",
-            "collect",
-            "reward",
-            "dpo",
-            "ppo",
-            "evaluate",
+            runs[summary["name"]] = summary
+        assert set(runs) == set(REDUCED) | set(ROUND_2)
+        assert {name: runs[name]["job_type"] for name in ROUND_2} == {
+            n: s["kind"] for n, s in ROUND_2.items()
         }
         assert len({summary["group"] for summary in runs.values()}) == 1
         for job, key in TABLES.items():
