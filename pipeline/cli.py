@@ -14,10 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Before torch is imported by a stage: idle OpenMP threads sleep instead of spinning, which keeps
-# CPU training from slowing down several times when other processes share the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from rich.console import Console
 from rich.table import Table
 
