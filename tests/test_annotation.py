@@ -44,9 +44,12 @@ def local_server(request, monkeypatch):
         monkeypatch.setenv("RLHF_ARGILLA_HOME", str(request.getfixturevalue("argilla").home))
 
 
-def make_samples(folder: Path, n: int = 12, ks: tuple[int, ...] = (2, 3, 4, 5, 6), chat: bool = True) -> Path:
+def make_samples(
+    folder: Path, n: int = 12, ks: tuple[int, ...] = (2, 3, 4, 5, 6), chat: bool = True, digest: str = ""
+) -> Path:
     """A samples artifact folder: demo prompts with K candidates each (cycling through `ks`), near misses
-    of the right answer, one unparseable; a unique digest so every call makes a new dataset."""
+    of the right answer, one unparseable; a unique digest (unless given: record ids derive from it) so
+    every call makes a new dataset."""
     folder.mkdir(parents=True)
     rows = []
     for i, record in enumerate(demo_task.train_prompts()[:n]):
@@ -61,7 +64,7 @@ def make_samples(folder: Path, n: int = 12, ks: tuple[int, ...] = (2, 3, 4, 5, 6
     generation = {"policy": {"ref": "sft:v1", "digest": "0" * 64}, "k": max(ks), "temperature": 1.0}
     generation["prompt_format"] = "chat" if chat else "plain"
     (folder / "generation.json").write_text(json.dumps(generation))
-    manifest = {"name": "sample", "version": 1, "ref": "sample:v1", "digest": uuid.uuid4().hex * 2}
+    manifest = {"name": "sample", "version": 1, "ref": "sample:v1", "digest": digest or uuid.uuid4().hex * 2}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -192,7 +195,8 @@ def test_push_interrupted_by_a_stopped_server_completes_on_retry(argilla, tmp_pa
 
 
 def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
-    samples = make_samples(tmp_path / "samples", n=12)
+    # A fixed digest fixes the record ids, on which the bots' seeded decisions depend.
+    samples = make_samples(tmp_path / "samples", n=12, digest="b0" * 32)
     bots = SimulatedAnnotators(annotators=3, noise=0.3, discard=0.3, seed=7)
     metrics = run_push(samples, tmp_path / "batch", annotators_per_record=2, simulate=bots)
     batch, records = layout.load_batch(tmp_path / "batch")
