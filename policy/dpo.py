@@ -24,6 +24,7 @@ import torch
 
 from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
+from common.training import count_parameters, last_checkpoint
 from policy import tuning
 from policy.configs import DPOConfig
 
@@ -55,8 +56,8 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     trainer, tokenizer = build_trainer(config, inputs["policy"], rows, scratch, device)
 
     # Train
-    trainable, total = tuning.count_parameters(trainer.model)
-    checkpoint = tuning.last_checkpoint(scratch)
+    trainable, total = count_parameters(trainer.model)
+    checkpoint = last_checkpoint(scratch)
     if checkpoint is not None:
         print(f"dpo: resuming from {checkpoint.name}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -32,6 +32,7 @@ from common import demo_task
 from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
 from common.reward_model import check_tokenizers_match, load_reward_model, response_text, score_batch
+from common.training import count_parameters, last_checkpoint
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
 
@@ -78,8 +79,8 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         processing_class=tokenizer,
         peft_config=tuning.lora_config(config),
     )
-    trainable, total = tuning.count_parameters(trainer.model)
-    checkpoint = tuning.last_checkpoint(scratch)
+    trainable, total = count_parameters(trainer.model)
+    checkpoint = last_checkpoint(scratch)
     if checkpoint is not None:
         print(f"{stage}: resuming from {checkpoint.name}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

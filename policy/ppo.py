@@ -71,6 +71,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.reward_model import check_tokenizers_match, load_reward_model, score_batch
+from common.training import last_checkpoint
 from policy import ppo_math
 from policy.configs import PPOConfig
 from policy.generation import Completion, Sampling, derive_seed, encode_prompts, generate, left_pad, stop_ids
@@ -131,7 +132,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     scratch = out_dir / SCRATCH
     moments, history = ppo_math.RunningMoments(), []
     start = 0
-    checkpoint = last_checkpoint(scratch)
+    checkpoint = last_checkpoint(scratch, STATE_FILE)
     if checkpoint is not None:
         start, moments, history = load_checkpoint(accelerator, checkpoint)
         if accelerator.is_main_process:
@@ -801,16 +802,6 @@ def save_checkpoint(
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def last_checkpoint(scratch: Path) -> Path | None:
-    """The newest complete checkpoint (only complete ones are ever renamed into place)."""
-    found = [
-        (int(path.name.split("-")[1]), path)
-        for path in scratch.glob("checkpoint-*")
-        if path.name.split("-")[1].isdigit() and (path / STATE_FILE).is_file()
-    ]
-    return max(found)[1] if found else None
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[int, ppo_math.RunningMoments, list[dict]]:

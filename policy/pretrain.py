@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from common import demo_task
 from common.models import pick_device
 from common.outcomes import InputError
+from common.training import wandb_run
 from policy.configs import PretrainConfig
 from policy.demo_model import build_model, train_tokenizer
 
@@ -184,7 +185,7 @@ def train(
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
-    wandb_run = current_wandb_run()
+    run = wandb_run()
     model.train()
     recent: list[float] = []
     started = time.perf_counter()
@@ -202,10 +203,8 @@ def train(
         if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
             mean_loss = sum(recent) / len(recent)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
-            if wandb_run is not None:
-                wandb_run.log(
-                    {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1
-                )
+            if run is not None:
+                run.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
     progress.close()
     model.eval()
     seconds = time.perf_counter() - started
@@ -214,15 +213,6 @@ def train(
         "tokens": config.steps * config.batch_size * config.seq_len,
         "seconds": seconds,
     }
-
-
-def current_wandb_run() -> Any:
-    """The W&B run the runner opened around this stage, if any; W&B is never required."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    return wandb.run
 
 
 # --- measure ---

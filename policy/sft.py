@@ -17,7 +17,6 @@ import importlib.util
 import json
 import re
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from datasets import Dataset
 from common import demo_task
 from common.models import is_adapter, load_tokenizer, pick_device, save_model, set_threads
 from common.outcomes import InputError
+from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from policy.configs import SFTConfig
 
 SCRATCH = "scratch"
@@ -342,40 +342,10 @@ def training_args(config: SFTConfig, data_format: str, device: torch.device, scr
         save_steps=config.save_steps,
         save_total_limit=2,  # the last one may be half-written when the process is killed
         include_num_input_tokens_seen="non_padding",
-        report_to=["wandb"] if wandb_run_open() else "none",
+        report_to=["wandb"] if wandb_run() is not None else "none",
         disable_tqdm=False,
         dataloader_pin_memory=device.type == "cuda",
     )
-
-
-def wandb_run_open() -> bool:
-    """Whether a W&B run is open in this process (the runner opens one around the stage)."""
-    wandb = sys.modules.get("wandb")
-    return wandb is not None and wandb.run is not None
-
-
-def last_checkpoint(scratch: Path) -> Path | None:
-    """The newest complete checkpoint (the trainer writes `trainer_state.json` last)."""
-    complete = [
-        (int(match.group(1)), path)
-        for path in scratch.glob("checkpoint-*")
-        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").exists()
-    ]
-    return max(complete)[1] if complete else None
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; PEFT counts 4-bit weights at their unpacked size."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def final_train_loss(trainer: Any, mean_loss: float) -> float:
-    """The last logged training loss (a mean over the last `logging_steps` steps), else the mean loss."""
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses[-1] if losses else mean_loss
 
 
 class PeakMemory:

@@ -128,24 +128,6 @@ def lineage(stage: str, config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def last_checkpoint(scratch: Path) -> Path | None:
-    """The newest complete trainer checkpoint under `scratch` (the trainer writes `trainer_state.json` last)."""
-    steps = [
-        (int(path.name.split("-")[1]), path)
-        for path in scratch.glob("checkpoint-*")
-        if path.name.split("-")[1].isdigit() and (path / "trainer_state.json").exists()
-    ]
-    return max(steps)[1] if steps else None
-
-
 def logged(trainer: Any, key: str) -> list[float]:
     """The values of `key` in the trainer's log history, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
+from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from reward import evaluation
 from reward.configs import RewardConfig
 
@@ -346,29 +345,6 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
     )
 
 
-def last_checkpoint(scratch: Path) -> Path | None:
-    """The newest complete checkpoint (the trainer writes `trainer_state.json` last)."""
-    complete = [
-        (int(match.group(1)), path)
-        for path in scratch.glob("checkpoint-*")
-        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").exists()
-    ]
-    return max(complete)[1] if complete else None
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def final_train_loss(trainer: Any, mean_loss: float) -> float:
-    """The last logged training loss (a mean over the last `logging_steps` steps), else the mean loss."""
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses[-1] if losses else mean_loss
-
-
 def merged(
     model: Any, rows: list[dict[str, Any]], tokenizer: Any, config: RewardConfig
 ) -> tuple[Any, float | None]:
@@ -468,9 +444,3 @@ def log_to_wandb(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
             pair["agreement"],
         )
     run.log({**flat, "eval/worst_pairs": table})
-
-
-def wandb_run() -> Any:
-    """The W&B run the runner opened around this stage, if any; W&B is never required."""
-    wandb = sys.modules.get("wandb")
-    return wandb.run if wandb is not None else None

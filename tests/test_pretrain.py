@@ -280,7 +280,7 @@ def test_logs_loss_and_lr_to_an_open_wandb_run(monkeypatch, tmp_path):
         def log(self, values, step=None):
             logged.append((step, values))
 
-    monkeypatch.setattr(pretrain, "current_wandb_run", lambda: FakeRun())
+    monkeypatch.setattr(pretrain, "wandb_run", lambda: FakeRun())
     pretrain.run(PretrainConfig(**TINY), {}, tmp_path)
     assert [step for step, _ in logged] == [20, 40]
     assert all({"train/loss", "train/lr"} <= set(values) for _, values in logged)
