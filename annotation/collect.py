@@ -90,7 +90,7 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
         "correct_chosen_fraction": correct_chosen_fraction(rows),
     }
     _write(out_dir / "preferences", PREFERENCES_FILE, rows, preferences_summary)
-    log_table(rows)
+    log_tables(rows, preferences.record_agreement(records, rankings))
 
     # Measure
     return {
@@ -250,16 +250,16 @@ def correct_chosen_fraction(rows: list[dict[str, Any]]) -> float | None:
     return hits / total if total else None
 
 
-def log_table(rows: list[dict[str, Any]]) -> None:
-    """A W&B table of the first `TABLE_PAIRS` pairs, when the runner opened a run."""
+def log_tables(rows: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> None:
+    """W&B tables, when the runner opened a run: `preferences` (the first `TABLE_PAIRS` pairs) and
+    `rankings` (the first `TABLE_PAIRS` ranked records: mean ranks, consensus best, agreement)."""
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is None:
         return
-    columns = ["prompt_id", "prompt", "chosen", "rejected", "agreement", "votes", "simulated"]
-    data = [
+    pairs = [
         [
             row["prompt_id"],
             layout.render_prompt(row["prompt"]),
@@ -271,7 +271,40 @@ def log_table(rows: list[dict[str, Any]]) -> None:
         ]
         for row in rows[:TABLE_PAIRS]
     ]
-    wandb.run.log({"preferences": wandb.Table(columns=columns, data=data)})
+    ranked = [
+        [
+            record["record_id"],
+            layout.render_prompt(record["prompt"]),
+            record["rankings"],
+            record["discards"],
+            record["agreement"],
+            record["kendall_w"],
+            json.dumps([round(r, 2) for r in record["mean_ranks"]]),
+            record["consensus_best"],
+        ]
+        for record in agreement[:TABLE_PAIRS]
+    ]
+    wandb.run.log(
+        {
+            "preferences": wandb.Table(
+                columns=["prompt_id", "prompt", "chosen", "rejected", "agreement", "votes", "simulated"],
+                data=pairs,
+            ),
+            "rankings": wandb.Table(
+                columns=[
+                    "record_id",
+                    "prompt",
+                    "rankings",
+                    "discards",
+                    "agreement",
+                    "kendall_w",
+                    "mean_ranks",
+                    "consensus_best",
+                ],
+                data=ranked,
+            ),
+        }
+    )
 
 
 def _text(side: Any) -> str:

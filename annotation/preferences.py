@@ -257,6 +257,42 @@ def to_preferences(
     return rows, summary
 
 
+def record_agreement(
+    records: Iterable[dict[str, Any]], rankings: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per record with at least one submitted ranking: how its annotators ranked and how far they agreed.
+
+    `{"record_id", "prompt", "rankings", "discards", "mean_ranks", "consensus_best", "agreement",
+    "kendall_w"}`: `mean_ranks` is each candidate's mean rank, `consensus_best` the candidate with the
+    lowest one (the first of equals; a candidate as in `records`), `agreement` and `kendall_w` None below
+    two rankings.
+    """
+    by_record: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rankings:
+        by_record[row["record_id"]].append(row)
+    summaries = []
+    for record in records:
+        responses = by_record.get(record["record_id"], [])
+        ranks = [r["ranks"] for r in responses if r["status"] == "submitted" and r.get("ranks") is not None]
+        if not ranks:
+            continue
+        mean_ranks = [mean(r[i] for r in ranks) for i in range(len(ranks[0]))]
+        best = mean_ranks.index(min(mean_ranks))
+        summaries.append(
+            {
+                "record_id": record["record_id"],
+                "prompt": record["prompt"],
+                "rankings": len(ranks),
+                "discards": sum(r["status"] == "discarded" for r in responses),
+                "mean_ranks": mean_ranks,
+                "consensus_best": record["candidates"][best],
+                "agreement": pairwise_agreement(ranks),
+                "kendall_w": kendall_w(ranks),
+            }
+        )
+    return summaries
+
+
 def _row(
     record: dict[str, Any], better: int, worse: int, votes: dict[tuple[int, int], Votes], chat: bool
 ) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """The offline demo task: add two small integers, asked as a chat question.
 
 "What is 7 + 12?" is answered "7 + 12 = 19". The answer restates the sum before the result, so a tiny
-model computes in one fixed format whatever the phrasing, and the result is written digit by digit:
-sampling at temperature 1 naturally produces near misses such as "7 + 12 = 18" or "7 + 12 = 29".
+model computes in one fixed format whatever the phrasing, and the result is written digit by digit.
 
-The pretraining corpus plays the part of the web: it states every sum, but unreliably (a fixed share
-of its answers are near misses), so the base model knows the arithmetic yet often samples a wrong
-answer. Alignment then has something real to fix: making the policy reliable, not teaching it facts.
+The pretraining corpus plays the part of the web: it states every sum, but unreliably: a fixed share
+of its answers are carry slips, off by ten ("7 + 15 = 12", a carry forgotten; "7 + 12 = 29", one
+added), so the base model knows the arithmetic yet often samples a wrong answer. Alignment then has
+something real to fix: making the policy reliable, not teaching it facts.
 
 Operand pairs are split once into train and held-out pairs by a seeded hash of the pair. Everything
 the pipeline trains on after pretraining (SFT data, prompts sampled for annotation, preference pairs,
@@ -28,11 +28,14 @@ HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 """Default seed of the train / held-out split."""
 CORPUS_NOISE = 0.5
-"""Share of the pretraining corpus's answers that are wrong (near misses)."""
-CORPUS_COPIES = 3
+"""Share of the pretraining corpus's answers that are wrong (carry slips)."""
+CORPUS_COPIES = 5
 """Times each question appears in the pretraining corpus (each copy draws its own answer)."""
-NEAR_MISSES = ((-1, 3), (1, 3), (-2, 1), (2, 1), (10, 1), (-10, 1))
-"""(offset from the right answer, weight) of the corpus's wrong answers: mostly off by one."""
+SLIPS = ((10, 1), (-10, 1))
+"""(offset from the right answer, weight) of the corpus's wrong answers: a carry added or forgotten.
+Slips, not off-by-one answers, because the demo's reward model must learn to tell them from right ones:
+with three layers added it ranks carry slips right about nine times in ten, but off-by-ones (tried
+before) barely above chance."""
 
 PHRASINGS = (
     "What is {a} + {b}?",
@@ -121,24 +124,25 @@ def plain_text(prompt: str, response: str) -> str:
     return plain_prompt(prompt) + response
 
 
-def near_miss(answer: int, rng: random.Random) -> int:
-    """A wrong answer close to `answer` (never negative), drawn by `NEAR_MISSES`."""
-    offsets = [(offset, weight) for offset, weight in NEAR_MISSES if answer + offset >= 0]
-    return answer + rng.choices([o for o, _ in offsets], [w for _, w in offsets])[0]
+def slip(answer: int, rng: random.Random) -> int:
+    """`answer` after a slip drawn by `SLIPS`. A slip that would make it negative (forgetting a carry that
+    a sum below ten does not have) cannot happen: the answer stays right."""
+    offset = rng.choices([o for o, _ in SLIPS], [w for _, w in SLIPS])[0]
+    return answer + offset if answer + offset >= 0 else answer
 
 
 def pretraining_corpus(
     max_operand: int = MAX_OPERAND, noise: float = CORPUS_NOISE, copies: int = CORPUS_COPIES, seed: int = 0
 ) -> list[str]:
     """Plain-text documents such as "What is 7 + 12?\\n7 + 12 = 19": every operand pair (held-out pairs
-    too, as a web would) in every phrasing, `copies` times, each answer wrong with probability `noise`
-    (a near miss). Seeded, in a shuffled order."""
+    too, as a web would) in every phrasing, `copies` times, each answer slipping with probability `noise`
+    (see `slip`: sums below ten slip half as often). Seeded, in a shuffled order."""
     rng = random.Random(seed)
     documents = []
     for a, b in operand_pairs(max_operand):
         for phrasing in PHRASINGS:
             for _ in range(copies):
-                answer = near_miss(a + b, rng) if rng.random() < noise else a + b
+                answer = slip(a + b, rng) if rng.random() < noise else a + b
                 documents.append(plain_text(phrasing.format(a=a, b=b), f"{a} + {b} = {answer}"))
     rng.shuffle(documents)
     return documents

@@ -10,11 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class RewardConfig(BaseModel):
     """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
-    on a held-out split by prompt and gated on its held-out pairwise accuracy. With the defaults, ~2,300
-    demo pairs train in about 80 s on 2 busy CPU cores; the 4-layer demo model then ranks pairs with an
-    unanswered or far-off answer almost always right but off-by-one/two near misses barely above chance
-    (about 0.7 held-out accuracy overall): it computes a sum only in its last layer, too late for the
-    score read at the final token to compare it with the answer."""
+    on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
+    model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should
+    come next only at its last layer, with no layer left to compare it with the digit that came); with
+    `added_layers: 3` and 8 epochs, as in the demo workflow, it passes 0.9 (see the README)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -43,6 +42,13 @@ class RewardConfig(BaseModel):
     max_length: int | None = Field(1024, ge=8)
     """Pairs whose chosen or rejected sequence (prompt and response, in tokens) is longer are left out of
     training and evaluation, and counted; null keeps every pair."""
+    added_layers: int = Field(0, ge=0)
+    """Transformer blocks added on top of the model before training, initialised to pass their input
+    through unchanged and trained in full (LoRA leaves them alone). A reward model must compare the
+    response with what the model expected at each token, which the model only knows at its last layer:
+    a small model has no layer left to compare in. The demo's 4-layer model needs 3; a 7B one, none.
+    Supported for decoder models whose blocks write to the residual stream through `o_proj` and
+    `down_proj`-style projections (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2 ...); others are a clear error."""
     # --- LoRA ---
     lora_r: int = Field(16, ge=1)
     """`lora`: rank of the update matrices."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
             [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in train_rows]
         ),
         processing_class=tokenizer,
-        peft_config=peft_config(config),
+        peft_config=peft_config(config, model),
     )
     trainable, total = count_parameters(trainer.model)
     checkpoint = last_checkpoint(scratch)
@@ -128,6 +129,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "data_format": data_format,
         "text_format": "chat" if tokenizer.chat_template else "plain",
         "method": config.method,
+        "added_layers": config.added_layers,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "steps": trainer.state.global_step,
@@ -281,7 +283,57 @@ def load_model(source: Path | str, config: RewardConfig, tokenizer: Any, scratch
             f"{model.get_input_embeddings().num_embeddings} embeddings"
         )
     set_pad_token(model, tokenizer)
+    if config.added_layers:
+        model = add_layers(model, config.added_layers)
     return model
+
+
+RESIDUAL_WRITERS = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "wo", "w2")
+"""Names of the projections through which a decoder block writes to the residual stream."""
+
+
+def add_layers(model: Any, count: int) -> Any:
+    """The model with `count` more blocks on top of its own, whose residual-writing projections are zero:
+    at first every block added passes its input through, so the rewards are exactly those of `model`."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config()
+    own = text.num_hidden_layers
+    text.num_hidden_layers = own + count
+    if getattr(text, "layer_types", None):
+        text.layer_types = [*text.layer_types, *[text.layer_types[-1]] * count]
+    grown = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    writers = [name for name in missing if any(f".{w}." in f".{name}" for w in RESIDUAL_WRITERS)]
+    with torch.no_grad():
+        parameters = dict(grown.named_parameters())
+        for name in writers:
+            parameters[name].zero_()
+    probe = torch.tensor([list(range(1, 9))])
+    with torch.no_grad():
+        same = torch.allclose(grown.eval()(probe).logits, model.eval()(probe).logits, atol=1e-5)
+    if unexpected or not writers or not same:
+        raise InputError(
+            f"reward: added_layers is not supported for {type(model).__name__}: its blocks do not write to "
+            f"the residual stream through any of {', '.join(RESIDUAL_WRITERS)}; set added_layers to 0"
+        )
+    grown.train()
+    return grown
+
+
+def added_blocks(model: Any, added: int) -> tuple[int, list[str]]:
+    """The number of the model's own blocks, and the module names of the `added` blocks on top of them
+    (e.g. `model.layers.4`)."""
+    total = model.config.get_text_config().num_hidden_layers
+    names = [
+        name
+        for name, _ in model.named_modules()
+        if (match := re.fullmatch(r".*\.layers\.(\d+)", name)) and int(match.group(1)) >= total - added
+    ]
+    return total - added, names
 
 
 def merge_adapter(adapter: Path, out_dir: Path) -> Path:
@@ -297,19 +349,22 @@ def merge_adapter(adapter: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def peft_config(config: RewardConfig) -> Any:
+def peft_config(config: RewardConfig, model: Any) -> Any:
     """LoRA for sequence classification: PEFT adds the score head to `modules_to_save`, so it is trained
-    in full; None for `full`."""
+    in full, as are the added blocks (LoRA goes on the model's own blocks only); None for `full`."""
     if config.method != "lora":
         return None
     import peft
 
+    _, added = added_blocks(model, config.added_layers)
     return peft.LoraConfig(
         task_type="SEQ_CLS",
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
+        exclude_modules=rf"({'|'.join(re.escape(name) for name in added)})\..*" if added else None,
+        modules_to_save=added or None,
     )
 
 

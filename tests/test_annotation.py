@@ -505,6 +505,24 @@ def test_kendall_w_with_and_without_ties():
     assert preferences.pairwise_agreement([[1, 2, 3]]) is None
 
 
+def test_record_agreement_summarizes_each_ranked_record():
+    records = [record(3, "r1"), record(3, "r2"), record(3, "r3")]
+    rankings = [
+        ranking([1, 2, 3], "a", record_id="r1"),
+        ranking([2, 1, 3], "b", record_id="r1"),
+        ranking([3, 1, 2], "c", record_id="r1"),
+        ranking([2, 1, 3], "a", record_id="r2"),
+        ranking(None, "b", "discarded", "r2"),
+        ranking(None, "a", "discarded", "r3"),
+    ]
+    first, second = preferences.record_agreement(records, rankings)  # r3 has no ranking: left out
+    assert first["mean_ranks"] == [2, pytest.approx(4 / 3), pytest.approx(8 / 3)]
+    assert first["consensus_best"] == "c1" and first["rankings"] == 3 and first["discards"] == 0
+    assert first["agreement"] == pytest.approx(5 / 9) and first["kendall_w"] == pytest.approx(96 / 216)
+    assert (second["record_id"], second["consensus_best"], second["discards"]) == ("r2", "c1", 1)
+    assert second["agreement"] is None and second["kendall_w"] is None
+
+
 def test_collect_maps_ranks_back_and_ignores_placeholder_slots():
     values = {
         "ranking": {

@@ -76,14 +76,16 @@ def test_no_text_after_pretraining_mentions_a_held_out_pair():
     assert not held_out_prompts & {record["prompt"] for record in demo_task.train_prompts()}
 
 
-def test_pretraining_corpus_states_every_sum_with_the_configured_share_of_near_misses():
+def test_pretraining_corpus_states_every_sum_with_the_configured_share_of_carry_slips():
     corpus = demo_task.pretraining_corpus(noise=0.35, copies=3)
     assert len(corpus) == len(demo_task.operand_pairs()) * len(demo_task.PHRASINGS) * 3
     stated = [tuple(int(n) for n in re.findall(r"\d+", doc.split("\n")[1])) for doc in corpus]
     assert {(a, b) for a, b, _ in stated} == set(demo_task.operand_pairs())
     errors = [c - (a + b) for a, b, c in stated if c != a + b]
-    assert 0.32 < len(errors) / len(stated) < 0.38
-    assert set(errors) <= {-10, -2, -1, 1, 2, 10} and all(c >= 0 for _, _, c in stated)
+    small = sum(a + b < 10 for a, b in demo_task.operand_pairs()) / len(demo_task.operand_pairs())
+    expected = 0.35 * (1 - small / 2)  # below ten only the added carry can slip in
+    assert expected - 0.03 < len(errors) / len(stated) < expected + 0.03
+    assert set(errors) == {-10, 10} and all(c >= 0 for _, _, c in stated)
     assert demo_task.pretraining_corpus() == demo_task.pretraining_corpus()  # seeded
     clean = demo_task.pretraining_corpus(noise=0.0, copies=1)
     assert all(eval(doc.split("\n")[1].replace("=", "==")) for doc in clean)
@@ -117,7 +119,7 @@ def test_parse_answer(response, answer):
     assert demo_task.parse_answer(response) == answer
 
 
-def test_correct_response_is_correct_and_near_miss_is_not():
+def test_correct_response_is_correct_and_a_wrong_one_is_not():
     assert demo_task.is_correct(demo_task.render_response(7, 12), 19)
     assert not demo_task.is_correct("7 + 12 = 18", 19)
     assert not demo_task.is_correct("garbage", 19)

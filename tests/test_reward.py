@@ -176,6 +176,29 @@ def test_loaded_reward_model_scores_exactly_as_at_the_end_of_training(trained):
     assert len(set(expected)) > 2  # the rewards differ between responses: not a constant model
 
 
+def test_added_layers_start_out_passing_their_input_through(tiny_model, tokenizer, tmp_path):
+    plain = train.load_model(tiny_model, RewardConfig(), tokenizer, tmp_path)
+    grown = train.load_model(tiny_model, RewardConfig(added_layers=2), tokenizer, tmp_path)
+    assert (plain.config.num_hidden_layers, grown.config.num_hidden_layers) == (2, 4)
+    ids = torch.tensor([tokenizer("What is 7 + 12? 7 + 12 = 19")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(ids).logits, grown.eval()(ids).logits, atol=1e-6)
+    assert train.added_blocks(grown, 2) == (2, ["model.layers.2", "model.layers.3"])
+    lora = train.peft_config(RewardConfig(added_layers=2), grown)
+    assert lora.modules_to_save == ["model.layers.2", "model.layers.3"]  # trained in full, no adapter
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_reward_model_with_added_layers_trains_saves_and_reloads(tmp_path, tiny_model, method):
+    metrics, out_dir = train_stage(tmp_path, tiny_model, easy_pairs(), added_layers=1, method=method)
+    assert metrics["added_layers"] == 1 and metrics["accuracy"] >= 0.9
+    assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 3
+    model, tokenizer = load_reward_model(out_dir)
+    held = [json.loads(line) for line in (out_dir / "held_out.jsonl").read_text().splitlines()]
+    scores = score_batch(model, tokenizer, [r["prompt"] for r in held], [r["chosen"] for r in held], 64)
+    assert max(abs(a - r["reward_chosen"]) for a, r in zip(scores, held, strict=True)) <= 1e-6
+
+
 def test_reward_model_artifact_contents(trained):
     _, out_dir = trained
     info = json.loads((out_dir / "reward.json").read_text())
