@@ -164,6 +164,19 @@ def training_example(prompt: Any, chosen: str, rejected: str, chat: bool) -> dic
     }
 
 
+def group_by_record(rankings: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rankings rows of each record id."""
+    by_record: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rankings:
+        by_record[row["record_id"]].append(row)
+    return by_record
+
+
+def is_ranking(row: dict[str, Any]) -> bool:
+    """Whether a rankings row is a submitted, readable ranking (the only kind that counts)."""
+    return row["status"] == "submitted" and row.get("ranks") is not None
+
+
 def to_preferences(
     records: Iterable[dict[str, Any]],
     rankings: Iterable[dict[str, Any]],
@@ -178,16 +191,14 @@ def to_preferences(
     `rankings`: `{"record_id", "annotator", "status", "ranks", "simulated"?}` with `ranks` aligned with the
     record's candidates (the rows of rankings.jsonl); statuses other than submitted give no pairs.
     """
-    by_record: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rankings:
-        by_record[row["record_id"]].append(row)
+    by_record = group_by_record(rankings)
 
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
     agreements, concordances = [], []
     for record in records:
         responses = by_record.get(record["record_id"], [])
-        submitted = [r for r in responses if r["status"] == "submitted" and r.get("ranks") is not None]
+        submitted = [r for r in responses if is_ranking(r)]
         discarded = [r for r in responses if r["status"] == "discarded"]
         counts["discards"] += len(discarded)
         counts["rankings_unreadable"] += sum(
@@ -267,13 +278,11 @@ def record_agreement(
     lowest one (the first of equals; a candidate as in `records`), `agreement` and `kendall_w` None below
     two rankings.
     """
-    by_record: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rankings:
-        by_record[row["record_id"]].append(row)
+    by_record = group_by_record(rankings)
     summaries = []
     for record in records:
         responses = by_record.get(record["record_id"], [])
-        ranks = [r["ranks"] for r in responses if r["status"] == "submitted" and r.get("ranks") is not None]
+        ranks = [r["ranks"] for r in responses if is_ranking(r)]
         if not ranks:
             continue
         mean_ranks = [mean(r[i] for r in ranks) for i in range(len(ranks[0]))]

@@ -324,16 +324,14 @@ def add_layers(model: Any, count: int) -> Any:
     return grown
 
 
-def added_blocks(model: Any, added: int) -> tuple[int, list[str]]:
-    """The number of the model's own blocks, and the module names of the `added` blocks on top of them
-    (e.g. `model.layers.4`)."""
+def added_blocks(model: Any, added: int) -> list[str]:
+    """The module names of the `added` blocks on top of the model's own (e.g. `model.layers.4`)."""
     total = model.config.get_text_config().num_hidden_layers
-    names = [
+    return [
         name
         for name, _ in model.named_modules()
         if (match := re.fullmatch(r".*\.layers\.(\d+)", name)) and int(match.group(1)) >= total - added
     ]
-    return total - added, names
 
 
 def merge_adapter(adapter: Path, out_dir: Path) -> Path:
@@ -356,7 +354,7 @@ def peft_config(config: RewardConfig, model: Any) -> Any:
         return None
     import peft
 
-    _, added = added_blocks(model, config.added_layers)
+    added = added_blocks(model, config.added_layers)
     return peft.LoraConfig(
         task_type="SEQ_CLS",
         r=config.lora_r,

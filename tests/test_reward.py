@@ -183,7 +183,7 @@ def test_added_layers_start_out_passing_their_input_through(tiny_model, tokenize
     ids = torch.tensor([tokenizer("What is 7 + 12? 7 + 12 = 19")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(plain.eval()(ids).logits, grown.eval()(ids).logits, atol=1e-6)
-    assert train.added_blocks(grown, 2) == (2, ["model.layers.2", "model.layers.3"])
+    assert train.added_blocks(grown, 2) == ["model.layers.2", "model.layers.3"]
     lora = train.peft_config(RewardConfig(added_layers=2), grown)
     assert lora.modules_to_save == ["model.layers.2", "model.layers.3"]  # trained in full, no adapter
 
