@@ -117,9 +117,20 @@ def default_home() -> Path:
     return Path(os.environ.get("RLHF_ARGILLA_HOME") or DEFAULT_HOME).absolute()
 
 
+def default_port() -> int:
+    """The port a new embedded server listens on: `$RLHF_ARGILLA_PORT`; else 6900, or any free port when
+    6900 is taken (say, by the server of another folder, still up after a failed run there)."""
+    value = os.environ.get("RLHF_ARGILLA_PORT")
+    if value:
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ArgillaServerError(f"RLHF_ARGILLA_PORT must be a port number (1-65535), got {value!r}")
+        return int(value)
+    return DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+
+
 def serve(
     home: Path | None = None,
-    port: int = DEFAULT_PORT,
+    port: int | None = None,
     annotators: int = 3,
     *,
     quiet: bool = False,
@@ -131,7 +142,7 @@ def serve(
     adding annotator accounts if more are asked for than exist). Leftovers of a crashed run (stale pid files, half the
     processes) are cleaned up first. On the first start the database is created with an owner and
     `annotators` annotator accounts (annotator-1..N) whose passwords and API keys go to credentials.json.
-    Unless `quiet`, prints the UI address and the logins.
+    Unless `quiet`, prints the UI address and the logins. `port` None: `default_port()`.
     """
     home = _resolve_home(home, create=True)
     python = server_python()
@@ -141,7 +152,7 @@ def serve(
             _stop_processes(home, timeout=20.0)
             credentials = _load_credentials(home) or _new_credentials()
             _write_credentials(home, credentials)
-            _start(home, python, port, timeout)
+            _start(home, python, default_port() if port is None else port, timeout)
         info = _ensure_annotators(home, annotators)
     if not quiet:
         print(info.logins_text(), flush=True)
@@ -178,7 +189,7 @@ def connect(home: Path | None = None, *, start: bool = False) -> Connection:
     """The Argilla server to use: ARGILLA_API_URL + ARGILLA_API_KEY when set, else the local one.
 
     The local server's owner key is used; with `start`, a local server that is not running is started
-    (quietly, with the default port and annotators).
+    (quietly, on `default_port()`, with the default annotators).
     """
     url, api_key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
     if url and api_key:
@@ -255,7 +266,9 @@ def _start(home: Path, python: Path, port: int, timeout: float) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if not _port_free(port):
-        raise ArgillaServerError(f"port {port} on {HOST} is already in use: choose another port")
+        raise ArgillaServerError(
+            f"port {port} on {HOST} is already in use: choose another (--port, or RLHF_ARGILLA_PORT)"
+        )
 
     redis_port = free_port()
     env = _server_env(home, redis_port)

@@ -98,7 +98,23 @@ def set_pad_token(model: Any, tokenizer: Any) -> None:
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
 
 
-# --- the tokenizer hand-off ---
+# --- the hand-off checks ---
+
+
+def check_reward_status(reward_dir: Path, allow_rejected: bool, stage: str) -> None:
+    """Refuse a reward model whose manifest says its acceptance gate rejected it, unless allowed (the
+    stage's `allow_rejected_reward`, which `rlhf run --allow-rejected` also sets)."""
+    manifest = reward_dir / "manifest.json"
+    if not manifest.is_file():
+        return  # a local directory, not an artifact: nothing says it was gated
+    record = json.loads(manifest.read_text())
+    if record.get("status") == "rejected" and not allow_rejected:
+        raise InputError(
+            f"{stage}: the reward model {record.get('ref', reward_dir)} was rejected by its acceptance gate "
+            f"({record.get('status_reason', 'no reason recorded')}); optimizing a policy against it would "
+            "exploit its errors. Train a better one, or set allow_rejected_reward: true (or run with "
+            "--allow-rejected) to use it anyway"
+        )
 
 
 def check_tokenizers_match(

@@ -201,7 +201,9 @@ class Runner:
         self.group.barrier()  # the payload directory is clean before any process writes to it
         try:
             function = stage.spec.load()
-            metrics = function(stage.config, stage_inputs(stage, inputs), out_dir) or {}
+            metrics = (
+                function(stage_config(stage, self.allow_rejected), stage_inputs(stage, inputs), out_dir) or {}
+            )
         except Waiting as waiting:
             seconds = time.perf_counter() - clock
             tracker.finish({"waiting": str(waiting)})
@@ -341,6 +343,7 @@ class Runner:
             "version": artifact.version,
             "kind": artifact.kind,
             "digest": artifact.digest,
+            **({"status": REJECTED} if artifact.manifest.get("status") == REJECTED else {}),
         }
         return ResolvedInput(slot, artifact.path, artifact.digest, record, artifact)
 
@@ -358,6 +361,15 @@ class Runner:
             )
         self.done[stage_name] = found
         return found
+
+
+def stage_config(stage: Stage, allow_rejected: bool) -> Any:
+    """The config the stage function runs with: `--allow-rejected` reaches the stages that guard their
+    reward model themselves (their `allow_rejected_reward`). The cache key and manifest keep the workflow's
+    config; the manifest's input record says the input was rejected."""
+    if allow_rejected and "allow_rejected_reward" in type(stage.config).model_fields:
+        return stage.config.model_copy(update={"allow_rejected_reward": True})
+    return stage.config
 
 
 def stage_inputs(stage: Stage, inputs: list[ResolvedInput]) -> dict[str, Any]:

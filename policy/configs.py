@@ -403,8 +403,9 @@ class PPOConfig(StageConfig):
     value_lora_r: int = Field(16, ge=1)
     """`value_model: lora`: rank of its adapter (its alpha is twice the rank)."""
     allow_rejected_reward: bool = False
-    """Use a reward model whose artifact was marked rejected by its acceptance gate (the runner also
-    refuses one unless run with --allow-rejected; this guards stages run on a path)."""
+    """Use a reward model whose artifact was marked rejected by its acceptance gate (`rlhf run
+    --allow-rejected` sets it for the run; the stage checks it itself so that a rejected reward-model
+    directory given as a path is refused too)."""
     # --- checkpoints, logging, device ---
     checkpoint_every: int = Field(20, ge=1)
     """Updates between checkpoints under the stage's `scratch/` (adapter, value model, optimizer,
@@ -454,7 +455,8 @@ class OnlineRLConfig(PolicyTuningConfig):
     """Train on at most this many prompts: the first N demo train prompts or rows of the `prompts` file; null
     takes all."""
     allow_rejected_reward: bool = False
-    """Train against a reward model whose manifest says its acceptance gate rejected it (`status: rejected`)."""
+    """Train against a reward model whose manifest says its acceptance gate rejected it (`status: rejected`);
+    `rlhf run --allow-rejected` sets it for the run."""
     reward_batch_size: int = Field(64, ge=1)
     """Sequences the reward model scores together."""
 

@@ -21,7 +21,6 @@ Reads top to bottom: check, load, train, save, measure.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,13 @@ import torch
 from common import demo_task
 from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
-from common.reward_model import check_tokenizers_match, load_reward_model, response_text, score_batch
+from common.reward_model import (
+    check_reward_status,
+    check_tokenizers_match,
+    load_reward_model,
+    response_text,
+    score_batch,
+)
 from common.training import count_parameters, last_checkpoint
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
@@ -111,21 +116,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     }
 
 
-# --- check ---
-
-
-def check_reward_status(reward_dir: Path, allow_rejected: bool, stage: str) -> None:
-    """Refuse a reward model whose manifest says its acceptance gate rejected it, unless allowed."""
-    manifest = reward_dir / "manifest.json"
-    if not manifest.is_file():
-        return  # a local directory, not an artifact: nothing says it was gated
-    record = json.loads(manifest.read_text())
-    if record.get("status") == "rejected" and not allow_rejected:
-        raise InputError(
-            f"{stage}: the reward model {record.get('ref', reward_dir)} was rejected by its acceptance gate "
-            f"({record.get('status_reason', 'no reason recorded')}); optimizing a policy against it would "
-            "exploit its errors. Train a better one, or set allow_rejected_reward: true to use it anyway"
-        )
+# --- data ---
 
 
 def prompt_rows(

@@ -70,7 +70,7 @@ from common.models import (
     source_reference,
 )
 from common.outcomes import InputError
-from common.reward_model import check_tokenizers_match, load_reward_model, score_batch
+from common.reward_model import check_reward_status, check_tokenizers_match, load_reward_model, score_batch
 from common.training import last_checkpoint
 from policy import ppo_math
 from policy.configs import PPOConfig
@@ -93,7 +93,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     policy_source, reward_source = inputs["policy"], inputs["reward"]
     if not isinstance(reward_source, Path):
         raise InputError(f"ppo: the reward model must be a local directory, got {reward_source!r}")
-    check_reward_status(reward_source, config)
+    check_reward_status(reward_source, config.allow_rejected_reward, "ppo")
     tokenizer = load_tokenizer(policy_source)
     check_tokenizers_match(
         tokenizer,
@@ -210,19 +210,6 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 
 
 # --- check ---
-
-
-def check_reward_status(reward: Path, config: PPOConfig) -> None:
-    """Refuse a reward model that its acceptance gate rejected, unless `allow_rejected_reward`."""
-    manifest = reward / "manifest.json"
-    if not manifest.is_file() or config.allow_rejected_reward:
-        return
-    record = json.loads(manifest.read_text())
-    if record.get("status") == "rejected":
-        raise InputError(
-            f"ppo: the reward model {record.get('ref', reward)} was rejected by its acceptance gate "
-            f"({record.get('status_reason', 'no reason recorded')}); set allow_rejected_reward: true to use it anyway"
-        )
 
 
 def reward_tokenizer(reward: Path) -> Any:

@@ -5,8 +5,10 @@ One server per module (started in a temporary state folder); each test that chan
 own dataset. Needs .venv-argilla (`make setup`).
 """
 
+import contextlib
 import os
 import signal
+import socket
 import stat
 import time
 import uuid
@@ -450,3 +452,18 @@ def test_status_ignores_stale_pid_files(tmp_path):
     (run / "server.pid").write_text(f'{{"pid": {os.getpid()}, "start_time": "1", "port": 1}}')
     assert server.status(tmp_path) is None
     assert server.stop(tmp_path) is False
+
+
+def test_a_new_server_takes_the_configured_port_or_steps_aside_from_a_taken_6900(monkeypatch):
+    monkeypatch.setenv("RLHF_ARGILLA_PORT", "7123")
+    assert server.default_port() == 7123
+    monkeypatch.setenv("RLHF_ARGILLA_PORT", "http")
+    with pytest.raises(server.ArgillaServerError, match="RLHF_ARGILLA_PORT must be a port number"):
+        server.default_port()
+    monkeypatch.delenv("RLHF_ARGILLA_PORT")
+    with socket.socket() as taken:  # 6900 held here (or already by a server elsewhere)
+        with contextlib.suppress(OSError):
+            taken.bind((server.HOST, server.DEFAULT_PORT))
+            taken.listen()
+        port = server.default_port()
+        assert port != server.DEFAULT_PORT and server._port_free(port)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from common.models import is_adapter, load_causal_lm
 from common.outcomes import InputError
-from common.reward_model import load_reward_model, score_batch
+from common.reward_model import check_reward_status, load_reward_model, score_batch
 from pipeline.registry import STAGES
 from policy import online_rl
 from policy.configs import GRPOConfig, RLOOConfig
@@ -81,9 +81,9 @@ def test_a_rejected_reward_model_is_refused_unless_allowed(stage, sft_adapter, r
     (rejected / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"reward:v3 was rejected .*0\.52 < 0\.6.*allow_rejected_reward"):
         RUNS[stage](CONFIGS[stage](**FAST), {"policy": sft_adapter, "reward": rejected}, tmp_path / "out")
-    online_rl.check_reward_status(rejected, allow_rejected=True, stage=stage)  # allowed: no error
+    check_reward_status(rejected, allow_rejected=True, stage=stage)  # allowed: no error
     (rejected / "manifest.json").write_text(json.dumps({**manifest, "status": "ok"}))
-    online_rl.check_reward_status(rejected, allow_rejected=False, stage=stage)
+    check_reward_status(rejected, allow_rejected=False, stage=stage)
 
 
 def test_reward_function_scores_as_the_reward_model_and_counts_demo_answers(reward_dir):

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from common import demo_task
 from common.models import load_causal_lm, save_model, tokenizer_fingerprint
 from common.outcomes import InputError
-from common.reward_model import REWARD_FILE, load_reward_model, score_batch
+from common.reward_model import REWARD_FILE, check_reward_status, load_reward_model, score_batch
 from pipeline.store import Store
 from policy import ppo, ppo_math
 from policy.configs import PPOConfig
@@ -179,7 +179,7 @@ def test_refuses_a_rejected_reward_model_unless_allowed(tiny, tmp_path):
     (rejected / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"reward:v3 was rejected .*accuracy 0\.51.*allow_rejected_reward"):
         ppo.run(PPOConfig(**FAST), {"policy": tiny.sft, "reward": rejected}, tmp_path / "out")
-    ppo.check_reward_status(rejected, PPOConfig(allow_rejected_reward=True))  # allowed: no error
+    check_reward_status(rejected, allow_rejected=True, stage="ppo")  # allowed: no error
 
 
 def test_config_checks_minibatches_divide_the_batch():

@@ -370,11 +370,22 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
                 "inputs": {"model": "pretrain", "preferences": str(preferences)},
                 "config": {**TINY, "epochs": 1},
             },
+            "ppo": {
+                "inputs": {"policy": "pretrain", "reward": "reward"},
+                "config": {
+                    "updates": 1,
+                    "batch_size": 2,
+                    "minibatches": 1,
+                    "ppo_epochs": 1,
+                    "max_new_tokens": 4,
+                },
+            },
         },
     }
     (workspace / "wf.yaml").write_text(yaml.safe_dump(workflow))
     result = rlhf("run", "wf.yaml", cwd=workspace)
     assert result.returncode == 1, result.stdout + result.stderr
+    assert not (workspace / "artifacts" / "ppo").exists()
     assert "rejected" in result.stdout and "held-out accuracy" in result.stdout
     manifest = json.loads((workspace / "artifacts" / "reward" / "v1" / "manifest.json").read_text())
     assert manifest["status"] == "rejected" and manifest["kind"] == "reward-model"
@@ -389,3 +400,15 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
     reward_run = next(r for r in runs if r.get("job_type") == "reward")
     assert "eval/worst_pairs" in reward_run["history_keys"]
     assert "eval/accuracy" in reward_run["history_keys"]
+
+    # Downstream, the runner refuses the rejected reward model; --allow-rejected reaches PPO's own guard too
+    result = rlhf("run", "wf.yaml", "--only", "ppo", cwd=workspace)
+    assert result.returncode == 1 and "reward:v1 was rejected" in result.stdout + result.stderr
+    assert "--allow-rejected" in result.stdout + result.stderr
+    result = rlhf("run", "wf.yaml", "--only", "ppo", "--allow-rejected", cwd=workspace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((workspace / "artifacts" / "ppo" / "v1" / "manifest.json").read_text())
+    assert manifest["config"]["allow_rejected_reward"] is False  # the workflow's config, as cached
+    assert {"slot": "reward", "ref": "reward:v1", "status": "rejected"}.items() <= next(
+        i for i in manifest["inputs"] if i["slot"] == "reward"
+    ).items()
