@@ -12,7 +12,13 @@ A workflow file looks like::
         inputs: {model: pretrain} # a stage of this file, an artifact (`sft:v3`, `sft:latest`),
         config: {method: lora}    # or, where the slot allows it, a local path or a hub id
 
-Every problem is reported as a `WorkflowError` that names the key path and its line.
+A variant of another workflow names it with `extends: other.yaml` (a path relative to this file): it
+starts from that workflow's description, W&B settings and stages; a stage it defines replaces the one of
+the same name, or adds one. With the same configs the shared stages have the same cache keys, so running
+the variant after the original runs only what it adds or changes.
+
+Every problem is reported as a `WorkflowError` that names the key path and its line (in the file
+that has it).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
-TOP_KEYS = {"name", "description", "stages", "wandb"}
+TOP_KEYS = {"name", "description", "extends", "stages", "wandb"}
 WANDB_KEYS = {"project", "entity", "tags"}
 
 
@@ -187,37 +193,60 @@ def _type_name(value: Any) -> str:
     )
 
 
-def parse(text: str, file: str = "<workflow>", base_dir: Path | None = None) -> Workflow:
+def parse(
+    text: str, file: str = "<workflow>", base_dir: Path | None = None, _extending: tuple[Path, ...] = ()
+) -> Workflow:
     """Parse and validate a workflow. Raises `WorkflowError` naming the key path and line."""
     data, lines = load_yaml(text, file)
     check = _Checker(file, lines)
     top = check.mapping(data, (), TOP_KEYS)
-    if "stages" not in top:
+    base_dir = base_dir or Path(file).resolve().parent
+    base = _base_workflow(check, top, base_dir, _extending) if "extends" in top else None
+    if "stages" not in top and base is None:
         raise check.fail(("stages",), "missing: a workflow needs a `stages` mapping")
-    raw_stages = check.mapping(top["stages"], ("stages",))
-    if not raw_stages:
+    raw_stages = check.mapping(top.get("stages"), ("stages",))
+    if not raw_stages and base is None:
         raise check.fail(("stages",), "no stages defined")
     name = top.get("name", Path(file).stem)
     if not isinstance(name, str) or not STAGE_NAME.match(name):
         raise check.fail(("name",), "expected a name made of letters, digits, '_', '.', '-'")
-    wandb_cfg = check.mapping(top.get("wandb"), ("wandb",), WANDB_KEYS)
-    base_dir = base_dir or Path(file).resolve().parent
+    wandb_cfg = {**(base.wandb if base else {}), **check.mapping(top.get("wandb"), ("wandb",), WANDB_KEYS)}
 
-    stages: dict[str, Stage] = {}
+    stages: dict[str, Stage] = dict(base.stages) if base else {}
+    names = set(stages) | set(raw_stages)
     for stage_name, raw in raw_stages.items():
         path: Path_ = ("stages", stage_name)
         if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name):
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
-        stages[stage_name] = _parse_stage(check, stage_name, raw, path, set(raw_stages), base_dir)
+        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir)
 
     order = _topological_order(check, stages)
     return Workflow(
         name=name,
         file=Path(file),
         stages={n: stages[n] for n in order},
-        description=str(top.get("description", "")),
+        description=str(top.get("description", base.description if base else "")),
         wandb=wandb_cfg,
     )
+
+
+def _base_workflow(
+    check: _Checker, top: dict[str, Any], base_dir: Path, extending: tuple[Path, ...]
+) -> Workflow:
+    """The workflow that `extends` names, loaded and validated in its own file."""
+    value = top["extends"]
+    if not isinstance(value, str) or not value.strip():
+        raise check.fail(("extends",), f"expected the path of a workflow file, got {_type_name(value)}")
+    path = Path(value).expanduser()
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    if not path.is_file():
+        raise check.fail(("extends",), f"{value!r}: no such workflow file ({path})")
+    chain = (*extending, Path(check.file).resolve())
+    if path in chain:
+        raise check.fail(
+            ("extends",), "a workflow cannot extend itself: " + " -> ".join(p.name for p in (*chain, path))
+        )
+    return load(path, _extending=chain)
 
 
 def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[str], base_dir: Path) -> Stage:
@@ -347,7 +376,7 @@ def _topological_order(check: _Checker, stages: dict[str, Stage]) -> list[str]:
     return order
 
 
-def load(file: str | Path) -> Workflow:
+def load(file: str | Path, _extending: tuple[Path, ...] = ()) -> Workflow:
     path = Path(file)
     try:
         text = path.read_text()
@@ -360,4 +389,4 @@ def load(file: str | Path) -> Workflow:
         raise WorkflowError(str(file), line, "", "not UTF-8 text, expected a YAML workflow file") from None
     except PermissionError:
         raise WorkflowError(str(file), None, "", "cannot be read (permission denied)") from None
-    return parse(text, str(file), base_dir=path.resolve().parent)
+    return parse(text, str(file), base_dir=path.resolve().parent, _extending=_extending)

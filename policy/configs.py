@@ -473,26 +473,30 @@ class OnlineRLConfig(PolicyTuningConfig):
 class RLOOConfig(OnlineRLConfig):
     """REINFORCE leave-one-out on TRL's `RLOOTrainer`: each completion's baseline is the mean reward of the
     other completions of its prompt; the KL penalty (summed over tokens) is subtracted from the reward. On
-    the demo the defaults took a briefly trained SFT policy (30 steps) from 68% to 76% sampled held-out
-    accuracy, the default SFT policy from 81% to 83%, in about 2 minutes on 2 busy CPU cores."""
+    the demo (`workflows/demo-online-rl.yaml`: lr 1e-3, kl_coef 0.3, 200 steps) it took the SFT policy from
+    76.0% to 88.6% sampled held-out accuracy (+12.6 [10.0, 15.2]) in 95 s on 2 CPU cores; the defaults
+    barely moved it (+1.2 in 100 steps, KL 0.002)."""
 
     lr: float = Field(2e-4, gt=0)
-    """Peak learning rate (linear warm-up, then cosine decay to 0). At 5e-4 the demo policy, already right on
-    about 98% of its training prompts, learned within 100 steps to exploit the reward model's errors."""
+    """Peak learning rate (linear warm-up, then cosine decay to 0). On the demo 1e-3 works with kl_coef 0.3;
+    with kl_coef 0.05 the policy learned the reward model's blind spot instead (answers off by one, which
+    it ranks at chance against the right ones) and greedy accuracy fell from 93% to 80%."""
     normalize_advantages: bool = False
     """Scale the advantages of each batch to mean 0 and standard deviation 1."""
 
 
 class GRPOConfig(OnlineRLConfig):
     """Group relative policy optimization on TRL's `GRPOTrainer`: advantages are rewards relative to the
-    other completions of the prompt, the KL penalty is a per-token loss term. On the demo the defaults took a
-    briefly trained SFT policy (30 steps) from 68% to 71% sampled held-out accuracy, the default SFT policy
-    from 81% to 82.5%, in about 1.5 minutes on 2 busy CPU cores."""
+    other completions of the prompt, the KL penalty is a per-token loss term. On the demo
+    (`workflows/demo-online-rl.yaml`: lr 3e-4, kl_coef 0.3, 200 steps) it took the SFT policy from 76.0% to
+    79.8% sampled held-out accuracy (+3.8 [1.9, 5.7]) in 97 s on 2 CPU cores; the defaults barely moved it
+    (+1.3 in 100 steps)."""
 
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate (linear warm-up, then cosine decay to 0). Lower than RLOO's: advantages scaled by the
-    group's reward spread make even tiny reward differences full-size updates, and at 5e-4 the demo policy
-    learned to exploit the reward model's errors within 100 steps (reward up, accuracy halved)."""
+    group's reward spread make even tiny reward differences full-size updates. On the demo, 3e-4 with
+    kl_coef 0.05 exploited the reward model's blind spot (answers off by one) and halved accuracy; with
+    kl_coef 0.3 it holds."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = "dapo"
     """How token losses are aggregated (TRL's `loss_type`): `dapo` normalizes by the active tokens of the
     batch (no length bias), `grpo` by each sequence's length, `dr_grpo` by a constant, ..."""

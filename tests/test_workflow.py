@@ -159,6 +159,52 @@ def test_input_references(tmp_path):
     assert refs["d"].hub_id == "Qwen/Qwen2.5-0.5B"
 
 
+def test_a_variant_extends_a_workflow_replacing_and_adding_stages(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ndescription: the original\nwandb: {project: p, tags: [a]}\n" + GOOD.split("\n", 1)[1]
+    )
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "variant.yaml").write_text(
+        textwrap.dedent("""\
+            extends: ../base.yaml
+            wandb: {tags: [b]}
+            stages:
+              pretrain:
+                config: {steps: 5}
+              third:
+                kind: pretrain
+                inputs: {model: again}
+            """)
+    )
+    base = workflow.load(tmp_path / "base.yaml")
+    variant = workflow.load(tmp_path / "more" / "variant.yaml")
+    assert variant.name == "variant" and variant.description == "the original"
+    assert variant.wandb == {"project": "p", "tags": ["b"]}
+    assert list(variant.stages) == ["pretrain", "again", "third"]
+    assert variant.stages["pretrain"].config.steps == 5  # replaced
+    assert variant.stages["again"].config == base.stages["again"].config  # inherited: the same cache key
+    assert variant.stages["third"].inputs["model"].stage == "again"
+
+
+def test_extends_problems_name_the_file_and_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nextends: missing.yaml\n")
+    with pytest.raises(WorkflowError, match=r"a\.yaml:2: extends: 'missing.yaml': no such workflow file"):
+        workflow.load(tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nstages:\n  pretrain: {}\n")
+    with pytest.raises(WorkflowError, match=r"cannot extend itself: a\.yaml -> b\.yaml -> a\.yaml"):
+        workflow.load(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("stages:\n  pretrain:\n    config: {stepz: 3}\n")
+    with pytest.raises(WorkflowError, match=r"b\.yaml:3: stages\.pretrain\.config\.stepz: unknown key"):
+        workflow.load(tmp_path / "a.yaml")  # a mistake in the base is reported in the base
+    (tmp_path / "b.yaml").write_text(GOOD)
+    (tmp_path / "a.yaml").write_text(
+        "extends: b.yaml\nstages:\n  more:\n    kind: pretrain\n    inputs: {model: nope}\n"
+    )
+    with pytest.raises(WorkflowError, match=r"a\.yaml:5: stages\.more\.inputs\.model: 'nope' is not a stage of this workflow"):
+        workflow.load(tmp_path / "a.yaml")
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_workflows_validate(path: Path):
     wf = workflow.load(path)
