@@ -13,7 +13,7 @@ class RewardConfig(BaseModel):
     on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
     model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should
     come next only at its last layer, with no layer left to compare it with the digit that came); with
-    `added_layers: 3` and 8 epochs, as in the demo workflow, it passes 0.9 (see the README)."""
+    `added_layers: 4`, 15 epochs at lr 1e-3, as in the demo workflow, it reaches 0.93 (see the README)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -46,7 +46,7 @@ class RewardConfig(BaseModel):
     """Transformer blocks added on top of the model before training, initialised to pass their input
     through unchanged and trained in full (LoRA leaves them alone). A reward model must compare the
     response with what the model expected at each token, which the model only knows at its last layer:
-    a small model has no layer left to compare in. The demo's 4-layer model needs 3; a 7B one, none.
+    a small model has no layer left to compare in. The demo's 4-layer model needs 3-4; a 7B one, none.
     Supported for decoder models whose blocks write to the residual stream through `o_proj` and
     `down_proj`-style projections (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2 ...); others are a clear error."""
     # --- LoRA ---
