@@ -3,7 +3,7 @@
 Reads `samples.jsonl` (one line per prompt: `id`, `prompt`, `candidates`, optional `answer`),
 `generation.json` (the policy and the generation settings) and the artifact's `manifest.json`; creates (or
 reuses) the batch's dataset (layout in `annotation/argilla_dataset.py`) and upserts one record per prompt
-with at least two distinct candidates, in bulk. A record's `external_id` is a hash of the samples digest,
+with at least two distinct candidates, in bulk. A record's `external_id` is a hash of the samples file,
 the prompt and the candidates, so a repeated or retried push updates records instead of adding them.
 With `simulate`, bot annotators then rank the batch (`annotation/simulate.py`).
 
@@ -43,7 +43,7 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     samples, generation, source = load_samples(samples_dir)
 
     # Check
-    records, skipped = to_records(samples, source["digest"])
+    records, skipped = to_records(samples, source["samples_sha256"])
     slots = max(len(record["candidates"]) for record in records)
     chat = uses_chat(generation, samples)
 
@@ -125,6 +125,7 @@ def load_samples(samples_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any
                 raise InputError(f"annotate: {path} line {number} is not JSON: {err}") from None
     generation_path = samples_dir / GENERATION_FILE
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    content = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest_path = samples_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -133,9 +134,10 @@ def load_samples(samples_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any
             "name": manifest.get("name"),
             "version": manifest.get("version"),
             "digest": manifest["digest"],
+            "samples_sha256": content,
         }
     else:  # a samples folder that is not an artifact (tests, hand-made batches)
-        source = {"path": str(samples_dir.resolve()), "digest": hashlib.sha256(path.read_bytes()).hexdigest()}
+        source = {"path": str(samples_dir.resolve()), "digest": content, "samples_sha256": content}
     return samples, generation, source
 
 
@@ -219,7 +221,9 @@ def to_records(samples: list[dict[str, Any]], digest: str) -> tuple[list[dict[st
 
 
 def content_id(digest: str, prompt: Any, candidates: list[str]) -> str:
-    """A record id from the samples digest, the prompt and the candidates."""
+    """A record id from the digest of the samples file, the prompt and the candidates. The file, not the
+    artifact: the same samples drawn again (the artifact differs in its timings) give the same ids, so
+    simulated annotators, seeded by record, rank them the same and a rerun of the demo reproduces it."""
     content = json.dumps([digest, prompt, candidates], ensure_ascii=False, sort_keys=True)
     return "rec-" + hashlib.sha256(content.encode()).hexdigest()[:32]
 

@@ -48,8 +48,8 @@ def make_samples(
     folder: Path, n: int = 12, ks: tuple[int, ...] = (2, 3, 4, 5, 6), chat: bool = True, digest: str = ""
 ) -> Path:
     """A samples artifact folder: demo prompts with K candidates each (cycling through `ks`), near misses
-    of the right answer, one unparseable; a unique digest (unless given: record ids derive from it) so
-    every call makes a new dataset."""
+    of the right answer, one unparseable; a unique digest (unless given: the dataset name derives from it)
+    so every call makes a new dataset."""
     folder.mkdir(parents=True)
     rows = []
     for i, record in enumerate(demo_task.train_prompts()[:n]):
@@ -147,6 +147,17 @@ def test_pushing_the_same_samples_twice_adds_no_record(argilla, tmp_path):
     assert (first["records_new"], second["records_new"], second["records_present"]) == (15, 0, 15)
     assert first["dataset_id"] == second["dataset_id"]
     assert len(owner_records(argilla, first["dataset_id"])) == 15
+
+
+def test_the_same_samples_drawn_again_get_the_same_record_ids(argilla, tmp_path):
+    """A rerun draws the same samples into a new artifact (its timings differ): the records keep their ids,
+    so simulated annotators, seeded by record, rank them alike and a rerun of the demo reproduces it."""
+    first = make_samples(tmp_path / "first", n=5)
+    again = make_samples(tmp_path / "again", n=5)
+    one, two = run_push(first, tmp_path / "one"), run_push(again, tmp_path / "two")
+    assert one["dataset_id"] != two["dataset_id"]  # another artifact, another dataset
+    ids = [[r["record_id"] for r in layout.load_batch(tmp_path / name)[1]] for name in ("one", "two")]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 5
 
 
 def test_prompts_without_two_distinct_candidates_are_left_out(argilla, tmp_path):
