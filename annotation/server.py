@@ -15,6 +15,7 @@ Everything lives in a state folder, `$RLHF_ARGILLA_HOME` or ./runs/argilla by de
     redis/              Valkey's data
     logs/               redis.log, server.log, worker.log (no secrets)
     run/                one pid file per process (JSON: pid, process start time, port)
+    port                the server's port, which a restart takes again when it is free
     tmp/                TMPDIR of the processes (argilla copies its web UI there), emptied on start and stop
 
 With ARGILLA_API_URL and ARGILLA_API_KEY set, `connect()` and the client helpers use that server instead
@@ -58,6 +59,7 @@ API_KEY_HEADER = "X-Argilla-Api-Key"
 _ANNOTATION_DIR = Path(__file__).resolve().parent
 LAUNCHER = _ANNOTATION_DIR / "argilla_launcher.py"
 SERVER_VENV = _ANNOTATION_DIR.parent / ".venv-argilla"
+PORT_FILE = "port"  # the server's port, kept after a stop: a restart takes it again when it is free
 PROCESSES = ("redis", "server", "worker")  # start order; stop goes the other way
 
 
@@ -117,14 +119,17 @@ def default_home() -> Path:
     return Path(os.environ.get("RLHF_ARGILLA_HOME") or DEFAULT_HOME).absolute()
 
 
-def default_port() -> int:
-    """The port a new embedded server listens on: `$RLHF_ARGILLA_PORT`; else 6900, or any free port when
-    6900 is taken (say, by the server of another folder, still up after a failed run there)."""
+def default_port(home: Path | None = None) -> int:
+    """The port a new embedded server listens on: `$RLHF_ARGILLA_PORT`; else the port the server of `home`
+    had last time, when free (so an address printed earlier stays right); else 6900, or any free port
+    when 6900 is taken (say, by the server of another folder, left up after a failed run there)."""
     value = os.environ.get("RLHF_ARGILLA_PORT")
     if value:
         if not value.isdigit() or not 0 < int(value) < 65536:
             raise ArgillaServerError(f"RLHF_ARGILLA_PORT must be a port number (1-65535), got {value!r}")
         return int(value)
+    if home is not None and (last := _last_port(home)):
+        return last
     return DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
 
 
@@ -142,7 +147,7 @@ def serve(
     adding annotator accounts if more are asked for than exist). Leftovers of a crashed run (stale pid files, half the
     processes) are cleaned up first. On the first start the database is created with an owner and
     `annotators` annotator accounts (annotator-1..N) whose passwords and API keys go to credentials.json.
-    Unless `quiet`, prints the UI address and the logins. `port` None: `default_port()`.
+    Unless `quiet`, prints the UI address and the logins. `port` None: `default_port(home)`.
     """
     home = _resolve_home(home, create=True)
     python = server_python()
@@ -152,7 +157,7 @@ def serve(
             _stop_processes(home, timeout=20.0)
             credentials = _load_credentials(home) or _new_credentials()
             _write_credentials(home, credentials)
-            _start(home, python, default_port() if port is None else port, timeout)
+            _start(home, python, port or default_port(home), timeout)
         info = _ensure_annotators(home, annotators)
     if not quiet:
         print(info.logins_text(), flush=True)
@@ -259,6 +264,15 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------------------ start-up
 
 
+def _last_port(home: Path) -> int | None:
+    """The port the server of `home` listened on last time, if it is free now."""
+    try:
+        port = int((home / PORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return port if _port_free(port) else None
+
+
 def _start(home: Path, python: Path, port: int, timeout: float) -> None:
     for folder in ("logs", "run", "redis"):
         (home / folder).mkdir(exist_ok=True)
@@ -280,6 +294,7 @@ def _start(home: Path, python: Path, port: int, timeout: float) -> None:
         _spawn(home, "server", server_command, env, port=port)
         _spawn(home, "worker", [str(python), str(LAUNCHER), "worker"], env)
         _wait_for_api(home, f"http://{HOST}:{port}", deadline=time.monotonic() + timeout)
+        (home / PORT_FILE).write_text(str(port))
     except BaseException:
         _stop_processes(home, timeout=10.0)
         raise

@@ -454,13 +454,22 @@ def test_status_ignores_stale_pid_files(tmp_path):
     assert server.stop(tmp_path) is False
 
 
-def test_a_new_server_takes_the_configured_port_or_steps_aside_from_a_taken_6900(monkeypatch):
+def test_a_new_server_takes_the_configured_port_or_its_last_one_or_steps_aside_from_a_taken_6900(
+    monkeypatch, tmp_path
+):
+    last = server.free_port()
+    (tmp_path / server.PORT_FILE).write_text(str(last))
     monkeypatch.setenv("RLHF_ARGILLA_PORT", "7123")
-    assert server.default_port() == 7123
+    assert server.default_port(tmp_path) == 7123
     monkeypatch.setenv("RLHF_ARGILLA_PORT", "http")
     with pytest.raises(server.ArgillaServerError, match="RLHF_ARGILLA_PORT must be a port number"):
         server.default_port()
     monkeypatch.delenv("RLHF_ARGILLA_PORT")
+    assert server.default_port(tmp_path) == last  # the address printed last time stays right
+    with socket.socket() as held:
+        held.bind((server.HOST, last))
+        held.listen()
+        assert server.default_port(tmp_path) != last
     with socket.socket() as taken:  # 6900 held here (or already by a server elsewhere)
         with contextlib.suppress(OSError):
             taken.bind((server.HOST, server.DEFAULT_PORT))

@@ -201,7 +201,9 @@ def test_extends_problems_name_the_file_and_line(tmp_path):
     (tmp_path / "a.yaml").write_text(
         "extends: b.yaml\nstages:\n  more:\n    kind: pretrain\n    inputs: {model: nope}\n"
     )
-    with pytest.raises(WorkflowError, match=r"a\.yaml:5: stages\.more\.inputs\.model: 'nope' is not a stage of this workflow"):
+    with pytest.raises(
+        WorkflowError, match=r"a\.yaml:5: stages\.more\.inputs\.model: 'nope' is not a stage of this workflow"
+    ):
         workflow.load(tmp_path / "a.yaml")
 
 
