@@ -474,7 +474,7 @@ class RLOOConfig(OnlineRLConfig):
     """REINFORCE leave-one-out on TRL's `RLOOTrainer`: each completion's baseline is the mean reward of the
     other completions of its prompt; the KL penalty (summed over tokens) is subtracted from the reward. On
     the demo (`workflows/demo-online-rl.yaml`: lr 1e-3, kl_coef 0.3, 200 steps) it took the SFT policy from
-    76.0% to 88.6% sampled held-out accuracy (+12.6 [10.0, 15.2]) in 95 s on 2 CPU cores; the defaults
+    76.0% to 88.0% sampled held-out accuracy (+12.1 [9.6, 14.6]) in 95-165 s on 2 CPU cores; the defaults
     barely moved it (+1.2 in 100 steps, KL 0.002)."""
 
     lr: float = Field(2e-4, gt=0)
@@ -489,7 +489,7 @@ class GRPOConfig(OnlineRLConfig):
     """Group relative policy optimization on TRL's `GRPOTrainer`: advantages are rewards relative to the
     other completions of the prompt, the KL penalty is a per-token loss term. On the demo
     (`workflows/demo-online-rl.yaml`: lr 3e-4, kl_coef 0.3, 200 steps) it took the SFT policy from 76.0% to
-    79.8% sampled held-out accuracy (+3.8 [1.9, 5.7]) in 97 s on 2 CPU cores; the defaults barely moved it
+    81.2% sampled held-out accuracy (+5.2 [3.6, 6.8]) in 94 s on 2 CPU cores; the defaults barely moved it
     (+1.3 in 100 steps)."""
 
     lr: float = Field(1e-4, gt=0)
