@@ -119,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="start Argilla (UI, worker, Redis) on 127.0.0.1 and print the logins"
     )
     serve.add_argument(
-        "--port", type=int, help="default: $RLHF_ARGILLA_PORT, else 6900, else a free port when 6900 is taken"
+        "--port",
+        type=int,
+        help="default: $RLHF_ARGILLA_PORT, else the port it had last time (when free), else 6900 or a free port",
     )
     serve.add_argument("--annotators", type=int, default=3, help="annotator accounts to create (default 3)")
     serve.set_defaults(handler=cmd_annotation_serve)
