@@ -51,11 +51,11 @@ def direct(base: Path, steps: int, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from common import demo_task
     from policy.sft import demo_accuracy
+    from tasks import arithmetic
 
     config = stage_config(steps)
-    dataset = Dataset.from_list(demo_task.sft_examples())
+    dataset = Dataset.from_list(arithmetic.sft_examples())
     parts = dataset.train_test_split(test_size=config["eval_examples"], seed=config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -95,7 +95,7 @@ def direct(base: Path, steps: int, out_dir: Path) -> None:
     trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
     tokenizer.save_pretrained(out_dir / "adapter")
-    records = demo_task.held_out_prompts()
+    records = arithmetic.held_out_prompts()
     greedy = demo_accuracy(trainer.model, tokenizer, records)
     torch.manual_seed(config["seed"])
     sampled = demo_accuracy(trainer.model, tokenizer, records, samples=config["demo_samples"])
@@ -112,10 +112,10 @@ def stage_config(steps: int) -> dict:
 def build_base(out_dir: Path) -> Path:
     import torch
 
-    from common import demo_task
     from policy.demo_model import build_model, train_tokenizer
+    from tasks import arithmetic
 
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     build_model(tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

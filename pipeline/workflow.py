@@ -12,9 +12,14 @@ A workflow file looks like::
         inputs: {model: pretrain} # a stage of this file, an artifact (`sft:v3`, `sft:latest`),
         config: {method: lora}    # or, where the slot allows it, a local path or a hub id
 
+A workflow names its task once, at the top (`task: {name: arithmetic, options: {max_operand: 19}}`, see
+`tasks/`): every stage whose config has a `task` field gets it, unless the stage sets its own (`task:
+null` turns it off for that stage). It is then part of each such stage's resolved config, so it is in
+the manifest and the cache key.
+
 A variant of another workflow names it with `extends: other.yaml` (a path relative to this file): it
-starts from that workflow's description, W&B settings and stages; a stage it defines replaces the one of
-the same name, or adds one. With the same configs the shared stages have the same cache keys, so running
+starts from that workflow's description, W&B settings, task and stages; a stage it defines replaces the
+one of the same name, or adds one (a `task:` of the variant applies to the stages it defines). With the same configs the shared stages have the same cache keys, so running
 the variant after the original runs only what it adds or changes.
 
 Every problem is reported as a `WorkflowError` that names the key path and its line (in the file
@@ -32,12 +37,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline import registry
+from tasks import TaskConfig
 
 ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v[0-9]+|latest)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
-TOP_KEYS = {"name", "description", "extends", "stages", "wandb"}
+TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task"}
 WANDB_KEYS = {"project", "entity", "tags"}
 
 
@@ -85,6 +91,8 @@ class Workflow:
     stages: dict[str, Stage]  # in execution order
     description: str = ""
     wandb: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] | None = None
+    """The top-level `task:`, validated (`tasks.TaskConfig` as a dict), filled into the stages' configs."""
 
     def select(self, until: str | None = None, only: str | None = None) -> list[Stage]:
         """The stages to run: all, `until` and everything it depends on, or `only` one."""
@@ -211,6 +219,7 @@ def parse(
     if not isinstance(name, str) or not STAGE_NAME.match(name):
         raise check.fail(("name",), "expected a name made of letters, digits, '_', '.', '-'")
     wandb_cfg = {**(base.wandb if base else {}), **check.mapping(top.get("wandb"), ("wandb",), WANDB_KEYS)}
+    task = _top_task(check, top, base)
 
     stages: dict[str, Stage] = dict(base.stages) if base else {}
     names = set(stages) | set(raw_stages)
@@ -218,7 +227,7 @@ def parse(
         path: Path_ = ("stages", stage_name)
         if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name):
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
-        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir)
+        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task)
 
     order = _topological_order(check, stages)
     return Workflow(
@@ -227,6 +236,7 @@ def parse(
         stages={n: stages[n] for n in order},
         description=str(top.get("description", base.description if base else "")),
         wandb=wandb_cfg,
+        task=task,
     )
 
 
@@ -249,7 +259,42 @@ def _base_workflow(
     return load(path, _extending=chain)
 
 
-def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[str], base_dir: Path) -> Stage:
+def _top_task(check: _Checker, top: dict[str, Any], base: Workflow | None) -> dict[str, Any] | None:
+    """The workflow's `task:` (validated), else the one of the workflow it extends, else None."""
+    if "task" not in top:
+        return base.task if base else None
+    if top["task"] is None:
+        return None
+    raw = check.mapping(top["task"], ("task",))
+    try:
+        return TaskConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(TaskConfig.model_fields)})"
+        raise check.fail(("task", *first["loc"]), message) from None
+
+
+def _with_task(
+    raw_config: dict[str, Any], config_class: type[BaseModel], task: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A stage's config with the workflow's task filled in, when its config has a `task` field and does not
+    set one itself."""
+    if task is None or "task" not in config_class.model_fields or "task" in raw_config:
+        return raw_config
+    return {**raw_config, "task": task}
+
+
+def _parse_stage(
+    check: _Checker,
+    name: str,
+    raw: Any,
+    path: Path_,
+    names: set[str],
+    base_dir: Path,
+    task: dict[str, Any] | None = None,
+) -> Stage:
     body = check.mapping(raw, path, STAGE_KEYS)
     kind = body.get("kind", name if name in registry.STAGES else None)
     if kind is None:
@@ -265,7 +310,7 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
 
     raw_config = check.mapping(body.get("config"), (*path, "config"))
     try:
-        config = spec.config.model_validate(raw_config)
+        config = spec.config.model_validate(_with_task(raw_config, spec.config, task))
     except ValidationError as err:
         first = err.errors()[0]
         loc = (*path, "config", *first["loc"])

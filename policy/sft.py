@@ -2,7 +2,8 @@
 
 Inputs: `model` (a model directory or a hub id) and optionally `data` in one of TRL's standard formats
 (prompt/completion or messages, conversational or plain, or plain `text`); without `data` it trains on
-the demo task's SFT examples. The loss is on the completions / assistant turns only by default.
+the task's SFT examples (`Task.sft_examples`). The loss is on the completions / assistant turns only by
+default. With a task, the metrics end with its held-out pass rate (`task_eval`).
 
 Output: an adapter directory (adapter weights, tokenizer with chat template, `base.json`) for the PEFT
 methods, a full model directory for `freeze` and `full`. Checkpoints go to `out_dir/scratch/`; a rerun
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from common import demo_task
+import tasks
 from common.models import is_adapter, load_tokenizer, pick_device, save_model, set_threads
 from common.outcomes import InputError
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
@@ -42,8 +43,6 @@ FORMATS = (
 """The data formats accepted, as error messages list them."""
 NOT_DATA = {"manifest.json", "base.json", "dataset_info.json", "state.json"}
 """JSON files found beside data files (an artifact's manifest, ...) that are not data."""
-MAX_NEW_TOKENS = 16
-"""Enough for any demo response ("19 + 19 = 38" and eos is 12 tokens)."""
 
 
 def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -52,12 +51,15 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     # Check: everything that can be told without loading the model
     device = pick_device(config.device)
     check_method(config, device)
+    task = tasks.load(config.task) if config.task is not None else None
+    if config.task_eval and task is None:
+        raise InputError("sft: task_eval needs a task (the workflow's top-level `task:` or this stage's)")
     source = inputs["model"]
     if is_adapter(source):
         raise InputError(
             f"sft: the model {source} is an adapter; merge it into its base first (rlhf export) to train on it"
         )
-    dataset, data_format = load_data(inputs.get("data"), config)
+    dataset, data_format = load_data(inputs.get("data"), task)
     train_set, eval_set = split(dataset, config)
     tokenizer = load_tokenizer(source)
     check_tokenizer(tokenizer, data_format, config)
@@ -96,20 +98,18 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     save_model(model, tokenizer, out_dir, base=source if config.method in ADAPTER_METHODS else None)
 
     # Measure
-    demo: dict[str, Any] = {}
-    if config.demo_eval or (config.demo_eval is None and "data" not in inputs):
-        records = demo_task.held_out_prompts(config.max_operand)
-        demo["accuracy_greedy"] = demo_accuracy(model, tokenizer, records, samples=0)
-        torch.manual_seed(config.seed)
-        demo["accuracy_sampled"] = demo_accuracy(model, tokenizer, records, samples=config.demo_samples)
+    measured: dict[str, Any] = {}
+    if task is not None and (config.task_eval or (config.task_eval is None and "data" not in inputs)):
+        from policy.evaluate import task_pass_rates
+
+        measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
     return {
-        **demo,
+        **measured,
         "train_loss": final_train_loss(trainer, result.training_loss),
         "eval_loss": eval_loss,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_fraction": trainable / total,
-        **({"demo_prompts": len(records)} if demo else {}),
         "method": config.method,
         "data_format": data_format,
         "train_examples": len(train_set),
@@ -165,12 +165,18 @@ def check_tokenizer(tokenizer: Any, data_format: str, config: SFTConfig) -> None
 # --- load ---
 
 
-def load_data(data: Path | str | None, config: SFTConfig) -> tuple[Dataset, str]:
-    """The SFT data and its format; the demo task's examples when `data` is None."""
+def load_data(data: Path | str | None, task: tasks.Task | None) -> tuple[Dataset, str]:
+    """The SFT data and its format; the task's SFT examples when `data` is None."""
     import datasets
 
+    if data is None and task is None:
+        raise InputError(
+            "sft: no `data` input and no task to take SFT examples from; give data, or a task (the workflow's "
+            "top-level `task:`, e.g. `task: {name: arithmetic}`, or the stage's `task`)"
+        )
     if data is None:
-        dataset = Dataset.from_list(demo_task.sft_examples(config.max_operand))
+        assert task is not None
+        dataset = Dataset.from_list(task.sft_examples())
     elif isinstance(data, str):
         dataset = datasets.load_dataset(data, split="train")
     elif not data.exists():
@@ -379,53 +385,3 @@ def _proc_status_kb(field: str) -> int:
         return 0
     match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) if match else 0
-
-
-# --- measure ---
-
-
-@torch.no_grad()
-def demo_accuracy(
-    model: Any, tokenizer: Any, records: list[dict], samples: int = 0, batch_size: int = 256
-) -> float:
-    """Fraction of correct answers to demo records asked in the chat format: greedy when `samples` is 0,
-    else `samples` answers per prompt sampled at temperature 1 (no top-k/top-p). Batched, left-padded;
-    a response counts only when the model ends it with eos."""
-    was_training = model.training
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    per_prompt = max(1, samples)
-    correct = 0
-    for start in range(0, len(records), max(1, batch_size // per_prompt)):
-        chunk = records[start : start + max(1, batch_size // per_prompt)]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
-            )
-            for r in chunk
-        ]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            model.device
-        )
-        sampling = (
-            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-            if samples
-            else {"do_sample": False}
-        )
-        output = model.generate(
-            **encoded,
-            max_new_tokens=MAX_NEW_TOKENS,
-            num_return_sequences=per_prompt,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        for index, tokens in enumerate(new_tokens):
-            record = chunk[index // per_prompt]
-            ended = (tokens == tokenizer.eos_token_id).any().item()
-            response = tokenizer.decode(tokens, skip_special_tokens=True)
-            correct += bool(ended) and demo_task.is_correct(response, record["answer"])
-    tokenizer.padding_side = padding_side
-    model.train(was_training)
-    return correct / (len(records) * per_prompt) if records else 0.0

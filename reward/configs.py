@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from tasks import UsesTask
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(UsesTask):
     """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
     on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
     model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+import tasks
 from common.models import (
     is_adapter,
     load_causal_lm,
@@ -121,7 +122,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "held_out_prompts": len({r["prompt_id"] for r in scored}),
         "accuracy_by_agreement": evaluation.by_agreement(scored),
         **evaluation.length_bias(scored),
-        **(evaluation.demo_breakdown(scored) or {}),
+        **(evaluation.task_breakdown(scored, tasks.load(config.task) if config.task else None) or {}),
         **evaluation.reward_stats(scored),
         "train_pairs": len(train_rows),
         "train_prompts": len({r["prompt_id"] for r in train_rows}),

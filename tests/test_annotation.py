@@ -17,9 +17,9 @@ import pytest
 from annotation import argilla_dataset as layout
 from annotation import collect, preferences, push, server, simulate
 from annotation.configs import AnnotateConfig, CollectConfig, SimulatedAnnotators
-from common import demo_task
 from common.outcomes import InputError, Waiting
 from pipeline.store import Store
+from tasks import arithmetic
 from tests.conftest import rlhf
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -52,10 +52,12 @@ def make_samples(
     so every call makes a new dataset."""
     folder.mkdir(parents=True)
     rows = []
-    for i, record in enumerate(demo_task.train_prompts()[:n]):
+    for i, record in enumerate(arithmetic.train_prompts()[:n]):
         a, b = record["a"], record["b"]
         k = ks[i % len(ks)]
-        candidates = [demo_task.render_response(a, b)] + [f"{a} + {b} = {a + b + d}" for d in range(1, k - 1)]
+        candidates = [arithmetic.render_response(a, b)] + [
+            f"{a} + {b} = {a + b + d}" for d in range(1, k - 1)
+        ]
         candidates.append(f"{a} + {b} =")  # unparseable
         rows.append(
             {"id": record["id"], "prompt": record["prompt"], "candidates": candidates[:k], "answer": a + b}

@@ -9,12 +9,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from common import demo_task
 from common.models import is_adapter, load_causal_lm, tokenizer_fingerprint
 from common.outcomes import InputError
 from pipeline.registry import STAGES
 from policy import dpo, tuning
 from policy.configs import DPOConfig
+from tasks import arithmetic
 from tests import tiny_policies
 
 FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "demo_eval": False, "device": "cpu"}
@@ -30,7 +30,7 @@ def sft_adapter(tmp_path_factory) -> Path:
 def pairs(records: int = 16) -> list[dict]:
     """Per demo prompt: correct > off by one, and off by one > off by ten (a pair whose chosen is wrong)."""
     rows = []
-    for r in demo_task.train_prompts()[:records]:
+    for r in arithmetic.train_prompts()[:records]:
         a, b, s = r["a"], r["b"], r["answer"]
         prompt = [{"role": "user", "content": r["prompt"]}]
         right, near, far = (f"{a} + {b} = {x}" for x in (s, s + 1, s + 10))
@@ -117,7 +117,7 @@ def test_best_vs_rest_keeps_the_pairs_of_the_undominated_response():
     rows = pairs(2)
     kept = dpo.best_vs_rest(rows)
     assert len(kept) == 4
-    assert all(demo_task.is_correct(row["chosen"][0]["content"], row["answer"]) for row in kept)
+    assert all(arithmetic.is_correct(row["chosen"][0]["content"], row["answer"]) for row in kept)
     cycle = [
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": "p", "chosen": "b", "rejected": "a"},

@@ -10,16 +10,16 @@ import pytest
 import torch
 import yaml
 
-from common import demo_task
 from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import evaluate
 from policy.configs import EvaluateConfig
 from policy.generation import Sampling, encode_prompts, sample_candidates
+from tasks import arithmetic
 from tests import tiny_policies
 from tests.conftest import rlhf
 
-RECORDS = demo_task.train_prompts()[:12]
+RECORDS = arithmetic.train_prompts()[:12]
 FAST = {"samples_per_prompt": 4, "max_new_tokens": 10, "bootstrap_samples": 500, "device": "cpu"}
 METRICS = ("accuracy_sampled", "accuracy_greedy", "reward_mean", "win_rate", "kl", "length_mean")
 

@@ -19,7 +19,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from common import demo_task
 from common.models import load_causal_lm, save_model, tokenizer_fingerprint
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, check_reward_status, load_reward_model, score_batch
@@ -27,6 +26,7 @@ from pipeline.store import Store
 from policy import ppo, ppo_math
 from policy.configs import PPOConfig
 from policy.demo_model import build_model, train_tokenizer
+from tasks import arithmetic
 from tests.conftest import REPO, rlhf
 
 FAST = {"updates": 2, "batch_size": 4, "minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 6}
@@ -58,7 +58,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     """A tiny untrained demo model (`base`), an SFT-like LoRA adapter on it with non-zero weights
     (`sft`) and a reward model from the same base (`reward`)."""
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     model = build_model(tokenizer, layers=2, hidden_size=32, intermediate_size=64, heads=2)
     model.save_pretrained(root / "base")

@@ -15,7 +15,6 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from common import demo_task
 from common.outcomes import InputError
 from common.reward_model import (
     check_tokenizers_match,
@@ -27,6 +26,7 @@ from policy.demo_model import build_model, train_tokenizer
 from reward import train
 from reward.configs import RewardConfig
 from reward.demo_preferences import demo_pairs, write_preferences
+from tasks import arithmetic
 from tests.conftest import rlhf
 
 # Fast settings for the tiny model: full fine-tuning learns the easy pairs below in a few dozen steps.
@@ -35,7 +35,7 @@ TINY = {"method": "full", "lr": 3e-3, "epochs": 4, "batch_size": 16, "held_out_f
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(demo_task.pretraining_corpus())
+    return train_tokenizer(arithmetic.pretraining_corpus())
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,10 @@ def easy_pairs(prompts: int = 48, flip: float = 0.0, seed: int = 0) -> list[dict
     untrained tiny model from the form of the response alone; `flip` swaps a random share of the pairs."""
     rng = random.Random(seed)
     rows = []
-    for record in demo_task.train_prompts()[:prompts]:
+    for record in arithmetic.train_prompts()[:prompts]:
         a, b = record["a"], record["b"]
         for bad in (f"{a} + {b} =", f"{a + b} is what {a} + {b} makes, I think"):
-            good = demo_task.render_response(a, b)
+            good = arithmetic.render_response(a, b)
             chosen, rejected = (bad, good) if rng.random() < flip else (good, bad)
             rows.append(
                 {
@@ -241,17 +241,17 @@ def test_a_reward_model_without_its_tokenizer_is_refused(trained, tmp_path):
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tokenizer):
-    same = train_tokenizer(demo_task.pretraining_corpus())
+    same = train_tokenizer(arithmetic.pretraining_corpus())
     check_tokenizers_match(tokenizer, same)  # no error
 
-    other_template = train_tokenizer(demo_task.pretraining_corpus())
+    other_template = train_tokenizer(arithmetic.pretraining_corpus())
     other_template.chat_template = tokenizer.chat_template.replace("<|assistant|>", "<|assistant|>\n")
     with pytest.raises(
         InputError, match=r"the policy and the reward model do not tokenize alike: chat template"
     ):
         check_tokenizers_match(tokenizer, other_template)
 
-    other_vocab = train_tokenizer(demo_task.pretraining_corpus(), vocab_size=270)
+    other_vocab = train_tokenizer(arithmetic.pretraining_corpus(), vocab_size=270)
     with pytest.raises(InputError, match=r"vocabulary \(\d+ vs \d+ tokens"):
         check_tokenizers_match(tokenizer, other_vocab, policy="policy sft:v1", reward="reward:v2")
 
@@ -268,7 +268,7 @@ def test_encode_applies_the_chat_template_as_training_did(tokenizer):
         [{"role": "assistant", "content": "7 + 12 = 19"}],
     )
     assert messages == ids
-    plain = train_tokenizer(demo_task.pretraining_corpus())
+    plain = train_tokenizer(arithmetic.pretraining_corpus())
     plain.chat_template = None
     assert plain.decode(encode(plain, "What is 7 + 12?\n", "7 + 12 = 19")) == (
         "<|bos|>What is 7 + 12?\n7 + 12 = 19<|eos|>"

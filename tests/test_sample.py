@@ -10,7 +10,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import demo_task
 from common.models import load_causal_lm, write_base_reference
 from common.outcomes import InputError
 from policy import sample
@@ -25,6 +24,7 @@ from policy.generation import (
     left_pad,
     sample_candidates,
 )
+from tasks import arithmetic
 
 TINY = {"k": 3, "max_new_tokens": 6, "num_prompts": 6, "device": "cpu"}
 
@@ -34,7 +34,7 @@ def base_dir(tmp_path_factory):
     """A tiny random model with the demo tokenizer: its samples are random tokens, all distinct. Weights
     are drawn with std 0.5 (not 0.02) so that greedy decoding does not just repeat the last token."""
     out = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     model = build_model(tokenizer, layers=1, hidden_size=32, intermediate_size=64, heads=2)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def run_stage(tmp_path, name, inputs, **config):
 
 def test_k_candidates_per_demo_prompt_with_answers_and_metrics(base_dir, tmp_path):
     samples, metrics, out = run_stage(tmp_path, "s", {"policy": base_dir}, duplicates="keep")
-    demo = demo_task.train_prompts()[:6]
+    demo = arithmetic.train_prompts()[:6]
     assert [s["id"] for s in samples] == [r["id"] for r in demo]
     assert [s["prompt"] for s in samples] == [r["prompt"] for r in demo]
     assert [s["answer"] for s in samples] == [r["answer"] for r in demo]
@@ -117,7 +117,7 @@ def test_held_out_split_and_demo_accuracy_counts_right_answers(base_dir, tmp_pat
     monkeypatch.setattr(sample, "sample_candidates", fake)
     monkeypatch.setattr(demo_task, "is_correct", lambda response, answer: response == "right")
     samples, metrics, _ = run_stage(tmp_path, "s", {"policy": base_dir}, demo_split="held_out", num_prompts=4)
-    assert [s["id"] for s in samples] == [r["id"] for r in demo_task.held_out_prompts()[:4]]
+    assert [s["id"] for s in samples] == [r["id"] for r in arithmetic.held_out_prompts()[:4]]
     assert metrics["accuracy_sampled"] == pytest.approx(1 / 3)
     assert metrics["mixed_fraction"] == 1.0
     assert metrics["duplicates_removed"] == 4  # "wrong" twice per prompt

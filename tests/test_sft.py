@@ -18,13 +18,13 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import demo_task
 from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import sft
 from policy.configs import SFTConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.export import export_merged
+from tasks import arithmetic
 from tests.conftest import REPO
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 32, 64
@@ -45,7 +45,7 @@ METHOD_SETTINGS = {
 def base(tmp_path_factory) -> Path:
     """A freshly initialised tiny demo model with its tokenizer (untrained: the tests check mechanics)."""
     out_dir = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     build_model(tokenizer, LAYERS, HIDDEN, INTERMEDIATE, heads=2).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -56,7 +56,7 @@ def base(tmp_path_factory) -> Path:
 def data(tmp_path_factory) -> Path:
     """40 demo examples as conversational prompt/completion JSONL."""
     path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    path.write_text("".join(json.dumps(example) + "\n" for example in demo_task.sft_examples()[:40]))
+    path.write_text("".join(json.dumps(example) + "\n" for example in arithmetic.sft_examples()[:40]))
     return path
 
 
@@ -179,15 +179,15 @@ def test_settings_of_another_method_are_rejected():
 def plain_prompt_completion() -> list[dict]:
     return [
         {
-            "prompt": demo_task.plain_prompt(e["prompt"][0]["content"]),
+            "prompt": arithmetic.plain_prompt(e["prompt"][0]["content"]),
             "completion": e["completion"][0]["content"],
         }
-        for e in demo_task.sft_examples()[:40]
+        for e in arithmetic.sft_examples()[:40]
     ]
 
 
 def messages() -> list[dict]:
-    return [{"messages": e["prompt"] + e["completion"]} for e in demo_task.sft_examples()[:40]]
+    return [{"messages": e["prompt"] + e["completion"]} for e in arithmetic.sft_examples()[:40]]
 
 
 @pytest.mark.parametrize(
@@ -266,10 +266,10 @@ def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
 
 def test_demo_accuracy_counts_only_answers_that_end_with_eos(base):
     model, tokenizer = load_causal_lm(base)
-    records = demo_task.held_out_prompts()[:8]
+    records = arithmetic.held_out_prompts()[:8]
     assert sft.demo_accuracy(model, tokenizer, records) == 0.0  # an untrained model does not add
 
-    answers = {r["prompt"]: demo_task.render_response(r["a"], r["b"]) for r in records}
+    answers = {r["prompt"]: arithmetic.render_response(r["a"], r["b"]) for r in records}
 
     class Oracle:
         """Answers every question right, ending with eos or not."""
@@ -331,7 +331,7 @@ def test_merged_export_loads_alone_and_answers_like_the_adapter(base, data, tmp_
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert type(model).__name__ == "LlamaForCausalLM"
 
-    prompts = [r["prompt"] for r in demo_task.held_out_prompts()[:20]]
+    prompts = [r["prompt"] for r in arithmetic.held_out_prompts()[:20]]
     with_adapter, adapter_tokenizer = load_causal_lm(adapter)
     before = greedy_answers(AutoModelForCausalLM.from_pretrained(base), tokenizer, prompts)
     expected = greedy_answers(with_adapter, adapter_tokenizer, prompts)
