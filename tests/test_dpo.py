@@ -17,7 +17,7 @@ from policy.configs import DPOConfig
 from tasks import arithmetic
 from tests import tiny_policies
 
-FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "demo_eval": False, "device": "cpu"}
+FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "task_eval": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,9 @@ def write_pairs(folder: Path, rows: list[dict]) -> Path:
 def trained(sft_adapter, tmp_path_factory) -> tuple[dict, Path]:
     preferences = write_pairs(tmp_path_factory.mktemp("preferences"), pairs())
     out = tmp_path_factory.mktemp("dpo")
-    metrics = dpo.run(DPOConfig(**FAST), {"policy": sft_adapter, "preferences": preferences}, out)
+    # with the arithmetic task, which judges these pairs, the end-of-stage check runs by default
+    config = DPOConfig(**{**FAST, "task_eval": None, "task_eval_samples": 1}, task={"name": "arithmetic"})
+    metrics = dpo.run(config, {"policy": sft_adapter, "preferences": preferences}, out)
     return metrics, out
 
 
@@ -82,6 +84,8 @@ def test_reports_training_metrics(trained):
     assert metrics["loss_type"] == "sigmoid+sft" and metrics["method"] == "lora"
     for key in ("reward_accuracy_last", "reward_margin_last", "logp_chosen_last", "logp_rejected_last"):
         assert isinstance(metrics[key], float)
+    assert 0 <= metrics["pass_rate_greedy"] <= 1 and 0 <= metrics["pass_rate_sampled"] <= 1
+    assert metrics["task_prompts"] == len(arithmetic.held_out_prompts())
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

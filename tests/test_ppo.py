@@ -29,7 +29,14 @@ from policy.demo_model import build_model, train_tokenizer
 from tasks import arithmetic
 from tests.conftest import REPO, rlhf
 
-FAST = {"updates": 2, "batch_size": 4, "minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 6}
+FAST = {
+    "updates": 2,
+    "batch_size": 4,
+    "minibatches": 2,
+    "ppo_epochs": 2,
+    "max_new_tokens": 6,
+    "task": {"name": "arithmetic"},
+}
 """A couple of tiny updates: enough to exercise every step, nothing to learn from."""
 
 
@@ -276,7 +283,7 @@ def test_a_short_run_trains_the_adapter_and_logs_each_update(tiny, tmp_path, mon
 
     assert metrics["updates"] == 2 and metrics["episodes"] == 8
     assert metrics["resumed_from_update"] is None
-    assert 0 <= metrics["accuracy_sampled"] <= 1
+    assert 0 <= metrics["pass_rate_sampled"] <= 1 and 0 <= metrics["pass_rate_sampled_initial"] <= 1
     assert len(logged) == 3  # two updates, then a table of the last rollouts
     table = logged[2]["ppo/rollouts"]
     assert table["columns"][:2] == ["prompt", "response"] and len(table["data"]) == 4
@@ -291,7 +298,7 @@ def test_a_short_run_trains_the_adapter_and_logs_each_update(tiny, tmp_path, mon
         "approx_kl",
         "response_length",
         "eos_rate",
-        "accuracy",
+        "pass_rate",
     }
     assert {f"ppo/{key}" for key in expected_keys} <= set(logged[0])
     assert logged[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts are the reference's
