@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+import tasks
 from common.outcomes import InputError
 from common.reward_model import (
     check_tokenizers_match,
@@ -26,6 +27,7 @@ from policy.demo_model import build_model, train_tokenizer
 from reward import train
 from reward.configs import RewardConfig
 from reward.demo_preferences import demo_pairs, write_preferences
+from reward.evaluation import task_breakdown
 from tasks import arithmetic
 from tests.conftest import rlhf
 
@@ -412,3 +414,30 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
     assert {"slot": "reward", "ref": "reward:v1", "status": "rejected"}.items() <= next(
         i for i in manifest["inputs"] if i["slot"] == "reward"
     ).items()
+
+
+def test_the_task_breakdown_splits_pairs_by_the_verdict():
+    def pair(chosen: str, rejected: str, margin: float) -> dict:
+        prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "answer": 5,
+            "reward_chosen": margin,
+            "reward_rejected": 0.0,
+        }
+
+    pairs = [
+        pair("2 + 3 = 5", "2 + 3 = 6", 1.0),
+        pair("2 + 3 = 5", "2 + 3 = 15", -1.0),
+        pair("2 + 3 = 6", "x", 1.0),
+    ]
+    assert task_breakdown(pairs, tasks.load({"name": "arithmetic"})) == {
+        "accuracy_correct_vs_wrong": 0.5,
+        "pairs_correct_vs_wrong": 2,
+        "accuracy_wrong_vs_wrong": 1.0,
+        "pairs_wrong_vs_wrong": 1,
+    }
+    assert task_breakdown(pairs, None) is None
+    assert task_breakdown(pairs, tasks.load({"name": "instructions"})) is None  # it cannot judge sums
