@@ -1,8 +1,8 @@
 """The `pretrain` stage: train a small causal LM on plain text.
 
 Without inputs it builds the demo tokenizer and model (`policy.demo_model`) and trains them on the
-plain-text demo corpus of the `arithmetic` task (every sum, a share of them wrong; `task.options`
-sets its operands), so the base model knows the arithmetic of the demo task, unreliably, but not the
+plain-text demo corpus of the `arithmetic` task (every sum, a share of them wrong; the task's
+`options` set its operands; without a task, the default arithmetic task), so the base model knows the arithmetic of the demo task, unreliably, but not the
 chat format (that is SFT's job). With a `model` input it continues pretraining that model with its own
 tokenizer, on the `data` input when given, else on the demo corpus. With a task, the metrics end with
 its held-out pass rate, the prompts asked in the plain pretraining format.
@@ -44,6 +44,8 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
 
     # Load
     task = tasks.load(config.task) if config.task is not None else None
+    if task is None and "data" not in inputs:
+        task = tasks.load({"name": "arithmetic"})  # the demo corpus is the arithmetic task's
     texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config, task)
     torch.manual_seed(config.seed)
     if "model" in inputs:
@@ -96,7 +98,7 @@ def demo_corpus(config: PretrainConfig, task: tasks.Task | None) -> list[str]:
     if not isinstance(task, arithmetic.ArithmeticTask):
         raise InputError(
             "pretrain: without a `data` input the stage trains on the demo corpus, which belongs to the "
-            f"arithmetic task; the task is {task.name if task else 'not set'!s}. Set `task: {{name: arithmetic}}` "
+            f"arithmetic task, not {task.name if task else 'none'}; set `task: {{name: arithmetic}}` "
             "or give `data`"
         )
     return arithmetic.pretraining_corpus(

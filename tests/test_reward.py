@@ -357,6 +357,7 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
     preferences = write_preferences(rows, workspace / "preferences")
     workflow = {
         "name": "rm",
+        "task": {"name": "arithmetic"},
         "stages": {
             "pretrain": {
                 "config": {
