@@ -76,6 +76,22 @@ STAGES: dict[str, StageKind] = {
     stage.name: stage
     for stage in [
         StageKind(
+            name="model",
+            config=policy_configs.ModelConfig,
+            run="policy.base_model:run",
+            inputs={
+                "source": Slot(
+                    MODEL_KINDS,
+                    "the model: a hub id (org/name or org/name@revision), a local model directory, a .gguf "
+                    "file, package:<python package>/<file>, or a model artifact",
+                    external=True,
+                ),
+            },
+            outputs=_single("base-model"),
+            doc="Bring a pretrained model into the store as a base-model artifact (hub id pinned to its "
+            "commit, local directory or GGUF file digested).",
+        ),
+        StageKind(
             name="pretrain",
             config=policy_configs.PretrainConfig,
             run="policy.pretrain:run",

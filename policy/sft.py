@@ -27,6 +27,7 @@ from datasets import Dataset
 from common import demo_task
 from common.models import is_adapter, load_tokenizer, pick_device, save_model, set_threads
 from common.outcomes import InputError
+from common.sources import split_revision
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from policy.configs import SFTConfig
 
@@ -261,7 +262,8 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    name, revision = split_revision(source)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
