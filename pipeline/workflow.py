@@ -29,6 +29,7 @@ that has it), or the `--set` argument that gave the value.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,7 +366,8 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
         loc = (*path, "config", *first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
-            message = f"unknown key (allowed: {', '.join(spec.config.model_fields)})"
+            allowed = _fields_at(spec.config, first["loc"][:-1])
+            message = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
         elif first["type"] == "missing":
             message = "missing required field"
         elif "input" in first and not isinstance(first["input"], dict):
@@ -408,6 +410,20 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
         line=check.line(path),
         overrides=overridden,
     )
+
+
+def _fields_at(config: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) config model at `loc`; empty when it is not one."""
+    model: Any = config
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return []
+        options = typing.get_args(field.annotation) or (field.annotation,)
+        model = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _many(check: _Checker, value: Any, path: Path_) -> list[tuple[str, Path_, str]]:
