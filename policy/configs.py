@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+from common.configs import StageConfig, TokenizerSettings
 
 
 class PretrainConfig(StageConfig):
@@ -78,7 +76,7 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tu
 LORA_METHODS = ("lora", "dora", "qlora")
 
 
-class SFTConfig(StageConfig):
+class SFTConfig(TokenizerSettings):
     """Supervised fine-tuning on TRL's `SFTTrainer`. With the defaults, LoRA teaches the pretrained demo
     model (pretrain defaults) the chat format in 100 steps (about 15 s on 2 CPU cores): about 96% held-out
     greedy accuracy and 87% sampled at temperature 1. The demo workflow stops at 60 steps (93% and 73%),

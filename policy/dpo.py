@@ -152,8 +152,6 @@ def check_tokenizer(tokenizer: Any, data_format: str, example: dict[str, Any]) -
     """The policy must read the data the way it was trained to: conversational pairs through its chat
     template, plain pairs only when it has none (a chat policy shown plain prompts sees a format it was not
     fine-tuned on, and its samples in the annotation loop would have been conversational)."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError("dpo: the policy's tokenizer needs a pad token distinct from its eos token")
     if data_format == "conversational" and not tokenizer.chat_template:
         raise InputError(
             "dpo: the preferences are conversational (lists of chat messages) but the policy's tokenizer has no "

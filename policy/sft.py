@@ -25,7 +25,15 @@ import torch
 from datasets import Dataset
 
 from common import demo_task
-from common.models import is_adapter, load_tokenizer, pick_device, save_model, set_threads
+from common.models import (
+    has_generation_markers,
+    is_adapter,
+    load_tokenizer,
+    pick_device,
+    save_model,
+    set_threads,
+    tokenizer_summary,
+)
 from common.outcomes import InputError
 from common.sources import split_revision
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
@@ -60,8 +68,12 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         )
     dataset, data_format = load_data(inputs.get("data"), config)
     train_set, eval_set = split(dataset, config)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, config.pad_token)
     check_tokenizer(tokenizer, data_format, config)
+    masking = loss_mask(tokenizer, data_format, config)
+    if masking.startswith("assistant turns (found"):
+        train_set = with_assistant_masks(train_set, tokenizer)
+        eval_set = with_assistant_masks(eval_set, tokenizer) if eval_set is not None else None
     set_threads()
 
     # Load
@@ -74,7 +86,7 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     scratch = out_dir / SCRATCH
     trainer = SFTTrainer(
         model=model,
-        args=training_args(config, data_format, device, scratch),
+        args=training_args(config, masking, device, scratch),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
@@ -113,6 +125,8 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         **({"demo_prompts": len(records)} if demo else {}),
         "method": config.method,
         "data_format": data_format,
+        "loss_on": masking,
+        "tokenizer": tokenizer_summary(tokenizer),
         "train_examples": len(train_set),
         "eval_examples": len(eval_set) if eval_set is not None else 0,
         "steps": trainer.state.global_step,
@@ -143,24 +157,55 @@ def check_method(config: SFTConfig, device: torch.device) -> None:
 
 
 def check_tokenizer(tokenizer: Any, data_format: str, config: SFTConfig) -> None:
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError("sft: the tokenizer's pad token is its eos token; give it a distinct pad token")
     conversational = data_format.endswith("(conversational)")
     if conversational and not tokenizer.chat_template:
         raise InputError(
             f"sft: the data is conversational ({data_format}) but the tokenizer has no chat template"
         )
-    if conversational and data_format.startswith("messages") and config.completion_only_loss:
-        from trl.chat_template_utils import get_training_chat_template
 
-        try:
-            get_training_chat_template(tokenizer)
-        except ValueError:
-            raise InputError(
-                "sft: completion_only_loss on `messages` data needs a chat template with {% generation %} markers "
-                "around the assistant turns, and TRL does not know how to add them to this one; add them, use "
-                "prompt/completion data, or set completion_only_loss: false"
-            ) from None
+
+def loss_mask(tokenizer: Any, data_format: str, config: SFTConfig) -> str:
+    """Which tokens the loss is on (recorded in the manifest)."""
+    if data_format.startswith("text") or not config.completion_only_loss:
+        return "every token"
+    if data_format.startswith("prompt/completion"):
+        return "completion"
+    if has_generation_markers(tokenizer):
+        return "assistant turns (the chat template's generation markers)"
+    return "assistant turns (found by rendering each conversation up to each assistant turn)"
+
+
+def with_assistant_masks(dataset: Dataset, tokenizer: Any) -> Dataset:
+    """`messages` data tokenized with the chat template, and an `assistant_masks` column that is 1 on the
+    tokens of every assistant turn (its end-of-turn token included), for templates without `{% generation
+    %}` markers. A turn's tokens are those between the conversation rendered up to it with the assistant
+    turn opened and the conversation rendered through it; a template whose renderings are not prefixes of
+    one another (one that rewrites earlier turns) cannot be masked this way and is an error."""
+
+    def render(messages: list[dict[str, Any]], opened: bool = False) -> list[int]:
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=opened, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def encode(example: dict[str, Any]) -> dict[str, list[int]]:
+        messages = example["messages"]
+        ids = render(messages)
+        mask = [0] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = render(messages[:turn], opened=True), render(messages[: turn + 1])
+            if ids[: len(before)] != before or ids[: len(through)] != through:
+                raise InputError(
+                    "sft: this chat template renders a conversation differently from its beginning (it rewrites "
+                    "earlier turns), so the assistant's tokens cannot be found; use prompt/completion data or "
+                    "set completion_only_loss: false"
+                )
+            mask[len(before) : len(through)] = [1] * (len(through) - len(before))
+        return {"input_ids": ids, "assistant_masks": mask}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
 
 
 # --- load ---
@@ -318,7 +363,7 @@ def peft_config(config: SFTConfig) -> Any:
 # --- train ---
 
 
-def training_args(config: SFTConfig, data_format: str, device: torch.device, scratch: Path) -> Any:
+def training_args(config: SFTConfig, masking: str, device: torch.device, scratch: Path) -> Any:
     from trl import SFTConfig as TRLConfig
 
     return TRLConfig(
@@ -334,7 +379,7 @@ def training_args(config: SFTConfig, data_format: str, device: torch.device, scr
         weight_decay=config.weight_decay,
         max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,
-        assistant_only_loss=config.completion_only_loss and data_format.startswith("messages"),
+        assistant_only_loss=masking.startswith("assistant turns (the chat template"),
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
         use_cpu=device.type == "cpu",

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common.configs import TokenizerSettings
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(TokenizerSettings):
     """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
     on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
     model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should
     come next only at its last layer, with no layer left to compare it with the digit that came); with
     `added_layers: 4`, 15 epochs at lr 1e-3, as in the demo workflow, it reaches 0.93 (see the README)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     seed: int = 0
     """Seed for the held-out split, the score head and adapter initialisation, and the data order."""

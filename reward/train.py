@@ -40,6 +40,7 @@ from common.models import (
     set_threads,
     source_reference,
     tokenizer_fingerprint,
+    tokenizer_summary,
 )
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
@@ -67,7 +68,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     device = pick_device(config.device)
     rows, data_format = load_preferences(inputs["preferences"])
     source = inputs["model"]
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, config.pad_token)
     check_tokenizer(tokenizer, data_format)
     train_rows, held_out_rows = split_by_prompt(rows, config.held_out_fraction, config.seed)
     train_rows, train_too_long = tokenize_pairs(train_rows, tokenizer, config.max_length)
@@ -129,6 +130,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "pairs_too_long": train_too_long + held_out_too_long,
         "data_format": data_format,
         "text_format": "chat" if tokenizer.chat_template else "plain",
+        "tokenizer": tokenizer_summary(tokenizer),
         "method": config.method,
         "added_layers": config.added_layers,
         "trainable_parameters": trainable,
@@ -207,11 +209,6 @@ def row_format(row: dict[str, Any]) -> str | None:
 
 
 def check_tokenizer(tokenizer: Any, data_format: str) -> None:
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise InputError(
-            "reward: the tokenizer's pad token is its eos token; the reward is read at the last token that "
-            "is not padding, so give it a distinct pad token (as the sft stage requires)"
-        )
     if data_format == "conversational" and not tokenizer.chat_template:
         raise InputError(
             "reward: the preferences are conversational but the model's tokenizer has no chat template"

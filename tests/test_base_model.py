@@ -296,7 +296,8 @@ def test_the_smollm2_gguf_from_its_package_becomes_a_safetensors_base_model(quie
         "<|im_end|>",  # as published: pad is eos
         "<|endoftext|>",
     )
-    assert (tokens["chat_template"], tokens["generation_markers"], tokens["pad_is_eos"]) == (
+    assert tokens["pad_choice"] == "<|im_end|> (as given)"
+    assert (tokens["chat_template"], tokens["generation_markers"], tokens["default_system_prompt"]) == (
         True,
         False,
         True,

@@ -242,11 +242,13 @@ def build_trainer(base: Path, dataset: Dataset, data_format: str, out_dir: Path)
     from trl import SFTTrainer
 
     config = SFTConfig(**FAST)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    masking = sft.loss_mask(tokenizer, data_format, config)
     return SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(base),
-        args=sft.training_args(config, data_format, torch.device("cpu"), out_dir),
+        args=sft.training_args(config, masking, torch.device("cpu"), out_dir),
         train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(base),
+        processing_class=tokenizer,
         peft_config=sft.peft_config(config),
     )
 
@@ -256,11 +258,11 @@ def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
         run = None
 
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
-    args = sft.training_args(SFTConfig(), "messages (conversational)", torch.device("cpu"), tmp_path)
+    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path)
     assert args.report_to in ([], ["none"], "none")
     assert not args.bf16 and not args.gradient_checkpointing and not args.disable_tqdm
     FakeWandb.run = object()
-    args = sft.training_args(SFTConfig(), "messages (conversational)", torch.device("cpu"), tmp_path)
+    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path)
     assert args.report_to == ["wandb"]
 
 
