@@ -288,9 +288,7 @@ def cmd_artifacts_show(args: argparse.Namespace) -> int:
         f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}"
     )
     for item in m.get("inputs", []):
-        console.print(
-            f"  input {item['slot']}: {item.get('ref') or item.get('path') or item.get('hub_id')}  ({item['digest'][:12]})"
-        )
+        console.print(f"  input {item['slot']}: {_input_label(item)}  ({item['digest'][:12]})")
     console.print("config: " + json.dumps(m.get("config", {})))
     console.print("metrics: " + json.dumps(m.get("metrics", {})))
     if m.get("wandb"):
@@ -310,11 +308,19 @@ def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
                 f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]"
             )
         else:
-            source = node.get("ref") or node.get("path") or node.get("hub_id")
+            source = _input_label(node)
             console.print(
                 f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]"
             )
     return 0
+
+
+def _input_label(item: dict[str, Any]) -> str:
+    """An input as a manifest records it: an artifact reference, a path, or a hub id at its commit."""
+    if item.get("hub_id"):
+        commit = item.get("commit")
+        return f"{item['hub_id']}@{commit[:12]}" if commit else item["hub_id"]
+    return item.get("ref") or item.get("path") or "?"
 
 
 def cmd_artifacts_verify(args: argparse.Namespace) -> int:

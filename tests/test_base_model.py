@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.digests import content_digest, sha256_file
 from common.models import BASE_FILE, base_of, load_causal_lm
 from common.outcomes import InputError
-from pipeline import workflow
+from pipeline import cli, workflow
 from pipeline.runner import Runner
 from pipeline.store import Store
 from policy import base_model
@@ -120,6 +120,37 @@ def test_pickled_weights_and_adapters_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_code_shipped_with_a_model_runs_only_when_the_workflow_asks(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    source = tiny_policies.random_model(tmp_path / "remote")
+    config = json.loads((source / "config.json").read_text())
+    config.update(
+        model_type="remote-llama",
+        auto_map={
+            "AutoConfig": "configuration_remote.RemoteConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteModel",
+        },
+    )
+    (source / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (source / "configuration_remote.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote-llama'\n"
+    )
+    (source / "modeling_remote.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_remote import RemoteConfig\n\n\n"
+        "class RemoteModel(LlamaForCausalLM):\n    config_class = RemoteConfig\n"
+    )
+
+    with pytest.raises(InputError, match="set trust_remote_code: true in the stage's config if you trust it"):
+        base_model.run(ModelConfig(), {"source": source}, tmp_path / "refused")
+    assert not marker.exists()
+
+    metrics = base_model.run(ModelConfig(trust_remote_code=True), {"source": source}, tmp_path / "out")
+    assert marker.exists() and metrics["architecture"] == "RemoteModel"
+
+
 # --- hub ids from the local cache ---------------------------------------------------------------
 
 
@@ -144,7 +175,7 @@ def cache_model(cache: Path, repo: str, commit: str, seed: int = 0, **refs: str)
     return snapshot
 
 
-def test_a_hub_id_is_pinned_to_the_commit_its_branch_names_and_reruns_when_it_moves(quiet, hub):
+def test_a_hub_id_is_pinned_to_the_commit_its_branch_names_and_reruns_when_it_moves(quiet, hub, capsys):
     first = cache_model(hub, "acme/tiny", SHA1, main="main")
     stage = "  model:\n    inputs: {source: %s}\n"
 
@@ -159,6 +190,8 @@ def test_a_hub_id_is_pinned_to_the_commit_its_branch_names_and_reruns_when_it_mo
     )
     assert v1.manifest["metrics"]["source"] == {"format": "hub", "hub_id": "acme/tiny", "commit": SHA1}
     assert torch.equal(probe_logits(v1.path), probe_logits(first))
+    assert cli.main(["artifacts", "lineage", "model:v1"]) == 0
+    assert f"acme/tiny@{SHA1[:12]}" in capsys.readouterr().out
     # The same commit by branch or by sha is the same input: cached.
     assert run(quiet, stage % "acme/tiny@main")["model"] == ("cached", v1)
     assert run(quiet, stage % f"acme/tiny@{SHA1}")["model"] == ("cached", v1)
