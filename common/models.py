@@ -1,9 +1,11 @@
 """Loading and saving models the way stages hand them to each other.
 
-A model input is a directory (an artifact or a local path) or a hub id. A directory holds either
-complete weights (`config.json` + safetensors) or a PEFT adapter (`adapter_config.json`) plus a
-`base.json` that says which model the adapter sits on. Every model directory carries its tokenizer
-and chat template, so whoever loads it gets exactly the tokenizer it was trained with.
+A model input is a directory (an artifact or a local path) or a hub id (`org/name@<commit>` as the
+runner hands it on; see `common/sources.py`). A directory holds either complete weights (`config.json`
++ safetensors) or a PEFT adapter (`adapter_config.json`) plus a `base.json` that says which model the
+adapter sits on, with that model's digest: an adapter is never loaded on a base that has changed since.
+Every model directory carries its tokenizer and chat template, so whoever loads it gets exactly the
+tokenizer it was trained with.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 
+from common.digests import MANIFEST, content_digest
 from common.outcomes import InputError
+from common.sources import split_revision
 
 BASE_FILE = "base.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,25 +41,33 @@ def is_adapter(source: Path | str) -> bool:
 
 
 def write_base_reference(out_dir: Path, base: Path | str) -> None:
-    """Record in an adapter's directory the model it sits on: an artifact, a local path or a hub id."""
+    """Record in an adapter's directory the model it sits on: an artifact (its reference and digest), a
+    local directory (its content digest) or a hub id (its commit)."""
     if isinstance(base, Path):
-        record: dict[str, Any] = {"path": str(base.resolve())}
-        manifest = base / "manifest.json"
-        if manifest.exists():
-            m = json.loads(manifest.read_text())
-            record.update(ref=m["ref"], digest=m["digest"])
         if is_adapter(base):
             raise InputError(
                 f"{base} is itself an adapter; merge it first (rlhf export --merged) to stack another"
             )
+        record: dict[str, Any] = {"path": str(base.resolve())}
+        manifest = base / MANIFEST
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            record.update(ref=m["ref"], digest=m["digest"])
+        else:
+            record["digest"] = _content_digest(base)
     else:
-        record = {"hub_id": base}
+        repo, revision = split_revision(base)
+        record = {"hub_id": repo, **({"revision": revision} if revision else {})}
     (out_dir / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def base_of(adapter_dir: Path) -> Path | str:
-    """The base model of an adapter directory. An artifact base is found by its recorded path, or,
-    when the store has moved, by its reference within the adapter's own store."""
+    """The base model of an adapter directory: a hub id (`org/name@<commit>`), or a directory whose
+    content still has the digest recorded when the adapter was written (refused otherwise).
+
+    An artifact base is looked for in the adapter's own store first (`<store>/<name>/<vN>`, beside the
+    adapter), so a copied or moved store uses its own copy and never reads outside itself; then at the
+    recorded path."""
     file = adapter_dir / BASE_FILE
     if not file.exists():
         raise InputError(
@@ -63,16 +75,49 @@ def base_of(adapter_dir: Path) -> Path | str:
         )
     record = json.loads(file.read_text())
     if "hub_id" in record:
-        return str(record["hub_id"])
-    path = Path(record["path"])
-    if path.exists():
-        return path
-    if "ref" in record:
-        name, version = record["ref"].split(":")
-        beside = adapter_dir.resolve().parent.parent / name / version
-        if beside.exists():
-            return beside
-    raise InputError(f"base model of {adapter_dir} not found: {record}")
+        revision = record.get("revision")
+        return f"{record['hub_id']}@{revision}" if revision else str(record["hub_id"])
+    candidates = [beside] if (beside := _artifact_beside(adapter_dir, record.get("ref"))) else []
+    candidates.append(Path(record["path"]))
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        raise InputError(
+            f"{adapter_dir}: its base model {record.get('ref') or record['path']} is not found "
+            f"(looked in {', '.join(str(c) for c in candidates)})"
+        )
+    expected = record.get("digest")
+    if expected is not None and (actual := _content_digest(found)) != expected:
+        raise InputError(
+            f"{adapter_dir}: its base model {found} is not the one it was trained on (digest {actual[:12]}… "
+            f"!= recorded {expected[:12]}…: a file of the base changed); refusing to load it"
+        )
+    return found
+
+
+def _artifact_beside(adapter_dir: Path, ref: str | None) -> Path | None:
+    """The artifact `ref` (`name:vN`) in the store that holds `adapter_dir`, if it is there."""
+    if not ref:
+        return None
+    name, version = ref.split(":")
+    beside = adapter_dir.resolve().parent.parent / name / version
+    manifest = beside / MANIFEST
+    return beside if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == ref else None
+
+
+_DIGESTS: dict[Path, tuple[Any, str]] = {}
+
+
+def _content_digest(folder: Path) -> str:
+    """`content_digest` of a model directory, computed again only when a file's size or mtime changed
+    (a base is checked every time an adapter on it is loaded)."""
+    folder = folder.resolve()
+    stats = tuple(
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    )
+    known = _DIGESTS.get(folder)
+    if known is None or known[0] != stats:
+        known = _DIGESTS[folder] = (stats, content_digest(folder))
+    return known[1]
 
 
 PAD_CANDIDATES = (
@@ -136,7 +181,8 @@ def load_tokenizer(source: Path | str, pad_token: str = "auto") -> Any:
     `choose_pad_token` (a tokenizer saved by a stage already has one, so `auto` keeps it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    name, revision = split_revision(source)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     tokenizer.rlhf_pad_choice = choose_pad_token(tokenizer, pad_token)
     return tokenizer
 
@@ -155,6 +201,7 @@ def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
         "pad_choice": getattr(tokenizer, "rlhf_pad_choice", f"{tokenizer.pad_token} (as given)"),
         "chat_template": bool(template),
     }
@@ -187,10 +234,12 @@ def load_causal_lm(
         from peft import PeftModel
 
         assert isinstance(source, Path)
-        base = AutoModelForCausalLM.from_pretrained(str(base_of(source)), dtype=dtype or "auto")
+        name, revision = split_revision(base_of(source))
+        base = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
         model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype or "auto")
+        name, revision = split_revision(source)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
     model.to(device)
     if not trainable:
         model.eval()
@@ -241,12 +290,14 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | Non
 
 def source_reference(source: Path | str) -> dict[str, Any]:
     """What a stage records about an input it read (a model, an adapter, a data set): the artifact's
-    `ref` and `digest` when the directory is an artifact (has a `manifest.json`), else its path or hub
-    id; for an adapter also its base (the content of `base.json`)."""
+    `ref` and `digest` when the directory is an artifact (has a `manifest.json`), else its path, or a hub
+    id and its revision (the commit the runner pinned); for an adapter also its base (the content of
+    `base.json`)."""
     if not isinstance(source, Path):
-        return {"hub_id": source}
+        repo, revision = split_revision(source)
+        return {"hub_id": repo, **({"revision": revision} if revision else {})}
     record: dict[str, Any] = {"path": str(source.resolve())}
-    manifest = source / "manifest.json"
+    manifest = source / MANIFEST
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         record.update(ref=m.get("ref"), digest=m.get("digest"), kind=m.get("kind"))

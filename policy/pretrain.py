@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 import tasks
 from common.models import pick_device
 from common.outcomes import InputError
+from common.sources import split_revision
 from common.training import wandb_run
 from policy.configs import PretrainConfig
 from policy.demo_model import build_model, train_tokenizer
@@ -49,8 +50,9 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config, task)
     torch.manual_seed(config.seed)
     if "model" in inputs:
-        tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
-        model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
+        name, revision = split_revision(inputs["model"])
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch.float32)
     else:
         tokenizer = train_tokenizer(texts, config.vocab_size)
         model = build_model(

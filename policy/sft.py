@@ -36,6 +36,7 @@ from common.models import (
     tokenizer_summary,
 )
 from common.outcomes import InputError
+from common.sources import split_revision
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from policy.configs import SFTConfig
 
@@ -312,7 +313,8 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    name, revision = split_revision(source)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs)
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 

@@ -29,6 +29,7 @@ import torch
 
 from common.models import is_adapter, load_tokenizer, save_model, source_reference
 from common.outcomes import InputError
+from common.sources import split_revision
 
 START = "start"
 """Under the stage's scratch directory: the merged SFT weights the stage starts from."""
@@ -65,7 +66,8 @@ def load_start(
     dtype = torch.float32
     if device.type == "cuda" and method == "lora" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(start), dtype=dtype)
+    name, revision = split_revision(start)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
     for config in (model.config, model.generation_config):
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id

@@ -45,6 +45,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
+from common.sources import split_revision
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from reward import evaluation
 from reward.configs import RewardConfig
@@ -272,8 +273,9 @@ def load_model(source: Path | str, config: RewardConfig, tokenizer: Any, scratch
         source = merge_adapter(source, scratch / "merged-input")
     torch.manual_seed(config.seed)
     with suppress_seqcls_warning():  # the new score head and the unused LM head are expected
+        name, revision = split_revision(source)
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(source), num_labels=1, dtype=torch.float32
+            name, revision=revision, num_labels=1, dtype=torch.float32
         )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise InputError(

@@ -90,6 +90,30 @@ def test_second_run_is_cached_and_creates_no_version(workspace):
     assert changed.returncode == 0 and "pretrain:v2" in changed.stdout and "more" not in changed.stdout
 
 
+def test_set_values_reach_the_manifest_and_the_cache_key(workspace):
+    tiny_workflow(workspace, second=False)
+    setting = ("--set", "stages.pretrain.config.steps=2", "--set", "stages.pretrain.config.seed=4")
+    env = {"WANDB_MODE": "disabled"}
+
+    first = rlhf("run", "tiny.yaml", *setting, cwd=workspace, env=env)
+
+    assert first.returncode == 0, first.stderr
+    manifest = Store(workspace / "artifacts").get("pretrain:v1").manifest
+    assert (manifest["config"]["steps"], manifest["config"]["seed"]) == (2, 4)
+    assert manifest["stage"]["overrides"] == [
+        "stages.pretrain.config.steps=2",
+        "stages.pretrain.config.seed=4",
+    ]
+    again = rlhf("run", "tiny.yaml", *setting, cwd=workspace, env=env)
+    assert again.returncode == 0 and "cached" in again.stdout
+    # The same values written in the file are the same stage: cached, no new version.
+    tiny_workflow(workspace, steps=2, seed=4, second=False)
+    written = rlhf("run", "tiny.yaml", cwd=workspace, env=env)
+    assert written.returncode == 0 and "cached" in written.stdout and "pretrain:v2" not in written.stdout
+    other = rlhf("run", "tiny.yaml", "--set", "stages.pretrain.config.steps=3", cwd=workspace, env=env)
+    assert other.returncode == 0 and "pretrain:v2" in other.stdout
+
+
 def test_only_needs_upstream_artifacts(workspace):
     tiny_workflow(workspace)
     result = rlhf("run", "tiny.yaml", "--only", "more", cwd=workspace)

