@@ -36,6 +36,32 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a stage with this `precision` setting (`common.configs.PrecisionSettings`) computes in bf16
+    on `device`."""
+    if precision == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError("precision: bfloat16 was asked for, but this GPU does not support bf16")
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of weights that are not trained (or trained under an adapter): bf16 or float32."""
+    return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
+
+
+def trainer_precision(precision: str, device: torch.device) -> dict[str, Any]:
+    """Hugging Face / TRL trainer arguments for the device and precision: bf16 mixed precision or none
+    (TRL's configs default to bf16 everywhere, which a CPU without native bf16 runs slowly)."""
+    return {
+        "bf16": uses_bf16(precision, device),
+        "fp16": False,
+        "use_cpu": device.type == "cpu",
+        "dataloader_pin_memory": device.type == "cuda",
+    }
+
+
 def is_adapter(source: Path | str) -> bool:
     return isinstance(source, Path) and (source / ADAPTER_CONFIG).exists()
 
@@ -306,15 +332,20 @@ def source_reference(source: Path | str) -> dict[str, Any]:
     return record
 
 
-def merged_for_inference(model: Any) -> Any:
+def merged_for_inference(model: Any, dtype: torch.dtype | None = None) -> Any:
     """A `PeftModel` whose adapter can be folded into the base weights (LoRA, DoRA, IA3, ...) merged and
     unwrapped, for faster generation; anything else (prompt learning, a quantized base, a plain model)
-    is returned unchanged. Only for a frozen model that is not saved afterwards."""
+    is returned unmerged. Then cast to `dtype` when given (after merging, so that the adapter is folded
+    in at the loaded precision). Only for a frozen model that is not saved afterwards."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel) or model.peft_config[model.active_adapter].is_prompt_learning:
-        return model
-    quantized = getattr(model.get_base_model(), "is_quantized", False)
-    if quantized or not hasattr(model.base_model, "merge_and_unload"):
-        return model
-    return model.merge_and_unload()
+    if (
+        isinstance(model, PeftModel)
+        and not model.peft_config[model.active_adapter].is_prompt_learning
+        and not getattr(model.get_base_model(), "is_quantized", False)
+        and hasattr(model.base_model, "merge_and_unload")
+    ):
+        model = model.merge_and_unload()
+    if dtype is not None and not getattr(model, "is_quantized", False):
+        model = model.to(dtype)
+    return model

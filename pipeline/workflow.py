@@ -15,7 +15,9 @@ A workflow file looks like::
 A workflow names its task once, at the top (`task: {name: arithmetic, options: {max_operand: 19}}`, see
 `tasks/`): every stage whose config has a `task` field gets it, unless the stage sets its own (`task:
 null` turns it off for that stage). It is then part of each such stage's resolved config, so it is in
-the manifest and the cache key.
+the manifest and the cache key. `defaults:` does the same for any other setting (`defaults: {precision:
+bfloat16}`): each stage whose config has the field gets the value unless it sets its own; a key that no
+stage kind has is an error.
 
 A variant of another workflow names it with `extends: other.yaml` (a path relative to this file): it
 starts from that workflow's description, W&B settings, task and stages; a stage it defines replaces the
@@ -52,7 +54,7 @@ from tasks import TaskConfig
 ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v[0-9]+|latest)$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
-TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task"}
+TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task", "defaults"}
 WANDB_KEYS = {"project", "entity", "tags"}
 
 
@@ -131,6 +133,8 @@ class Workflow:
     wandb: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] | None = None
     """The top-level `task:`, validated (`tasks.TaskConfig` as a dict), filled into the stages' configs."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """The top-level `defaults:`, filled into the configs of the stages that have each setting."""
 
     def select(self, until: str | None = None, only: str | None = None) -> list[Stage]:
         """The stages to run: all, `until` and everything it depends on, or `only` one."""
@@ -303,6 +307,7 @@ def parse(
         raise check.fail(("name",), "expected a name made of letters, digits, '_', '.', '-'")
     wandb_cfg = {**(base.wandb if base else {}), **check.mapping(top.get("wandb"), ("wandb",), WANDB_KEYS)}
     task = _top_task(check, top, base)
+    defaults = _top_defaults(check, top, base)
 
     stages: dict[str, Stage] = dict(base.stages) if base else {}
     names = set(stages) | set(raw_stages)
@@ -310,7 +315,7 @@ def parse(
         path: Path_ = ("stages", stage_name)
         if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name):
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
-        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task)
+        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task, defaults)
 
     if not _extending:  # the file named on the command line: every --set must have found its stage
         for override in wanted:
@@ -329,6 +334,7 @@ def parse(
         description=str(top.get("description", base.description if base else "")),
         wandb=wandb_cfg,
         task=task,
+        defaults=defaults,
     )
 
 
@@ -372,14 +378,35 @@ def _top_task(check: _Checker, top: dict[str, Any], base: Workflow | None) -> di
         raise check.fail(("task", *first["loc"]), message) from None
 
 
-def _with_task(
-    raw_config: dict[str, Any], config_class: type[BaseModel], task: dict[str, Any] | None
-) -> dict[str, Any]:
-    """A stage's config with the workflow's task filled in, when its config has a `task` field and does not
-    set one itself."""
-    if task is None or "task" not in config_class.model_fields or "task" in raw_config:
-        return raw_config
-    return {**raw_config, "task": task}
+def _top_defaults(check: _Checker, top: dict[str, Any], base: Workflow | None) -> dict[str, Any]:
+    """The workflow's `defaults:` over those of the workflow it extends; each key must be a setting of
+    some stage kind (the task has its own key)."""
+    raw = check.mapping(top.get("defaults"), ("defaults",))
+    known = {field for spec in registry.STAGES.values() for field in spec.config.model_fields} - {"task"}
+    for key in raw:
+        if key not in known:
+            raise check.fail(
+                ("defaults", key),
+                "no stage kind has this setting"
+                + (" (the task is set with the top-level `task:`)" if key == "task" else ""),
+            )
+    return {**(base.defaults if base else {}), **raw}
+
+
+def _filled(
+    raw_config: dict[str, Any],
+    config_class: type[BaseModel],
+    task: dict[str, Any] | None,
+    defaults: dict[str, Any],
+) -> tuple[dict[str, Any], set[str]]:
+    """A stage's config with the workflow's task and defaults filled in where its config has the field and
+    does not set it itself, and the names of the fields filled from `defaults`."""
+    fields = config_class.model_fields
+    filled = {key for key in defaults if key in fields and key not in raw_config}
+    config = {**raw_config, **{key: defaults[key] for key in filled}}
+    if task is not None and "task" in fields and "task" not in raw_config:
+        config["task"] = task
+    return config, filled
 
 
 def _parse_stage(
@@ -390,6 +417,7 @@ def _parse_stage(
     names: set[str],
     base_dir: Path,
     task: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Stage:
     body = check.mapping(raw, path, STAGE_KEYS)
     kind = body.get("kind", name if name in registry.STAGES else None)
@@ -405,11 +433,14 @@ def _parse_stage(
     spec = registry.STAGES[kind]
 
     raw_config = check.mapping(body.get("config"), (*path, "config"))
+    filled_config, from_defaults = _filled(raw_config, spec.config, task, defaults or {})
     try:
-        config = spec.config.model_validate(_with_task(raw_config, spec.config, task))
+        config = spec.config.model_validate(filled_config)
     except ValidationError as err:
         first = err.errors()[0]
         loc = (*path, "config", *first["loc"])
+        if first["loc"] and first["loc"][0] in from_defaults:
+            loc = ("defaults", *first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             allowed = _fields_at(spec.config, first["loc"][:-1])

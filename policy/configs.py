@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import StageConfig, TokenizerSettings
+from common.configs import PrecisionSettings, StageConfig, TokenizerSettings
 from tasks import UsesTask
 
 
@@ -88,7 +88,7 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tu
 LORA_METHODS = ("lora", "dora", "qlora")
 
 
-class SFTConfig(TokenizerSettings, TaskCheck):
+class SFTConfig(TokenizerSettings, PrecisionSettings, TaskCheck):
     """Supervised fine-tuning on TRL's `SFTTrainer`. With the defaults, LoRA teaches the pretrained demo
     model (pretrain defaults) the chat format in 100 steps (about 15 s on 2 CPU cores): about 96% held-out
     greedy accuracy and 87% sampled at temperature 1. The demo workflow stops at 60 steps (93% and 73%),
@@ -173,7 +173,7 @@ class SFTConfig(TokenizerSettings, TaskCheck):
         return self
 
 
-class SampleConfig(StageConfig, UsesTask):
+class SampleConfig(PrecisionSettings, UsesTask):
     """K candidate responses per prompt, for annotators to rank (`policy/sample.py`).
 
     The same config and policy give byte-identical samples on the same hardware: each candidate is drawn
@@ -234,7 +234,7 @@ TUNING_LORA = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 """Settings of the new LoRA adapter of the policy optimization stages (`method: lora`)."""
 
 
-class PolicyTuningConfig(TaskCheck):
+class PolicyTuningConfig(PrecisionSettings, TaskCheck):
     """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints.
 
     The SFT policy (an adapter is first merged into its base) is the starting point and the frozen
@@ -324,7 +324,7 @@ class DPOConfig(PolicyTuningConfig):
         return self
 
 
-class PPOConfig(StageConfig, UsesTask):
+class PPOConfig(PrecisionSettings, UsesTask):
     """Our PPO (`policy/ppo.py`): rollouts from the policy, scores from the reward model, a per-token KL
     penalty to the SFT policy, a value model, GAE, clipped policy and value losses, LoRA. The defaults
     take the demo SFT policy to a higher reward and sampled accuracy in about two minutes on 2 CPU cores.
@@ -516,7 +516,7 @@ class GRPOConfig(OnlineRLConfig):
     """Divide advantages by the standard deviation of the rewards of the group, of the batch, or not."""
 
 
-class EvaluateConfig(StageConfig, UsesTask):
+class EvaluateConfig(PrecisionSettings, UsesTask):
     """Compare policies on held-out prompts: the task's pass rate (greedy and sampled), mean reward, win
     rate against a baseline, KL to a reference and response length, with bootstrap intervals over prompts
     (`policy/evaluate.py` defines each). The defaults compare four demo policies on the 234 held-out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import tasks
-from common.models import load_tokenizer, pick_device, set_threads
+from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.training import count_parameters, last_checkpoint
 from policy import tuning
@@ -199,7 +199,7 @@ def build_trainer(
     from datasets import Dataset
     from trl import DPOTrainer
 
-    model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device)
+    model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device, config.precision)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -232,7 +232,7 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
         activation_checkpointing=config.gradient_checkpointing,  # TRL's default is on
-        **tuning.precision(device),
+        **trainer_precision(config.precision, device),
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,

@@ -48,6 +48,7 @@ import torch
 
 import tasks
 from common.models import (
+    compute_dtype,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -101,8 +102,9 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
         raise InputError(
             f"evaluate: baseline {baseline!r} is not one of the policies' labels: {', '.join(policies)}"
         )
-    judge = load_judge(inputs.get("reward"), device)
-    reference = load_reference(inputs.get("reference"), device)
+    dtype = compute_dtype(config.precision, device)
+    judge = load_judge(inputs.get("reward"), device, dtype)
+    reference = load_reference(inputs.get("reference"), device, dtype)
 
     # Generate and measure, one policy at a time
     results = {}
@@ -179,12 +181,12 @@ class Judge:
     source: Path
 
 
-def load_judge(source: Path | str | None, device: torch.device) -> Judge | None:
+def load_judge(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Judge | None:
     if source is None:
         return None
     from common.reward_model import load_reward_model
 
-    model, tokenizer = load_reward_model(Path(source), device=device)
+    model, tokenizer = load_reward_model(Path(source), device=device, dtype=dtype)
     return Judge(model, tokenizer, Path(source))
 
 
@@ -196,11 +198,11 @@ class Reference:
     source: Path | str
 
 
-def load_reference(source: Path | str | None, device: torch.device) -> Reference | None:
+def load_reference(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Reference | None:
     if source is None:
         return None
     model, tokenizer = load_causal_lm(source, device=device)
-    return Reference(merged_for_inference(model), tokenizer, tokenizer_fingerprint(tokenizer), source)
+    return Reference(merged_for_inference(model, dtype), tokenizer, tokenizer_fingerprint(tokenizer), source)
 
 
 # --- one policy ---
@@ -223,7 +225,8 @@ def evaluate_policy(
             f"evaluate: policy {label!r} and the reference do not share tokenizer and chat template, so the KL "
             "between them (a sum over tokens) is undefined; compare policies of one family, or omit `reference`"
         )
-    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    # an adapter folded into its base generates faster
+    model = merged_for_inference(model, compute_dtype(config.precision, device))
     prompts = [record["prompt"] for record in records]
     prompt_ids = encode_prompts(tokenizer, prompts, "auto")
     max_new_tokens = response_budget(config.max_new_tokens, task)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import tasks
-from common.models import load_tokenizer, pick_device, set_threads
+from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.reward_model import (
     check_reward_status,
@@ -91,7 +91,9 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
 
     # Load: the SFT policy's complete weights (an adapter merged into its base)
     scratch = out_dir / SCRATCH
-    model, tokenizer = tuning.load_start(inputs["policy"], scratch, stage, config.method, device)
+    model, tokenizer = tuning.load_start(
+        inputs["policy"], scratch, stage, config.method, device, config.precision
+    )
 
     # Train
     from datasets import Dataset
@@ -290,7 +292,7 @@ def trainer_and_args(
         "num_iterations": config.num_iterations,
         "epsilon": config.epsilon,
         "activation_checkpointing": config.gradient_checkpointing,  # TRL's default is on
-        **tuning.precision(device),
+        **trainer_precision(config.precision, device),
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 import tasks
 from common.models import (
     base_of,
+    compute_dtype,
     is_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -111,7 +112,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     accelerator = make_accelerator(config)
     set_threads()
     device = accelerator.device
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = compute_dtype(config.precision, device)
     torch.manual_seed(config.seed)
     policy, base = load_policy(policy_source, config, device, dtype)
     critic, scorer, reward_mode = load_value_model(reward_source, config, device, dtype)

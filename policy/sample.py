@@ -30,6 +30,7 @@ import torch
 
 import tasks
 from common.models import (
+    compute_dtype,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -69,7 +70,8 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     else:
         records, source = task_records(task, config.split, config.num_prompts, "sample")
     model, tokenizer = load_causal_lm(inputs["policy"], device=device)
-    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    # an adapter folded into its base generates faster
+    model = merged_for_inference(model, compute_dtype(config.precision, device))
     prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records], config.prompt_format)
 
     # Check

@@ -27,6 +27,7 @@ from datasets import Dataset
 
 import tasks
 from common.models import (
+    compute_dtype,
     has_generation_markers,
     is_adapter,
     load_tokenizer,
@@ -34,6 +35,7 @@ from common.models import (
     save_model,
     set_threads,
     tokenizer_summary,
+    trainer_precision,
 )
 from common.outcomes import InputError
 from common.sources import split_revision
@@ -296,13 +298,12 @@ def split(dataset: Dataset, config: SFTConfig) -> tuple[Dataset, Dataset | None]
 
 
 def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> Any:
-    """The model to train: fp32 on CPU and for `freeze`/`full` (mixed precision keeps fp32 master
-    weights), bf16 under adapters on a GPU that has it, 4-bit for `qlora`."""
+    """The model to train: fp32 for `freeze`/`full` (mixed precision keeps fp32 master weights), the
+    `precision`'s dtype under adapters, 4-bit for `qlora`."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if device.type == "cuda" and config.method in ADAPTER_METHODS and torch.cuda.is_bf16_supported():
-        kwargs["dtype"] = torch.bfloat16
+    adapter = config.method in ADAPTER_METHODS
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(config.precision, device) if adapter else torch.float32}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -387,8 +388,7 @@ def training_args(config: SFTConfig, masking: str, device: torch.device, scratch
         completion_only_loss=config.completion_only_loss,
         assistant_only_loss=masking.startswith("assistant turns (the chat template"),
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        use_cpu=device.type == "cpu",
+        **trainer_precision(config.precision, device),
         eval_strategy="no",  # the eval loss is measured once, at the end
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -397,7 +397,6 @@ def training_args(config: SFTConfig, masking: str, device: torch.device, scratch
         include_num_input_tokens_seen="non_padding",
         report_to=["wandb"] if wandb_run() is not None else "none",
         disable_tqdm=False,
-        dataloader_pin_memory=device.type == "cuda",
     )
 
 

@@ -42,6 +42,7 @@ from common.models import (
     source_reference,
     tokenizer_fingerprint,
     tokenizer_summary,
+    trainer_precision,
 )
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
@@ -385,8 +386,7 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
         center_rewards_coefficient=config.center_rewards_coefficient,
         max_length=None,  # pairs over max_length were left out, and counted, before
         activation_checkpointing=config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),  # TRL defaults to on
-        use_cpu=device.type == "cpu",
+        **trainer_precision(config.precision, device),  # TRL defaults to bf16 everywhere
         eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -394,7 +394,6 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
         save_total_limit=2,  # the last one may be half-written when the process is killed
         report_to=["wandb"] if wandb_run() is not None else "none",
         disable_tqdm=False,
-        dataloader_pin_memory=device.type == "cuda",
     )
 
 

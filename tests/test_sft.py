@@ -253,6 +253,12 @@ def build_trainer(base: Path, dataset: Dataset, data_format: str, out_dir: Path)
     )
 
 
+def test_precision_bfloat16_trains_in_bf16_on_a_cpu_too_and_auto_does_not():
+    cpu = torch.device("cpu")
+    assert sft.training_args(SFTConfig(precision="bfloat16"), "completion", cpu, Path("/tmp")).bf16
+    assert not sft.training_args(SFTConfig(), "completion", cpu, Path("/tmp")).bf16
+
+
 def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
     class FakeWandb:
         run = None

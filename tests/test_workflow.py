@@ -533,3 +533,41 @@ def test_serve_takes_set_too():
         ["serve", "wf.yaml", "--set", "stages.a.config.b=1", "--set", "stages.a.config.c=2"]
     )
     assert args.overrides == ["stages.a.config.b=1", "stages.a.config.c=2"]
+
+
+def test_defaults_fill_every_stage_that_has_the_setting_and_a_stage_s_own_wins(tmp_path):
+    (tmp_path / "wf.yaml").write_text(
+        textwrap.dedent("""\
+            task: {name: arithmetic}
+            defaults: {precision: bfloat16, seed: 3}
+            stages:
+              pretrain: {}
+              sft:
+                inputs: {model: pretrain}
+              sample:
+                inputs: {policy: sft}
+                config: {precision: float32}
+            """)
+    )
+    flow = workflow.load(tmp_path / "wf.yaml")
+    assert flow.stages["sft"].config.precision == "bfloat16" and flow.stages["sft"].config.seed == 3
+    assert flow.stages["sample"].config.precision == "float32" and flow.stages["sample"].config.seed == 3
+    assert flow.stages["pretrain"].config.seed == 3  # pretrain has no precision setting, only seed is filled
+    # in the resolved config, so in the manifest and the cache key
+    assert flow.stages["sft"].config.model_dump(mode="json")["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("defaults", "key", "message"),
+    [
+        ("{precison: bfloat16}", "defaults.precison", "no stage kind has this setting"),
+        ("{precision: half}", "defaults.precision", "Input should be 'auto', 'float32' or 'bfloat16'"),
+        ("[precision]", "defaults", "expected a mapping"),
+    ],
+)
+def test_bad_defaults_name_the_key_and_line(tmp_path, defaults, key, message):
+    text = f"task: {{name: arithmetic}}\ndefaults: {defaults}\nstages:\n  pretrain: {{}}\n  sft:\n    inputs: {{model: pretrain}}\n"
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(text, "wf.yaml")
+    assert caught.value.key == key and caught.value.line == 2
+    assert message in str(caught.value)
