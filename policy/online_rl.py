@@ -14,7 +14,8 @@ exactly as the reward model was trained (its chat template, eos). Passing the re
 would render the text with the same template; the callable also counts demo answers (`demo_accuracy` in
 the training logs). Before any training the stage refuses a reward model whose tokenizer or chat template
 differs from the policy's, and one whose manifest says its acceptance gate rejected it (unless
-`allow_rejected_reward`). The result is published as one complete model (see `policy/tuning.py`).
+`allow_rejected_reward`). The result is published as one complete model, or with `publish: adapter` as the
+new adapter on the SFT policy (see `policy/tuning.py`).
 
 Reads top to bottom: check, load, train, save, measure.
 """
@@ -91,7 +92,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # Save
-    model = tuning.publish(trainer.model, tokenizer, out_dir, tuning.lineage(stage, config, dict(inputs)))
+    model = tuning.publish(trainer.model, tokenizer, out_dir, config, stage, dict(inputs))
 
     # Measure
     measured: dict[str, Any] = {}
@@ -105,6 +106,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         "train_loss": result.training_loss,
         "prompts": len(rows),
         "method": config.method,
+        "publish": config.publish,
         "kl_coef": config.kl_coef,
         "trainable_parameters": trainable,
         "total_parameters": total,
