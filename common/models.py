@@ -58,10 +58,21 @@ def write_base_reference(out_dir: Path, base: Path | str) -> None:
         if is_adapter(base):
             check_mergeable(base, "nothing can be stacked on it")
             record["adapter"] = True  # a stacked adapter: its base is merged into its own base first
+            _name_base_in_peft_config(out_dir, base)
     else:
         repo, revision = split_revision(base)
         record = {"hub_id": repo, **({"revision": revision} if revision else {})}
     (out_dir / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _name_base_in_peft_config(out_dir: Path, base: Path) -> None:
+    """PEFT's own record of the base (`base_model_name_or_path`) names the adapter below, not the merged
+    copy training loaded (a scratch directory that is gone once the stage ends)."""
+    config_file = out_dir / ADAPTER_CONFIG
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = str(base.resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def base_of(adapter_dir: Path) -> Path | str:

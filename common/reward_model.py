@@ -117,8 +117,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any:
-    """The reward adapter at `path` merged into the classifier built on its base. Every weight the base
-    lacks (the score head) must come from the adapter, trained."""
+    """The reward adapter at `path` merged into the classifier built on its base, in `dtype` (`auto`:
+    float32, the dtype the reward stage trains and saves a merged reward model in, whatever the dtype the
+    base is stored in). Every weight the base lacks (the score head) must come from the adapter, trained."""
     from peft import PeftModel
     from safetensors import safe_open
 
@@ -127,7 +128,7 @@ def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any
         raise InputError(
             f"{what} is an adapter without {ADAPTER_WEIGHTS} (weights load from safetensors only)"
         )
-    model, head = sequence_classifier(base_of(path), dtype)
+    model, head = sequence_classifier(base_of(path), torch.float32 if dtype == "auto" else dtype)
     with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as weights:
         saved = set(weights.keys())
     missing = sorted(name for name in head if not any(key.endswith(f".{name}") for key in saved))

@@ -1,19 +1,23 @@
-"""Export a policy as one self-contained Hugging Face model directory.
+"""Export a policy or reward model as one self-contained Hugging Face model directory.
 
 `export_merged` folds an adapter into its base model's weights (LoRA, DoRA, QLoRA, IA3; a stacked adapter
 into its base adapter merged into its own base) and writes the result with its tokenizer and chat
 template, so `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`
-load it with no PEFT and no base model around. A full-model source is re-saved the same way.
+load it with no PEFT and no base model around. A reward model (a directory with `reward.json`, published
+merged or as an adapter) becomes a complete sequence classifier with its `reward.json`, loadable by
+`AutoModelForSequenceClassification` and `load_reward_model`. A full-model source is re-saved the same way.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from common.models import check_mergeable, is_adapter, load_tokenizer, merged_causal_lm, save_model
 from common.outcomes import InputError
+from common.reward_model import REWARD_FILE, load_reward_model
 
 
 def export_merged(source: Path, out_dir: Path, dtype: torch.dtype | None = None) -> None:
@@ -28,5 +32,11 @@ def export_merged(source: Path, out_dir: Path, dtype: torch.dtype | None = None)
             check_mergeable(source, "serve it as an adapter on its base")
         except InputError as err:
             raise InputError(f"export: {err}") from None
+    if (source / REWARD_FILE).is_file():
+        reward_model, tokenizer = load_reward_model(source, dtype=dtype or "auto")
+        reward_model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        shutil.copy(source / REWARD_FILE, out_dir / REWARD_FILE)
+        return
     model = merged_causal_lm(source, dtype)
     save_model(model.eval(), load_tokenizer(source), out_dir)

@@ -118,9 +118,7 @@ def publish(
     from peft import PeftModel
 
     if config.publish == "adapter":
-        policy = inputs["policy"]
-        model.peft_config[model.active_adapter].base_model_name_or_path = str(policy)  # not scratch/start
-        save_model(model, tokenizer, out_dir, base=policy)
+        save_model(model, tokenizer, out_dir, base=inputs["policy"])
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.eval()

@@ -411,11 +411,10 @@ def save(model: Any, tokenizer: Any, out_dir: Path, source: Path | str, data_for
 
     set_pad_token(model, tokenizer)
     model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
-    if isinstance(model, PeftModel):
-        model.peft_config[model.active_adapter].base_model_name_or_path = str(source)
-        write_base_reference(out_dir, source)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        write_base_reference(out_dir, source)
     info = {
         "format": "chat" if tokenizer.chat_template else "plain",
         "data_format": data_format,

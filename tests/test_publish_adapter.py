@@ -16,7 +16,7 @@ import yaml
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from common.models import (
     BASE_FILE,
@@ -198,6 +198,14 @@ def test_a_reward_adapter_is_small_and_scores_like_the_merged_reward_model(rewar
     assert max(abs(a - b) for a, b in zip(from_adapter, recorded, strict=True)) <= 1e-5
     assert len({round(x, 4) for x in recorded}) > 2  # a trained model, not a constant
 
+    exported = adapter.parent / f"{source}-exported"
+    export_merged(adapter, exported)  # rlhf export --merged: a complete reward model
+    assert {"model.safetensors", "config.json", "reward.json"} <= {p.name for p in exported.iterdir()}
+    assert not is_adapter(exported)
+    assert AutoModelForSequenceClassification.from_pretrained(exported).config.num_labels == 1
+    from_export = held_out_scores(exported, held)
+    assert max(abs(a - b) for a, b in zip(from_export, from_merged, strict=True)) <= 1e-5
+
 
 def test_a_reward_adapter_keeps_the_hand_off_checks(rewards, models, tmp_path):
     _, adapter = rewards["sft"].adapter
@@ -248,6 +256,16 @@ def test_ppo_trains_against_a_reward_adapter(rewards, models, value_model, tmp_p
     assert kind == value_model and hasattr(scorer, "score")
 
 
+def test_ppo_continues_a_stacked_policy_adapter(policies, rewards, models, tmp_path):
+    """PPO from DPO's stacked adapter trains that adapter further; its output sits on the same SFT adapter."""
+    _, dpo_adapter = policies.adapter
+    config = PPOConfig(updates=1, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=6)
+    ppo.run(config, {"policy": dpo_adapter, "reward": rewards["sft"].adapter[1]}, tmp_path)
+    record = json.loads((tmp_path / BASE_FILE).read_text())
+    assert record["path"] == str(models.sft.resolve()) and record["adapter"] is True
+    assert not torch.allclose(logits(tmp_path), logits(dpo_adapter), atol=1e-6)
+
+
 # --- DPO and GRPO ---
 
 
@@ -272,7 +290,7 @@ def test_dpo_publishes_a_stacked_adapter_that_loads_as_the_merged_policy(policie
     record = json.loads((adapter / BASE_FILE).read_text())
     assert record["path"] == str(models.sft.resolve()) and record["adapter"] is True
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(models.sft)  # not the scratch copy
+    assert adapter_config["base_model_name_or_path"] == str(models.sft.resolve())  # not the scratch copy
     lineage = json.loads((adapter / "policy.json").read_text())
     assert lineage["publish"] == "adapter" and "stacked" in lineage["format"]
     assert metrics["publish"] == "adapter" and metrics["train_loss"] == pytest.approx(
@@ -289,6 +307,20 @@ def test_dpo_publishes_a_stacked_adapter_that_loads_as_the_merged_policy(policie
     with torch.no_grad():
         alone = exported(**tokenizer("What is 7 + 12? 7 + 12 = 19", return_tensors="pt")).logits
     assert torch.allclose(alone, expected, atol=1e-5)
+
+
+def test_dpo_on_a_complete_model_publishes_an_adapter_on_it(models, tmp_path):
+    preferences = write_pairs(tmp_path / "preferences", pairs(8))
+    outs = {}
+    for publish in ("merged", "adapter"):
+        outs[publish] = tmp_path / publish
+        outs[publish].mkdir()
+        config = DPOConfig(**DPO_FAST, publish=publish)
+        dpo.run(config, {"policy": models.base, "preferences": preferences}, outs[publish])
+    record = json.loads((outs["adapter"] / BASE_FILE).read_text())
+    assert record["path"] == str(models.base.resolve()) and "adapter" not in record  # not stacked
+    assert "stacked" not in json.loads((outs["adapter"] / "policy.json").read_text())["format"]
+    assert torch.allclose(logits(outs["adapter"]), logits(outs["merged"]), atol=1e-5)
 
 
 def test_sample_and_evaluate_take_the_adapter_policy_and_reward_model(policies, rewards, models, tmp_path):
@@ -414,6 +446,9 @@ def test_rlhf_run_publishes_adapters_that_verify_export_and_score(models, worksp
     exported = workspace / "exported"
     assert rlhf("export", "dpo:v1", "--merged", str(exported), cwd=workspace, env=env).returncode == 0
     AutoModelForCausalLM.from_pretrained(exported)
+    exported = workspace / "exported-reward"
+    assert rlhf("export", "reward:v1", "--merged", str(exported), cwd=workspace, env=env).returncode == 0
+    AutoModelForSequenceClassification.from_pretrained(exported)
     scored = rlhf(
         "score",
         "reward:v1",
