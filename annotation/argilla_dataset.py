@@ -30,6 +30,9 @@ from annotation.server import ArgillaServerError
 
 BATCH_FILE = "batch.json"
 RECORDS_FILE = "records.jsonl"
+RECORD_KEYS = ("record_id", "prompt_id", "prompt", "candidates")
+"""What a record of records.jsonl is; any other key of a record is a field of its prompt (the task's, such
+as `answer`), carried from the samples to the preference pairs so that the task can judge them."""
 PROMPT = "prompt"
 RANKING = "ranking"
 COMMENT = "comment"

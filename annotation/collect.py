@@ -14,7 +14,8 @@ records when it was collected):
   status, created/updated time of the response, `simulated`, comment; and `summary.json` (counts);
 - `preferences/`: `preferences.jsonl` in TRL's prompt/chosen/rejected format (conversational when the
   policy has a chat template), with `prompt_id`, `record_id`, candidate indices, `agreement`, `votes`,
-  `answer` when known and `simulated`; and `summary.json` (counts per policy, agreement statistics).
+  the prompt's fields (the task's, such as `answer`) and `simulated`; and `summary.json` (counts per
+  policy, agreement statistics, and with a task `correct_chosen_fraction`).
 
 Reads top to bottom: load, read, convert and check, save, measure.
 """
@@ -30,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tasks
 from annotation import argilla_dataset as layout
 from annotation import preferences, server, simulate
 from annotation.argilla_dataset import Api
 from annotation.configs import CollectConfig
-from common import demo_task
 from common.outcomes import InputError, Waiting
 
 RANKINGS_FILE = "rankings.jsonl"
@@ -87,7 +88,9 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
         "format": "conversational" if batch["chat"] else "standard",
         "annotators_per_record": batch["annotators_per_record"],
         **summary,
-        "correct_chosen_fraction": correct_chosen_fraction(rows),
+        "correct_chosen_fraction": correct_chosen_fraction(
+            rows, tasks.load(config.task) if config.task else None
+        ),
     }
     _write(out_dir / "preferences", PREFERENCES_FILE, rows, preferences_summary)
     log_tables(rows, preferences.record_agreement(records, rankings))
@@ -236,17 +239,17 @@ def summarize_rankings(
     }
 
 
-def correct_chosen_fraction(rows: list[dict[str, Any]]) -> float | None:
-    """Among pairs with a known answer where exactly one side is correct: how often it is the chosen one."""
+def correct_chosen_fraction(rows: list[dict[str, Any]], task: tasks.Task | None) -> float | None:
+    """Among pairs the task can judge where exactly one side passes (verdict 1): how often it is the chosen
+    one. None without a task or such pairs."""
     hits = total = 0
     for row in rows:
-        if "answer" not in row:
+        if task is None or task.missing(row):
             continue
-        chosen, rejected = (_text(row["chosen"]), _text(row["rejected"]))
-        right = demo_task.is_correct(chosen, row["answer"]), demo_task.is_correct(rejected, row["answer"])
-        if right[0] != right[1]:
+        passes = [task.verdict(row, _text(row[side])) == 1.0 for side in ("chosen", "rejected")]
+        if passes[0] != passes[1]:
             total += 1
-            hits += right[0]
+            hits += passes[0]
     return hits / total if total else None
 
 

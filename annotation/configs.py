@@ -7,20 +7,21 @@ from typing import Literal
 from pydantic import Field
 
 from common.configs import StageConfig
+from tasks import UsesTask
 
 
 class SimulatedAnnotators(StageConfig):
     """Bot annotators (accounts `bot-1`..`bot-N`, role annotator, labelled "simulated" in the UI and in the
     rankings) that rank through the same HTTP endpoints as a person's browser: they take records from their
-    pending queue and submit a ranking by the demo task's ground truth (correct answers first, then wrong
-    answers by their distance to the right one, unparseable answers last; equally good candidates tie),
-    perturbed by noise. Prompts whose answer is unknown get a random ranking."""
+    pending queue and submit a ranking by the task's verdict (`Task.preference`; on the arithmetic task right
+    answers first, then wrong answers by their distance to the right one, unparseable answers last; equally
+    good candidates tie), perturbed by noise. They need a task that can judge every record of the batch."""
 
     annotators: int = Field(3, ge=1)
     """How many bot annotators rank (bot-1..bot-N); a record gets rankings until `annotators_per_record`
     bots have submitted one, so more bots than that only spread the work."""
     noise: float = Field(0.1, ge=0, le=1)
-    """Probability of each adjacent swap in a bot's ground-truth order (one pass from best to worst), so
+    """Probability of each adjacent swap in a bot's task order (one pass from best to worst), so
     a bot sometimes prefers the worse of two neighbouring candidates."""
     discard: float = Field(0.0, ge=0, le=1)
     """Probability that a bot discards a record instead of ranking it (as a person does with an
@@ -32,7 +33,7 @@ class SimulatedAnnotators(StageConfig):
     """Seed of the bots' choices: the same seed gives each bot the same ranking of the same record."""
 
 
-class AnnotateConfig(StageConfig):
+class AnnotateConfig(StageConfig, UsesTask):
     """Push a `samples` artifact to Argilla as a ranking dataset, one record per prompt (`annotation/push.py`).
 
     Connects to ARGILLA_API_URL with ARGILLA_API_KEY when both are set, else to the embedded local server
@@ -61,7 +62,7 @@ class AnnotateConfig(StageConfig):
     """Let bot annotators rank the batch right after the push (demo and tests); omit for humans."""
 
 
-class CollectConfig(StageConfig):
+class CollectConfig(StageConfig, UsesTask):
     """Snapshot the rankings of an annotation batch and turn them into preference pairs (`annotation/collect.py`).
 
     A record counts as ranked once `annotators_per_record` annotators (set at push) have submitted a

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any, Literal
 
+from annotation import argilla_dataset as layout
+
 Policy = Literal["majority", "unanimous", "all"]
 POLICIES: tuple[Policy, ...] = ("majority", "unanimous", "all")
 COUNTS = (
@@ -187,7 +189,8 @@ def to_preferences(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows and counts from a batch's records and its annotators' rankings.
 
-    `records`: `{"record_id", "prompt_id", "prompt", "candidates", "answer"?}` (the batch's records.jsonl).
+    `records`: `{"record_id", "prompt_id", "prompt", "candidates", ...the prompt's fields}` (the batch's
+    records.jsonl; the prompt's fields, such as the task's `answer`, are carried into each pair).
     `rankings`: `{"record_id", "annotator", "status", "ranks", "simulated"?}` with `ranks` aligned with the
     record's candidates (the rows of rankings.jsonl); statuses other than submitted give no pairs.
     """
@@ -316,6 +319,5 @@ def _row(
         agreement=chosen_votes / v.annotators,
         votes={"chosen": chosen_votes, "rejected": rejected_votes, "tie": v.tie},
     )
-    if record.get("answer") is not None:
-        row["answer"] = record["answer"]
+    row.update({k: v for k, v in record.items() if k not in layout.RECORD_KEYS and k not in row})
     return row

@@ -1,16 +1,20 @@
 """The `annotate` stage: push a `samples` artifact to Argilla as a ranking dataset.
 
-Reads `samples.jsonl` (one line per prompt: `id`, `prompt`, `candidates`, optional `answer`),
+Reads `samples.jsonl` (one line per prompt: `id`, `prompt`, `candidates`, and the prompt record's other
+fields, such as the task's `answer` or `constraints`),
 `generation.json` (the policy and the generation settings) and the artifact's `manifest.json`; creates (or
 reuses) the batch's dataset (layout in `annotation/argilla_dataset.py`) and upserts one record per prompt
 with at least two distinct candidates, in bulk. A record's `external_id` is a hash of the samples file,
 the prompt and the candidates, so a repeated or retried push updates records instead of adding them.
-With `simulate`, bot annotators then rank the batch (`annotation/simulate.py`).
+With `simulate`, bot annotators then rank the batch by the task's verdict (`annotation/simulate.py`);
+every record must be one the task can judge, which is checked before anything is pushed.
 
 Payload (kind `annotation-batch`): `batch.json` (server URL, never a key; workspace; dataset name and id;
 the samples artifact; the policy; generation settings; whether prompts are chat; annotators per record;
-the number of slots K; the question names; the record ids; the simulated annotators' settings, if any) and `records.jsonl` (per record: id, prompt id, prompt, candidates in slot order, answer):
-what collect needs to map rankings back to candidates without the samples artifact.
+the number of slots K; the question names; the record ids; the simulated annotators' settings and the
+task, if any) and `records.jsonl` (per record: id, prompt id, prompt, candidates in slot order, and the
+prompt's other fields, which the task's verdict needs): what collect needs to map rankings back to
+candidates without the samples artifact.
 
 Reads top to bottom: load, check, push, save, measure.
 """
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tasks
 from annotation import argilla_dataset as layout
 from annotation import server, simulate
 from annotation.argilla_dataset import Api
@@ -33,6 +38,8 @@ SAMPLES_FILE = "samples.jsonl"
 GENERATION_FILE = "generation.json"
 BATCH_FILE = layout.BATCH_FILE
 RECORDS_FILE = layout.RECORDS_FILE
+SAMPLE_KEYS = ("id", "duplicate_of")
+"""Fields of a sample that the record holds under another name, or that do not concern annotators."""
 
 
 def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -46,6 +53,9 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     records, skipped = to_records(samples, source["samples_sha256"])
     slots = max(len(record["candidates"]) for record in records)
     chat = uses_chat(generation, samples)
+    task = tasks.load(config.task) if config.task is not None else None
+    if config.simulate is not None:
+        simulate.check_judgeable(task, records)
 
     # Push
     connection = server.connect(start=True)
@@ -74,11 +84,12 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
         "records": RECORDS_FILE,
         "record_ids": [record["record_id"] for record in records],
         "simulated_annotators": config.simulate.model_dump() if config.simulate else None,
+        "task": config.task.model_dump() if config.task else None,
     }
 
     simulated: dict[str, Any] = {}
     if config.simulate is not None:
-        simulated = simulate.rank_batch(connection, batch, records, config.simulate, bulk=True)
+        simulated = simulate.rank_batch(connection, batch, records, config.simulate, task, bulk=True)
 
     # Save
     (out_dir / BATCH_FILE).write_text(json.dumps(batch, indent=2, ensure_ascii=False) + "\n")
@@ -207,8 +218,13 @@ def to_records(samples: list[dict[str, Any]], digest: str) -> tuple[list[dict[st
             "prompt": sample["prompt"],
             "candidates": distinct,
         }
-        if sample.get("answer") is not None:
-            record["answer"] = sample["answer"]
+        record.update(
+            {
+                k: v
+                for k, v in sample.items()
+                if k not in (*layout.RECORD_KEYS, *SAMPLE_KEYS) and v is not None
+            }
+        )
         records.append(record)
     if problems:
         raise InputError(f"annotate: the samples are malformed: {'; '.join(problems[:5])}")

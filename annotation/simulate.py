@@ -3,9 +3,10 @@
 Each bot is an account `bot-N` (role annotator, named "Simulated annotator N (bot)") and works like a
 person in the web UI: it asks for its pending queue (`POST /api/v1/me/datasets/{id}/records/search`, the
 UI's query) and answers each record (`POST /api/v1/records/{id}/responses`, the UI's submit/discard
-call; or, with `bulk`, `POST /api/v1/me/responses/bulk`, the UI's bulk mode). Its ranking is the demo
-task's ground truth (`truth_ranks`) perturbed by seeded adjacent swaps; its comment says it is simulated,
-and collect marks its rankings `simulated`.
+call; or, with `bulk`, `POST /api/v1/me/responses/bulk`, the UI's bulk mode). Its ranking is the task's
+(`task_ranks`: by `Task.preference`, the verdict or a finer grading of it) perturbed by seeded adjacent
+swaps; its comment says it is simulated, and collect marks its rankings `simulated`. A record the task
+cannot judge (it lacks the fields the verdict needs) is an error, not a random ranking.
 
 `rank_batch` runs the bots in turn (one page of queue each) until every queue is empty; with a `stop`
 event it keeps polling for new records until the event is set, so it can run in a background thread while
@@ -15,9 +16,7 @@ a pipeline waits for rankings (`rank_in_background`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
-import re
 import secrets
 import threading
 import time
@@ -29,7 +28,7 @@ from annotation import argilla_dataset as layout
 from annotation import server
 from annotation.argilla_dataset import Api
 from annotation.configs import SimulatedAnnotators
-from common import demo_task
+from tasks import Task, TaskError
 
 BOT_PREFIX = "bot-"
 PAGE = 50
@@ -39,7 +38,6 @@ PENDING = [
     {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
 ]
 """The UI's pending queue: records this user has not answered that still need rankings."""
-_SUM = re.compile(r"(-?\d+)\s*(?:\+|plus)\s*(-?\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +54,20 @@ def is_simulated(username: str) -> bool:
 # --- the ranking a bot gives ---
 
 
-def truth_ranks(candidates: list[str], answer: int) -> list[int]:
-    """Ground-truth ranks (1 = best): correct answers first, then wrong ones by distance to the answer,
-    unparseable ones last; candidates equally far from the answer tie."""
-    keys = [_distance(text, answer) for text in candidates]
+def task_ranks(task: Task, record: dict[str, Any], candidates: list[str]) -> list[int]:
+    """The task's ranks (1 = best): candidates by `Task.preference`, best first; equal values tie. (On the
+    arithmetic task: right answers first, then wrong ones by distance to the answer, no answer last.)"""
+    keys = [-task.preference(record, text) for text in candidates]
     levels = sorted(set(keys))
     return [levels.index(key) + 1 for key in keys]
 
 
-def simulated_ranks(candidates: list[str], answer: int | None, noise: float, rng: random.Random) -> list[int]:
-    """A bot's ranks: the ground truth with each adjacent pair of rank levels swapped with probability
-    `noise` (one pass, best to worst); a random order when the answer is unknown."""
-    if answer is None:
-        order = rng.sample(range(len(candidates)), len(candidates))
-        return [order.index(i) + 1 for i in range(len(candidates))]
-    truth = truth_ranks(candidates, answer)
+def simulated_ranks(
+    task: Task, record: dict[str, Any], candidates: list[str], noise: float, rng: random.Random
+) -> list[int]:
+    """A bot's ranks: the task's with each adjacent pair of rank levels swapped with probability `noise`
+    (one pass, best to worst)."""
+    truth = task_ranks(task, record, candidates)
     levels = list(range(1, max(truth) + 1))
     for position in range(len(levels) - 1):
         if rng.random() < noise:
@@ -79,19 +76,25 @@ def simulated_ranks(candidates: list[str], answer: int | None, noise: float, rng
     return [new_rank[rank] for rank in truth]
 
 
-def prompt_answer(prompt: Any) -> int | None:
-    """The demo task's answer read from a prompt ("What is 7 + 12?" -> 19), or None."""
-    match = _SUM.search(layout.render_prompt(prompt))
-    return int(match.group(1)) + int(match.group(2)) if match else None
-
-
-def _distance(text: str, answer: int) -> float:
-    parsed = demo_task.parse_answer(text)
-    return math.inf if parsed is None else abs(parsed - answer)
+def check_judgeable(task: Task | None, records: list[dict[str, Any]]) -> Task:
+    """The task, when it can judge every record of a batch; else a `TaskError` naming the first record it
+    cannot judge (simulated annotators never rank at random)."""
+    if task is None:
+        raise TaskError(
+            "simulated annotators rank by a task's verdict, and none is set: give the workflow a top-level "
+            "`task:` (or the annotate stage a `task`)"
+        )
+    for record in records:
+        if missing := task.missing(record):
+            raise TaskError(
+                f"simulated annotators: task {task.name!r} cannot judge record {record.get('prompt_id')!r} "
+                f"(prompt {str(record.get('prompt'))[:60]!r}): it lacks {', '.join(missing)}"
+            )
+    return task
 
 
 def bot_answer(
-    bot: str, record: dict[str, Any], slots: int, config: SimulatedAnnotators, comment: bool
+    bot: str, record: dict[str, Any], slots: int, config: SimulatedAnnotators, comment: bool, task: Task
 ) -> dict[str, Any]:
     """The response body bot `bot` submits for a batch record (seeded by the bot, the record and the seed)."""
     rng = random.Random(f"{config.seed}:{bot}:{record['record_id']}")
@@ -99,16 +102,14 @@ def bot_answer(
     if rng.random() < config.discard:
         values = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
         return {"status": "discarded", "values": values} if values else {"status": "discarded"}
-    answer = record.get("answer")
-    if answer is None:
-        answer = prompt_answer(record["prompt"])
-    ranks = simulated_ranks(record["candidates"], answer, config.noise, rng)
+    ranks = simulated_ranks(task, record, record["candidates"], config.noise, rng)
     last = max(ranks) + 1  # placeholder slots go last, tied
     ranking = [{"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last} for i in range(slots)]
     values: dict[str, Any] = {layout.RANKING: {"value": ranking}}
     if comment:
-        how = "ranked by the demo task's answer" if answer is not None else "random ranking (no known answer)"
-        values[layout.COMMENT] = {"value": f"{label}: {how}, noise {config.noise}"}
+        values[layout.COMMENT] = {
+            "value": f"{label}: ranked by the {task.name} task's verdict, noise {config.noise}"
+        }
     return {"status": "submitted", "values": values}
 
 
@@ -146,6 +147,7 @@ def rank_batch(
     batch: dict[str, Any],
     records: list[dict[str, Any]],
     config: SimulatedAnnotators,
+    task: Task | None,
     *,
     stop: threading.Event | None = None,
     poll_s: float = 1.0,
@@ -153,9 +155,11 @@ def rank_batch(
 ) -> dict[str, Any]:
     """Let the bots rank the batch until their queues are empty (or, with `stop`, until it is set).
 
-    `batch` is the content of an annotation batch's batch.json, `records` its records.jsonl. Returns counts.
+    `batch` is the content of an annotation batch's batch.json, `records` its records.jsonl; `task` ranks
+    them (every record must be one it can judge). Returns counts.
     """
     started = time.perf_counter()
+    task = check_judgeable(task, records)
     dataset_id, slots = batch["dataset"]["id"], batch["slots"]
     comment = bool(batch.get("questions", {}).get("comment"))
     by_id = {record["record_id"]: record for record in records}
@@ -182,7 +186,7 @@ def rank_batch(
                     record = by_id.get(item["record"]["external_id"])
                     if record is not None:  # a record that is not in the batch is left alone
                         answers.append(
-                            (item["record"]["id"], bot_answer(bot, record, slots, config, comment))
+                            (item["record"]["id"], bot_answer(bot, record, slots, config, comment, task))
                         )
                 _submit(api, answers, bulk)
                 answered[bot] += len(answers)
@@ -227,8 +231,14 @@ class BackgroundBots:
         config: SimulatedAnnotators,
         connection: server.Connection | None = None,
         poll_s: float = 0.5,
+        task: Task | None = None,
     ):
         batch, records = layout.load_batch(Path(batch_dir))
+        if task is None and batch.get("task") is not None:
+            import tasks
+
+            task = tasks.load(batch["task"])
+        task = check_judgeable(task, records)
         self._stop = threading.Event()
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
@@ -236,7 +246,13 @@ class BackgroundBots:
         def work() -> None:
             try:
                 self.result = rank_batch(
-                    connection or server.connect(), batch, records, config, stop=self._stop, poll_s=poll_s
+                    connection or server.connect(),
+                    batch,
+                    records,
+                    config,
+                    task,
+                    stop=self._stop,
+                    poll_s=poll_s,
                 )
             except BaseException as err:  # reported by stop()
                 self.error = err
@@ -256,7 +272,11 @@ class BackgroundBots:
 
 
 def rank_in_background(
-    batch_dir: Path, config: SimulatedAnnotators, connection: server.Connection | None = None
+    batch_dir: Path,
+    config: SimulatedAnnotators,
+    connection: server.Connection | None = None,
+    task: Task | None = None,
 ) -> BackgroundBots:
-    """Start bots ranking the batch of `batch_dir` (an annotation-batch artifact) in a background thread."""
-    return BackgroundBots(batch_dir, config, connection)
+    """Start bots ranking the batch of `batch_dir` (an annotation-batch artifact) in a background thread, by
+    `task` (default: the task recorded in the batch)."""
+    return BackgroundBots(batch_dir, config, connection, task=task)

@@ -30,12 +30,14 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tasks
 from annotation import argilla_dataset as layout
 from annotation import collect, push, server, simulate
 from annotation.configs import AnnotateConfig, CollectConfig, SimulatedAnnotators
 
 TARGETS = {"push_1000_s": 5.0, "collect_1000_s": 2.0, "queue_query_ms_10000": 100.0}
 PENDING = simulate.PENDING
+ARITHMETIC = tasks.load({"name": "arithmetic"})
 
 
 def main() -> None:
@@ -145,7 +147,7 @@ def add_rankings(info, batch: dict, records: list[dict], logins, share: float) -
         users = {user["username"]: user["id"] for user in api.users()}
         items = []
         for record in records[: int(len(records) * share)]:
-            ranks = simulate.truth_ranks(record["candidates"], record["answer"])
+            ranks = simulate.task_ranks(ARITHMETIC, record, record["candidates"])
             last = max(ranks) + 1
             value = [
                 {"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last}
@@ -171,9 +173,11 @@ def bot_submissions(info, scratch: Path, n: int = 100) -> float:
     samples = write_samples(scratch / "bot-samples", n)
     batch_dir = scratch / "bot-batch"
     batch_dir.mkdir()
-    push.run(AnnotateConfig(), {"samples": samples}, batch_dir)
+    push.run(AnnotateConfig(task={"name": "arithmetic"}), {"samples": samples}, batch_dir)
     batch, records = layout.load_batch(batch_dir)
-    counts = simulate.rank_batch(info.connection(), batch, records, SimulatedAnnotators(annotators=1))
+    counts = simulate.rank_batch(
+        info.connection(), batch, records, SimulatedAnnotators(annotators=1), ARITHMETIC
+    )
     return counts["responses"] / counts["seconds"]
 
 

@@ -71,11 +71,11 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from common import demo_task
     from common.models import tokenizer_fingerprint
     from policy.demo_model import build_model, train_tokenizer
+    from tasks import arithmetic
 
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     model = build_model(tokenizer)
     model.save_pretrained(root / "policy")
@@ -154,7 +154,7 @@ def trl(policy: Path, reward: Path, updates: int, response_length: int, out: Pat
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     sys.path.insert(0, str(REPO))
-    from common import demo_task  # pure Python
+    from tasks import arithmetic  # pure Python
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     s = SETTINGS
@@ -163,7 +163,7 @@ def trl(policy: Path, reward: Path, updates: int, response_length: int, out: Pat
         tokenizer.apply_chat_template(
             [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=False
         )
-        for r in demo_task.train_prompts()
+        for r in arithmetic.train_prompts()
     ]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     dataset = Dataset.from_dict({"input_ids": ids})

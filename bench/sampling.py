@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import demo_task
 from common.models import load_causal_lm, set_threads
 from policy import pretrain
 from policy.configs import PretrainConfig, SampleConfig
@@ -48,6 +47,7 @@ from policy.generation import (
     stop_ids,
     to_completion,
 )
+from tasks import arithmetic
 
 TARGET = 5.0
 
@@ -73,7 +73,7 @@ def main() -> None:
             make_model(model_dir, args.pretrain_steps)
         model, tokenizer = load_causal_lm(model_dir, device=torch.device("cpu"))
 
-    records = demo_task.train_prompts()[: args.prompts]
+    records = arithmetic.train_prompts()[: args.prompts]
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], args.prompt_format)
     sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     sides = {
@@ -121,11 +121,12 @@ def make_model(out_dir: Path, steps: int) -> None:
     out_dir.mkdir(parents=True)
     if steps > 0:
         print(f"pretraining a demo model for {steps} steps ...", file=sys.stderr)
-        metrics = pretrain.run(PretrainConfig(steps=steps, eval_prompts=64), {}, out_dir)
-        print(f"  held-out greedy accuracy {metrics['accuracy_greedy']:.2f}", file=sys.stderr)
+        config = PretrainConfig(steps=steps, eval_prompts=64, task={"name": "arithmetic"})
+        metrics = pretrain.run(config, {}, out_dir)
+        print(f"  held-out greedy pass rate {metrics['pass_rate_greedy']:.2f}", file=sys.stderr)
         return
     config = PretrainConfig()
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus(), config.vocab_size)
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus(), config.vocab_size)
     torch.manual_seed(0)
     model = build_model(tokenizer, config.layers, config.hidden_size, config.intermediate_size, config.heads)
     model.save_pretrained(out_dir)
@@ -180,7 +181,7 @@ def describe(
     drawn = [c for candidates in completions for c in candidates]
     tokens = sum(len(c.token_ids) for c in drawn)
     right = sum(
-        demo_task.is_correct(c.text, r["answer"])
+        arithmetic.is_correct(c.text, r["answer"])
         for cs, r in zip(completions, records, strict=True)
         for c in cs
     )

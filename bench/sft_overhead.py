@@ -12,9 +12,9 @@ examples), the same held-out eval slice, steps, batch size, learning rate, LoRA 
   arguments and trains, no checkpoints, no W&B.
 
 Both sides do the same work after training, because the stage does it: the eval loss on the held-out
-slice (`trainer.evaluate()`), saving the adapter and tokenizer, and the demo evaluation (greedy and
-temperature-1 accuracy on the held-out prompts, through the same `demo_accuracy` function, so the
-evaluation work is identical by construction). The ratio then measures the pipeline's overhead, not
+slice (`trainer.evaluate()`), saving the adapter and tokenizer, and the task's end-of-stage check
+(greedy and temperature-1 pass rate on the held-out prompts, through the same `task_pass_rates`
+function, so the evaluation work is identical by construction). The ratio then measures the pipeline's overhead, not
 a difference in what was computed.
 
 Each side runs `--repeats` times, alternating, and the fastest run of each counts (other processes on
@@ -51,11 +51,12 @@ def direct(base: Path, steps: int, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from common import demo_task
-    from policy.sft import demo_accuracy
+    import tasks
+    from policy.evaluate import task_pass_rates
 
     config = stage_config(steps)
-    dataset = Dataset.from_list(demo_task.sft_examples())
+    task = tasks.load(config["task"])
+    dataset = Dataset.from_list(task.sft_examples())
     parts = dataset.train_test_split(test_size=config["eval_examples"], seed=config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -95,27 +96,24 @@ def direct(base: Path, steps: int, out_dir: Path) -> None:
     trainer.evaluate()
     trainer.model.save_pretrained(out_dir / "adapter")
     tokenizer.save_pretrained(out_dir / "adapter")
-    records = demo_task.held_out_prompts()
-    greedy = demo_accuracy(trainer.model, tokenizer, records)
-    torch.manual_seed(config["seed"])
-    sampled = demo_accuracy(trainer.model, tokenizer, records, samples=config["demo_samples"])
-    print(json.dumps({"accuracy_greedy": greedy, "accuracy_sampled": sampled}))
+    measured = task_pass_rates(trainer.model, tokenizer, task, config["task_eval_samples"], config["seed"])
+    print(json.dumps(measured))
 
 
 def stage_config(steps: int) -> dict:
     """The stage's config for this benchmark: its defaults, with `steps` set."""
     from policy.configs import SFTConfig
 
-    return SFTConfig(steps=steps).model_dump()
+    return SFTConfig(steps=steps, task={"name": "arithmetic"}).model_dump()
 
 
 def build_base(out_dir: Path) -> Path:
     import torch
 
-    from common import demo_task
     from policy.demo_model import build_model, train_tokenizer
+    from tasks import arithmetic
 
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     build_model(tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -163,7 +161,8 @@ def main() -> None:
             run_dir = work / f"ours-{repeat}"
             run_dir.mkdir()
             (run_dir / "wf.yaml").write_text(
-                f"name: overhead\nstages:\n  sft:\n    inputs: {{model: {base}}}\n    config: {{steps: {args.steps}}}\n"
+                "name: overhead\ntask: {name: arithmetic}\nstages:\n  sft:\n"
+                f"    inputs: {{model: {base}}}\n    config: {{steps: {args.steps}}}\n"
             )
             run_env = {**env, "RLHF_STORE": str(run_dir / "artifacts"), "RLHF_RUNS": str(run_dir / "runs")}
             seconds, cpu, _ = timed(
@@ -201,8 +200,8 @@ def main() -> None:
                 "direct_cpu_s": round(min(theirs_cpu), 2),
                 "steps": args.steps,
                 "base": "given" if args.base else "demo model, untrained",
-                "ours_accuracy_greedy": metrics.get("accuracy_greedy"),
-                "direct_accuracy_greedy": direct_accuracy["accuracy_greedy"],
+                "ours_pass_rate_greedy": metrics.get("pass_rate_greedy"),
+                "direct_pass_rate_greedy": direct_accuracy["pass_rate_greedy"],
                 "ours_train_seconds": round(metrics["train_seconds"], 2),
             }
         )

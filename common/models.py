@@ -39,6 +39,32 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a stage with this `precision` setting (`common.configs.PrecisionSettings`) computes in bf16
+    on `device`."""
+    if precision == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError("precision: bfloat16 was asked for, but this GPU does not support bf16")
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of weights that are not trained (or trained under an adapter): bf16 or float32."""
+    return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
+
+
+def trainer_precision(precision: str, device: torch.device) -> dict[str, Any]:
+    """Hugging Face / TRL trainer arguments for the device and precision: bf16 mixed precision or none
+    (TRL's configs default to bf16 everywhere, which a CPU without native bf16 runs slowly)."""
+    return {
+        "bf16": uses_bf16(precision, device),
+        "fp16": False,
+        "use_cpu": device.type == "cpu",
+        "dataloader_pin_memory": device.type == "cuda",
+    }
+
+
 def is_adapter(source: Path | str) -> bool:
     return isinstance(source, Path) and (source / ADAPTER_CONFIG).exists()
 
@@ -256,10 +282,11 @@ def load_causal_lm(
 
 
 def merged_causal_lm(source: Path | str, dtype: torch.dtype | None = None) -> Any:
-    """The complete weights of a model directory, hub id or adapter directory, as a plain causal LM (on
-    the CPU, in `dtype`; None: as stored). An adapter is merged into its base; a base that is itself an
-    adapter is merged into its own base first, and so on down to complete weights, every level in `dtype`
-    and every base's digest checked. The one way adapters are merged: `rlhf export --merged`, the start
+    """The complete weights of a model directory, hub id or adapter directory, as a plain causal LM on the
+    CPU. An adapter is merged into its base; a base that is itself an adapter is merged into its own base
+    first, and so on down to complete weights, every base's digest checked. Adapters are folded in at the
+    precision the weights are stored in (as `rlhf export --merged` writes them), then the result is cast
+    to `dtype` (None: kept as stored). The one way adapters are merged: `rlhf export --merged`, the start
     of DPO/RLOO/GRPO, the reward stage and the loading of stacked adapters all come here."""
     if not is_adapter(source):
         from transformers import AutoModelForCausalLM
@@ -268,7 +295,8 @@ def merged_causal_lm(source: Path | str, dtype: torch.dtype | None = None) -> An
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
     assert isinstance(source, Path)
     check_mergeable(source, "serve it as an adapter on its base")
-    return _adapter_on_its_base(source, dtype, trainable=False).merge_and_unload()
+    model = _adapter_on_its_base(source, None, trainable=False).merge_and_unload()
+    return model.to(dtype) if dtype is not None else model
 
 
 def _adapter_on_its_base(adapter: Path, dtype: torch.dtype | None, trainable: bool) -> Any:
@@ -351,15 +379,20 @@ def source_reference(source: Path | str) -> dict[str, Any]:
     return record
 
 
-def merged_for_inference(model: Any) -> Any:
+def merged_for_inference(model: Any, dtype: torch.dtype | None = None) -> Any:
     """A `PeftModel` whose adapter can be folded into the base weights (LoRA, DoRA, IA3, ...) merged and
     unwrapped, for faster generation; anything else (prompt learning, a quantized base, a plain model)
-    is returned unchanged. Only for a frozen model that is not saved afterwards."""
+    is returned unmerged. Then cast to `dtype` when given (after merging, so that the adapter is folded
+    in at the loaded precision). Only for a frozen model that is not saved afterwards."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel) or model.peft_config[model.active_adapter].is_prompt_learning:
-        return model
-    quantized = getattr(model.get_base_model(), "is_quantized", False)
-    if quantized or not hasattr(model.base_model, "merge_and_unload"):
-        return model
-    return model.merge_and_unload()
+    if (
+        isinstance(model, PeftModel)
+        and not model.peft_config[model.active_adapter].is_prompt_learning
+        and not getattr(model.get_base_model(), "is_quantized", False)
+        and hasattr(model.base_model, "merge_and_unload")
+    ):
+        model = model.merge_and_unload()
+    if dtype is not None and not getattr(model, "is_quantized", False):
+        model = model.to(dtype)
+    return model

@@ -117,9 +117,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any:
-    """The reward adapter at `path` merged into the classifier built on its base, in `dtype` (`auto`:
-    float32, the dtype the reward stage trains and saves a merged reward model in, whatever the dtype the
-    base is stored in). Every weight the base lacks (the score head) must come from the adapter, trained."""
+    """The reward adapter at `path` merged into the classifier built on its base, in float32 (the dtype the
+    reward stage trains in and saves a merged reward model in), then cast to `dtype` (`auto`: kept). Every
+    weight the base lacks (the score head) must come from the adapter, trained."""
     from peft import PeftModel
     from safetensors import safe_open
 
@@ -128,7 +128,7 @@ def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any
         raise InputError(
             f"{what} is an adapter without {ADAPTER_WEIGHTS} (weights load from safetensors only)"
         )
-    model, head = sequence_classifier(base_of(path), torch.float32 if dtype == "auto" else dtype)
+    model, head = sequence_classifier(base_of(path), torch.float32)
     with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as weights:
         saved = set(weights.keys())
     missing = sorted(name for name in head if not any(key.endswith(f".{name}") for key in saved))
@@ -137,7 +137,8 @@ def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any
             f"{what} has no trained score head: {', '.join(missing)} missing from its adapter weights (they "
             "would be randomly initialised)"
         )
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model if dtype == "auto" else model.to(dtype)
 
 
 def sequence_classifier(source: Path | str, dtype: torch.dtype | str = "auto") -> tuple[Any, set[str]]:

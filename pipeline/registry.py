@@ -132,7 +132,7 @@ STAGES: dict[str, StageKind] = {
                 ),
                 "data": Slot(
                     ("dataset",),
-                    "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the demo task",
+                    "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the task's SFT examples",
                     required=False,
                     external=True,
                 ),
@@ -150,7 +150,7 @@ STAGES: dict[str, StageKind] = {
                 ),
                 "prompts": Slot(
                     ("dataset",),
-                    "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts",
+                    "prompts (JSONL/Parquet with a `prompt` column); omit for the task's prompts (`split`)",
                     required=False,
                     external=True,
                 ),
@@ -184,7 +184,7 @@ STAGES: dict[str, StageKind] = {
                 "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
                 "prompts": Slot(
                     ("dataset",),
-                    "prompts (JSONL/Parquet with a `prompt` column); omit for the demo's train prompts",
+                    "prompts (JSONL/Parquet with a `prompt` column); omit for the task's train prompts",
                     required=False,
                     external=True,
                 ),
@@ -201,13 +201,17 @@ STAGES: dict[str, StageKind] = {
                 "policy": Slot(
                     POLICY_KINDS, "the SFT policy to optimize; also the KL reference", external=True
                 ),
-                "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
+                "reward": Slot(
+                    ("reward-model",),
+                    "the reward model (refused if its gate rejected it); none with `reward: task`",
+                    required=False,
+                ),
                 "prompts": Slot(
-                    ("dataset",), "prompts; omit for the demo's train prompts", required=False, external=True
+                    ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
                 ),
             },
             outputs=_publish,
-            doc="REINFORCE leave-one-out with the reward model (TRL RLOOTrainer).",
+            doc="REINFORCE leave-one-out with the reward model or the task's verdict (TRL RLOOTrainer).",
         ),
         StageKind(
             name="grpo",
@@ -218,13 +222,17 @@ STAGES: dict[str, StageKind] = {
                 "policy": Slot(
                     POLICY_KINDS, "the SFT policy to optimize; also the KL reference", external=True
                 ),
-                "reward": Slot(("reward-model",), "the reward model (refused if its gate rejected it)"),
+                "reward": Slot(
+                    ("reward-model",),
+                    "the reward model (refused if its gate rejected it); none with `reward: task`",
+                    required=False,
+                ),
                 "prompts": Slot(
-                    ("dataset",), "prompts; omit for the demo's train prompts", required=False, external=True
+                    ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
                 ),
             },
             outputs=_publish,
-            doc="Group relative policy optimization with the reward model (TRL GRPOTrainer).",
+            doc="Group relative policy optimization with the reward model or the task's verdict (TRL GRPOTrainer).",
         ),
         StageKind(
             name="evaluate",
@@ -248,13 +256,13 @@ STAGES: dict[str, StageKind] = {
                 ),
                 "prompts": Slot(
                     ("dataset",),
-                    "held-out prompts; omit for the demo's held-out split",
+                    "held-out prompts; omit for the task's held-out split",
                     required=False,
                     external=True,
                 ),
             },
             outputs=_single("eval-report"),
-            doc="Compare policies: reward, win rate, KL, length and (demo) accuracy with bootstrap intervals.",
+            doc="Compare policies: the task's pass rate, reward, win rate, KL and length with bootstrap intervals.",
         ),
         StageKind(
             name="annotate",

@@ -12,10 +12,18 @@ A workflow file looks like::
         inputs: {model: pretrain} # a stage of this file, an artifact (`sft:v3`, `sft:latest`),
         config: {method: lora}    # or, where the slot allows it, a local path or a hub id
 
+A workflow names its task once, at the top (`task: {name: arithmetic, options: {max_operand: 19}}`, see
+`tasks/`): every stage whose config has a `task` field gets it, unless the stage sets its own (`task:
+null` turns it off for that stage). It is then part of each such stage's resolved config, so it is in
+the manifest and the cache key. `defaults:` does the same for any other setting (`defaults: {precision:
+bfloat16}`): each stage whose config has the field gets the value unless it sets its own; a key that no
+stage kind has is an error.
+
 A variant of another workflow names it with `extends: other.yaml` (a path relative to this file): it
-starts from that workflow's description, W&B settings and stages; a stage it defines replaces the one of
-the same name, or adds one. With the same configs the shared stages have the same cache keys, so running
-the variant after the original runs only what it adds or changes.
+starts from that workflow's description, W&B settings, task and stages; a stage it defines replaces the
+one of the same name, or adds one (a `task:` of the variant applies to the stages it defines). With the
+same configs the shared stages have the same cache keys, so running the variant after the original runs
+only what it adds or changes.
 
 `--set stages.S.config.F=V` (and `stages.S.inputs.SLOT=REF`) on the command line overrides one value
 of the file before it is validated, exactly as if the file said it (a value is read as YAML: `0.2`,
@@ -41,11 +49,12 @@ from pydantic import BaseModel, ValidationError
 from common.outcomes import InputError
 from common.sources import HUB_ID, PACKAGE, package_file
 from pipeline import registry
+from tasks import TaskConfig
 
 ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v[0-9]+|latest)$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
-TOP_KEYS = {"name", "description", "extends", "stages", "wandb"}
+TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task", "defaults"}
 WANDB_KEYS = {"project", "entity", "tags"}
 
 
@@ -122,6 +131,10 @@ class Workflow:
     stages: dict[str, Stage]  # in execution order
     description: str = ""
     wandb: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] | None = None
+    """The top-level `task:`, validated (`tasks.TaskConfig` as a dict), filled into the stages' configs."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """The top-level `defaults:`, filled into the configs of the stages that have each setting."""
 
     def select(self, until: str | None = None, only: str | None = None) -> list[Stage]:
         """The stages to run: all, `until` and everything it depends on, or `only` one."""
@@ -293,6 +306,8 @@ def parse(
     if not isinstance(name, str) or not STAGE_NAME.match(name):
         raise check.fail(("name",), "expected a name made of letters, digits, '_', '.', '-'")
     wandb_cfg = {**(base.wandb if base else {}), **check.mapping(top.get("wandb"), ("wandb",), WANDB_KEYS)}
+    task = _top_task(check, top, base)
+    defaults = _top_defaults(check, top, base)
 
     stages: dict[str, Stage] = dict(base.stages) if base else {}
     names = set(stages) | set(raw_stages)
@@ -300,7 +315,7 @@ def parse(
         path: Path_ = ("stages", stage_name)
         if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name):
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
-        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir)
+        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task, defaults)
 
     if not _extending:  # the file named on the command line: every --set must have found its stage
         for override in wanted:
@@ -318,6 +333,8 @@ def parse(
         stages={n: stages[n] for n in order},
         description=str(top.get("description", base.description if base else "")),
         wandb=wandb_cfg,
+        task=task,
+        defaults=defaults,
     )
 
 
@@ -344,7 +361,64 @@ def _base_workflow(
     return load(path, _extending=chain, overrides=overrides)
 
 
-def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[str], base_dir: Path) -> Stage:
+def _top_task(check: _Checker, top: dict[str, Any], base: Workflow | None) -> dict[str, Any] | None:
+    """The workflow's `task:` (validated), else the one of the workflow it extends, else None."""
+    if "task" not in top:
+        return base.task if base else None
+    if top["task"] is None:
+        return None
+    raw = check.mapping(top["task"], ("task",))
+    try:
+        return TaskConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(TaskConfig.model_fields)})"
+        raise check.fail(("task", *first["loc"]), message) from None
+
+
+def _top_defaults(check: _Checker, top: dict[str, Any], base: Workflow | None) -> dict[str, Any]:
+    """The workflow's `defaults:` over those of the workflow it extends; each key must be a setting of
+    some stage kind (the task has its own key)."""
+    raw = check.mapping(top.get("defaults"), ("defaults",))
+    known = {field for spec in registry.STAGES.values() for field in spec.config.model_fields} - {"task"}
+    for key in raw:
+        if key not in known:
+            raise check.fail(
+                ("defaults", key),
+                "no stage kind has this setting"
+                + (" (the task is set with the top-level `task:`)" if key == "task" else ""),
+            )
+    return {**(base.defaults if base else {}), **raw}
+
+
+def _filled(
+    raw_config: dict[str, Any],
+    config_class: type[BaseModel],
+    task: dict[str, Any] | None,
+    defaults: dict[str, Any],
+) -> tuple[dict[str, Any], set[str]]:
+    """A stage's config with the workflow's task and defaults filled in where its config has the field and
+    does not set it itself, and the names of the fields filled from `defaults`."""
+    fields = config_class.model_fields
+    filled = {key for key in defaults if key in fields and key not in raw_config}
+    config = {**raw_config, **{key: defaults[key] for key in filled}}
+    if task is not None and "task" in fields and "task" not in raw_config:
+        config["task"] = task
+    return config, filled
+
+
+def _parse_stage(
+    check: _Checker,
+    name: str,
+    raw: Any,
+    path: Path_,
+    names: set[str],
+    base_dir: Path,
+    task: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> Stage:
     body = check.mapping(raw, path, STAGE_KEYS)
     kind = body.get("kind", name if name in registry.STAGES else None)
     if kind is None:
@@ -359,11 +433,14 @@ def _parse_stage(check: _Checker, name: str, raw: Any, path: Path_, names: set[s
     spec = registry.STAGES[kind]
 
     raw_config = check.mapping(body.get("config"), (*path, "config"))
+    filled_config, from_defaults = _filled(raw_config, spec.config, task, defaults or {})
     try:
-        config = spec.config.model_validate(raw_config)
+        config = spec.config.model_validate(filled_config)
     except ValidationError as err:
         first = err.errors()[0]
         loc = (*path, "config", *first["loc"])
+        if first["loc"] and first["loc"][0] in from_defaults:
+            loc = ("defaults", *first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             allowed = _fields_at(spec.config, first["loc"][:-1])

@@ -6,10 +6,23 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import PublishSettings, StageConfig, TokenizerSettings
+from common.configs import PrecisionSettings, PublishSettings, StageConfig, TokenizerSettings
+from tasks import UsesTask
 
 
-class PretrainConfig(StageConfig):
+class TaskCheck(StageConfig, UsesTask):
+    """The end-of-stage check of the training stages (SFT, DPO, RLOO, GRPO): the task's held-out pass rate."""
+
+    task_eval: bool | None = None
+    """At the end, measure the task's held-out pass rate (greedy, and sampled at temperature 1; see
+    `policy.evaluate.task_pass_rates`) into the stage's metrics. Null: only when the stage trained on the
+    task's own data (SFT: no `data` input; DPO: preference pairs the task can judge; RLOO/GRPO: no
+    `prompts` input). The `evaluate` stage compares policies properly."""
+    task_eval_samples: int = Field(4, ge=1)
+    """Samples per held-out prompt for the sampled pass rate of the end-of-stage check."""
+
+
+class PretrainConfig(StageConfig, UsesTask):
     seed: int = 0
     """Seed for data generation, initialisation and data order."""
     steps: int = Field(1500, ge=1)
@@ -36,17 +49,16 @@ class PretrainConfig(StageConfig):
     vocab_size: int = Field(320, ge=64)
     """Upper bound on the size of the byte-level BPE vocabulary trained on the demo corpus (256 bytes,
     special tokens, then merges; the demo corpus runs out of merges at about 280)."""
-    # --- the demo task ---
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand."""
+    # --- the demo corpus (the `arithmetic` task's, when no `data` input is given) ---
     corpus_noise: float = Field(0.5, ge=0, lt=1)
     """Demo corpus: share of its answers that are wrong (carry slips, off by ten). The base model learns the
     arithmetic and the unreliability: greedy answers are mostly right, sampled ones often not."""
     corpus_copies: int = Field(5, ge=1)
     """Demo corpus: times each question appears, each copy with its own draw of right or wrong answer."""
     eval_prompts: int = Field(256, ge=1)
-    """At most this many held-out demo prompts (in a fixed order) are asked at the end, in the plain
-    pretraining format, to measure greedy and temperature-1 accuracy; the default takes all of them."""
+    """At most this many held-out prompts of the task (in their fixed order) are asked at the end, in the
+    plain pretraining format, to measure the greedy and temperature-1 pass rates; the default takes all of
+    the arithmetic task's."""
     text_column: str = "text"
     """Column holding the documents, when a `data` input is given."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -76,7 +88,7 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tu
 LORA_METHODS = ("lora", "dora", "qlora")
 
 
-class SFTConfig(TokenizerSettings):
+class SFTConfig(TokenizerSettings, PrecisionSettings, TaskCheck):
     """Supervised fine-tuning on TRL's `SFTTrainer`. With the defaults, LoRA teaches the pretrained demo
     model (pretrain defaults) the chat format in 100 steps (about 15 s on 2 CPU cores): about 96% held-out
     greedy accuracy and 87% sampled at temperature 1. The demo workflow stops at 60 steps (93% and 73%),
@@ -132,13 +144,6 @@ class SFTConfig(TokenizerSettings):
     eval_examples: int = Field(64, ge=0)
     """Examples held out of the data (a seeded draw, at most a fifth of the data) to measure the eval
     loss once at the end; 0 disables it."""
-    demo_eval: bool | None = None
-    """Measure held-out accuracy on the demo task (addition) at the end, asked in the chat format: greedy
-    and sampled at temperature 1. Null: only when training on the demo data (no `data` input)."""
-    demo_samples: int = Field(4, ge=1)
-    """Samples per held-out prompt for the sampled (temperature 1) demo accuracy."""
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand (match the pretrain stage's setting)."""
     logging_steps: int = Field(10, ge=1)
     """Steps between loss reports (progress bar and W&B)."""
     save_steps: int = Field(100, ge=1)
@@ -168,7 +173,7 @@ class SFTConfig(TokenizerSettings):
         return self
 
 
-class SampleConfig(StageConfig):
+class SampleConfig(PrecisionSettings, UsesTask):
     """K candidate responses per prompt, for annotators to rank (`policy/sample.py`).
 
     The same config and policy give byte-identical samples on the same hardware: each candidate is drawn
@@ -196,13 +201,11 @@ class SampleConfig(StageConfig):
     the assistant turn opened, `plain` tokenizes the prompt text as it is, `auto` is `chat` when the
     tokenizer has a chat template."""
     num_prompts: int | None = Field(256, ge=1)
-    """Sample for at most this many prompts: the first N demo prompts (in their fixed order) or the first
-    N rows of the `prompts` file; null takes all."""
-    demo_split: Literal["train", "held_out"] = "train"
-    """Without a `prompts` input: the demo task's prompts to use. Held-out prompts are for evaluation,
-    so annotation samples the train prompts."""
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand (as in the pretrain stage)."""
+    """Sample for at most this many prompts: the first N of the task's prompts (in their fixed order) or
+    the first N rows of the `prompts` file; null takes all."""
+    split: Literal["train", "held_out"] = "train"
+    """Without a `prompts` input: the task's prompts to use. Held-out prompts are for evaluation, so
+    annotation samples the train prompts."""
     batch_size: int = Field(128, ge=1)
     """Sequences generated together (prompts x candidates, split at any point). Changes speed and
     memory, not the samples."""
@@ -231,7 +234,7 @@ TUNING_LORA = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 """Settings of the new LoRA adapter of the policy optimization stages (`method: lora`)."""
 
 
-class PolicyTuningConfig(PublishSettings):
+class PolicyTuningConfig(PrecisionSettings, PublishSettings, TaskCheck):
     """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints,
     what is published.
 
@@ -263,14 +266,6 @@ class PolicyTuningConfig(PublishSettings):
     not the output head) or a list of module names such as `[q_proj, v_proj]`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, slower (worth it for large models only)."""
-    demo_eval: bool | None = None
-    """At the end, measure held-out accuracy on the demo task (greedy, and sampled at temperature 1) into the
-    stage's metrics. Null: only when the stage trains on demo prompts (DPO: preferences with an `answer`
-    field; RLOO/GRPO: no `prompts` input). The `evaluate` stage compares policies properly."""
-    demo_samples: int = Field(4, ge=1)
-    """Samples per held-out prompt for the sampled demo accuracy."""
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand (as in the pretrain stage)."""
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss reports (progress bar and W&B)."""
     save_steps: int = Field(100, ge=1)
@@ -331,7 +326,7 @@ class DPOConfig(PolicyTuningConfig):
         return self
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(PrecisionSettings, UsesTask):
     """Our PPO (`policy/ppo.py`): rollouts from the policy, scores from the reward model, a per-token KL
     penalty to the SFT policy, a value model, GAE, clipped policy and value losses, LoRA. The defaults
     take the demo SFT policy to a higher reward and sampled accuracy in about two minutes on 2 CPU cores.
@@ -391,10 +386,8 @@ class PPOConfig(StageConfig):
     """How prompts are shown to the policy: `chat` (the tokenizer's chat template, assistant turn
     opened), `plain` (the text as it is), `auto` (`chat` when the tokenizer has a template)."""
     num_prompts: int | None = Field(None, ge=1)
-    """Draw rollouts from at most this many prompts: the first N demo train prompts (in their fixed order)
-    or the first N rows of the `prompts` file; null takes all. Prompts are reshuffled on each pass."""
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand (match the pretrain stage's setting)."""
+    """Draw rollouts from at most this many prompts: the first N of the task's train prompts (in their fixed
+    order) or the first N rows of the `prompts` file; null takes all. Prompts are reshuffled on each pass."""
     forward_batch_size: int = Field(64, ge=1)
     """Sequences per forward pass when scoring rollouts (log-probabilities, reference, values, reward;
     no gradients) and per generation batch. Changes memory and speed, not results."""
@@ -427,7 +420,7 @@ class PPOConfig(StageConfig):
     scheduler, random states, reward statistics; the last one kept). A rerun after a crash resumes from
     the last one and ends after exactly `updates` updates."""
     metrics_window: int = Field(10, ge=1)
-    """The final metrics (reward, KL, accuracy on the rollouts, ...) are means over the last this many
+    """The final metrics (reward, KL, the task's pass rate on the rollouts, ...) are means over the last this many
     updates."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train when not under `accelerate launch` (which decides by itself): `auto` picks CUDA
@@ -467,8 +460,12 @@ class OnlineRLConfig(PolicyTuningConfig):
     epsilon: float = Field(0.2, gt=0)
     """Clipping range of the probability ratio (matters when `num_iterations` > 1)."""
     num_prompts: int | None = Field(None, ge=1)
-    """Train on at most this many prompts: the first N demo train prompts or rows of the `prompts` file; null
-    takes all."""
+    """Train on at most this many prompts: the first N of the task's train prompts or rows of the `prompts`
+    file; null takes all."""
+    reward: Literal["model", "task"] = "model"
+    """Where rewards come from: `model`, the `reward` input (a reward-model artifact); `task`, the task's
+    verdict on each completion (a verifiable reward, 0 for a completion cut off at `max_new_tokens`; no
+    `reward` input then)."""
     allow_rejected_reward: bool = False
     """Train against a reward model whose manifest says its acceptance gate rejected it (`status: rejected`);
     `rlhf run --allow-rejected` sets it for the run."""
@@ -477,6 +474,8 @@ class OnlineRLConfig(PolicyTuningConfig):
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> OnlineRLConfig:
+        if self.reward == "task" and self.task is None:
+            raise ValueError("reward: task needs a task (the workflow's top-level `task:` or this stage's)")
         if self.batch_size % self.num_generations:
             raise ValueError(
                 f"batch_size ({self.batch_size}) counts completions and must be a multiple of num_generations "
@@ -519,8 +518,8 @@ class GRPOConfig(OnlineRLConfig):
     """Divide advantages by the standard deviation of the rewards of the group, of the batch, or not."""
 
 
-class EvaluateConfig(StageConfig):
-    """Compare policies on held-out prompts: ground-truth accuracy (greedy and sampled), mean reward, win
+class EvaluateConfig(PrecisionSettings, UsesTask):
+    """Compare policies on held-out prompts: the task's pass rate (greedy and sampled), mean reward, win
     rate against a baseline, KL to a reference and response length, with bootstrap intervals over prompts
     (`policy/evaluate.py` defines each). The defaults compare four demo policies on the 234 held-out
     prompts in 35-50 seconds on 2 busy CPU cores."""
@@ -528,22 +527,21 @@ class EvaluateConfig(StageConfig):
     seed: int = 0
     """Seed of the samples and of the bootstrap resamples: the same seed gives the same report."""
     baseline: str | None = None
-    """Label of the policy the others are compared against (win rate, accuracy improvement); null: the first."""
+    """Label of the policy the others are compared against (win rate, pass-rate improvement); null: the first."""
     samples_per_prompt: int = Field(8, ge=1)
-    """Sampled responses per prompt and policy (sampled accuracy, mean reward, win rate, KL, length)."""
+    """Sampled responses per prompt and policy (sampled pass rate, mean reward, win rate, KL, length)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature (KL is estimated without bias only at 1)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling (1 = the whole distribution)."""
-    max_new_tokens: int = Field(16, ge=1)
-    """Longest response in tokens; a response cut here has not ended and does not count as correct. A demo
-    answer with its stop token is at most 12."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Longest response in tokens; a response cut here has not ended and does not pass. Null: the task's
+    response budget (`Task.max_new_tokens`: arithmetic 16, an answer with its stop token is at most 12;
+    instructions 64), or 64 without a task."""
     num_prompts: int | None = Field(None, ge=1)
     """Evaluate at most this many prompts (the first N, in their fixed order); null takes all."""
-    demo_split: Literal["held_out", "train"] = "held_out"
-    """Without a `prompts` input: the demo task's prompts to use (held out of every training set)."""
-    max_operand: int = Field(19, ge=1)
-    """Demo task: operands are drawn from 0..max_operand (as in the pretrain stage)."""
+    split: Literal["held_out", "train"] = "held_out"
+    """Without a `prompts` input: the task's prompts to use (held out of every training set)."""
     win_rate_by: Literal["prompt_mean", "sample_pairs"] = "prompt_mean"
     """How the reward model judges a prompt against the baseline: `prompt_mean` compares the mean rewards of
     the two policies' samples (1 win, 1/2 tie, 0 loss); `sample_pairs` scores the fraction of (policy

@@ -4,7 +4,9 @@ Inputs: `policy`, the SFT policy (an adapter or a complete model), which is both
 frozen reference; `preferences`, a directory with `preferences.jsonl` (or a JSONL file) in TRL's
 explicit-prompt format: `prompt`, `chosen`, `rejected`, either all plain strings or all lists of
 `{role, content}` messages (conversational: the prompt's turns, then one assistant turn each); any other
-field (`prompt_id`, `agreement`, `votes`, `answer`) is carried along and ignored by training.
+field (`prompt_id`, `agreement`, `votes`, the task's fields such as `answer`) is carried along and
+ignored by training. With a task that can judge the pairs' prompts, the metrics end with its held-out
+pass rate (`task_eval`).
 
 An SFT adapter is merged into its base and a new LoRA adapter is trained on the merged weights, so the
 reference (the same model with the adapter disabled) is exactly the SFT policy; the result is published
@@ -23,7 +25,8 @@ from typing import Any
 
 import torch
 
-from common.models import load_tokenizer, pick_device, set_threads
+import tasks
+from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.training import count_parameters, last_checkpoint
 from policy import tuning
@@ -43,6 +46,9 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 
     # Check: everything that can be told without loading the model
     device = pick_device(config.device)
+    task = tasks.load(config.task) if config.task is not None else None
+    if config.task_eval and task is None:
+        raise InputError("dpo: task_eval needs a task (the workflow's top-level `task:` or this stage's)")
     rows, data_format = load_preferences(inputs["preferences"])
     all_pairs = len(rows)
     if config.pairs == "best_vs_rest":
@@ -67,13 +73,14 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     model = tuning.publish(trainer.model, tokenizer, out_dir, config, "dpo", dict(inputs))
 
     # Measure
-    demo: dict[str, Any] = {}
-    if config.demo_eval or (config.demo_eval is None and all("answer" in row for row in rows)):
-        from policy.evaluate import demo_accuracy
+    measured: dict[str, Any] = {}
+    judgeable = task is not None and not any(task.missing(row) for row in rows)
+    if task is not None and (config.task_eval or (config.task_eval is None and judgeable)):
+        from policy.evaluate import task_pass_rates
 
-        demo = demo_accuracy(model, tokenizer, config.max_operand, config.demo_samples, config.seed)
+        measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
     return {
-        **demo,
+        **measured,
         **training_metrics(trainer),
         "train_loss": result.training_loss,
         "pairs": len(rows),
@@ -194,7 +201,7 @@ def build_trainer(
     from datasets import Dataset
     from trl import DPOTrainer
 
-    model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device)
+    model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device, config.precision)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -227,7 +234,7 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
         activation_checkpointing=config.gradient_checkpointing,  # TRL's default is on
-        **tuning.precision(device),
+        **trainer_precision(config.precision, device),
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,

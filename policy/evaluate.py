@@ -2,8 +2,7 @@
 
 Inputs: `policies` (label -> policy: adapter or complete model), and optionally `reward` (a reward model),
 `reference` (the policy KL is measured against, usually the SFT policy) and `prompts` (JSONL/Parquet with
-a `prompt` column and, for ground-truth accuracy, an integer `answer` column; default: the demo task's
-held-out prompts).
+a `prompt` column and the fields the task's verdict needs; default: the task's held-out prompts).
 
 Every policy answers every prompt greedily once and `samples_per_prompt` times by sampling. Sample j of a
 prompt is drawn with the random stream seeded by (`seed`, the prompt's tokens, j) (`policy.generation`),
@@ -11,8 +10,9 @@ so policies that tokenize alike share their random numbers: a comparison between
 and a policy compared with itself gets identical samples. Measured per policy, first per prompt, then
 averaged over prompts:
 
-- `accuracy_greedy`, `accuracy_sampled` (prompts with an `answer`): the fraction of correct answers
-  (`common.demo_task.is_correct`); a response counts only when it ended with the stop token;
+- `pass_rate_greedy`, `pass_rate_sampled` (with a task): the task's verdicts (`tasks.Task.judge`: 1 pass,
+  0 fail, or a score in between; a response cut off before its stop token fails), the sampled ones
+  averaged per prompt;
 - `reward_mean` (with `reward`): the reward model's mean score of the samples;
 - `win_rate` (with `reward`), against the baseline policy: per prompt, `prompt_mean` compares the mean
   reward of the policy's samples with the baseline's (1 win, 1/2 tie, 0 loss); `sample_pairs` compares
@@ -25,12 +25,13 @@ averaged over prompts:
 
 Each mean has a 95% (`confidence`) percentile bootstrap interval from resampling prompts (seeded; one set
 of resamples shared by all policies). For each policy other than the baseline, `improvement_sampled` and
-`improvement_greedy` are the differences in accuracy from the baseline, with paired bootstrap intervals
-(the same resampled prompts for both).
+`improvement_greedy` are the differences in pass rate from the baseline, with paired bootstrap intervals
+(the same resampled prompts for both). The manifest's metrics are named `<policy>.<metric>`
+(`sft.pass_rate_sampled`, `dpo.improvement_sampled_ci_low`, ...).
 
 Payload (`eval-report`): `report.json` (settings, prompts, every metric with its interval, per-prompt
-values), `responses.jsonl` (per prompt: every policy's greedy and sampled responses, correctness and
-rewards), `report.md` (a table) and `chart.png` (accuracy with intervals and mean reward per policy).
+values), `responses.jsonl` (per prompt: every policy's greedy and sampled responses, verdicts and
+rewards), `report.md` (a table) and `chart.png` (pass rates with intervals and mean reward per policy).
 With a W&B run: a table of greedy responses side by side and the chart.
 """
 
@@ -45,8 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import demo_task
+import tasks
 from common.models import (
+    compute_dtype,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -57,12 +59,13 @@ from common.models import (
 from common.outcomes import InputError
 from policy.configs import EvaluateConfig
 from policy.generation import Completion, Sampling, encode_prompts, left_pad, sample_candidates
+from tasks import Task, pass_rate
 
 REPORT_FILE = "report.json"
 RESPONSES_FILE = "responses.jsonl"
 MARKDOWN_FILE = "report.md"
 CHART_FILE = "chart.png"
-METRICS = ("accuracy_sampled", "accuracy_greedy", "reward_mean", "win_rate", "kl", "length_mean")
+METRICS = ("pass_rate_sampled", "pass_rate_greedy", "reward_mean", "win_rate", "kl", "length_mean")
 """Per-policy metrics, in the order reports show them."""
 IMPROVEMENTS = ("improvement_sampled", "improvement_greedy")
 """Per-policy differences from the baseline (paired)."""
@@ -79,8 +82,8 @@ class PolicyResult:
     per_prompt: dict[str, np.ndarray | None] = field(default_factory=dict)
     sample_rewards: np.ndarray | None = None
     """(prompts, samples) rewards, for pairwise win rates."""
-    correct_greedy: list[bool] | None = None
-    correct_sampled: list[list[bool]] | None = None
+    verdicts_greedy: list[float] | None = None
+    verdicts_sampled: list[list[float]] | None = None
 
 
 def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -89,7 +92,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     device = pick_device(config.device)
 
     # Load and check
-    records, prompt_source = load_records(config, inputs.get("prompts"))
+    task = tasks.load(config.task) if config.task is not None else None
+    records, prompt_source = load_records(config, inputs.get("prompts"), task)
     policies: dict[str, Path | str] = dict(inputs["policies"])
     if not policies:
         raise InputError("evaluate: no policies to compare (inputs.policies is empty)")
@@ -98,14 +102,15 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
         raise InputError(
             f"evaluate: baseline {baseline!r} is not one of the policies' labels: {', '.join(policies)}"
         )
-    judge = load_judge(inputs.get("reward"), device)
-    reference = load_reference(inputs.get("reference"), device)
+    dtype = compute_dtype(config.precision, device)
+    judge = load_judge(inputs.get("reward"), device, dtype)
+    reference = load_reference(inputs.get("reference"), device, dtype)
 
     # Generate and measure, one policy at a time
     results = {}
     for label, source in policies.items():
         clock = time.perf_counter()
-        results[label] = evaluate_policy(label, source, records, config, device, judge, reference)
+        results[label] = evaluate_policy(label, source, records, config, device, judge, reference, task)
         print(f"evaluate: {label} in {time.perf_counter() - clock:.1f}s", flush=True)
 
     # Compare
@@ -139,25 +144,32 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
 # --- load ---
 
 
-def load_records(config: EvaluateConfig, prompts: Path | str | None) -> tuple[list[dict[str, Any]], Any]:
-    """The prompts (`{"id", "prompt", "answer"?, ...}`), the first `num_prompts` of them, and where they came from."""
-    if prompts is None:
-        split = demo_task.held_out_prompts if config.demo_split == "held_out" else demo_task.train_prompts
-        records = split(config.max_operand)[: config.num_prompts]
-        return records, {"demo_task": config.demo_split, "max_operand": config.max_operand}
-    from policy.sample import load_prompts
+def load_records(
+    config: EvaluateConfig, prompts: Path | str | None, task: Task | None
+) -> tuple[list[dict[str, Any]], Any]:
+    """The prompts (`{"id", "prompt", ...fields}`), the first `num_prompts` of them, and where they came from:
+    the `prompts` input, or else the task's `split`. With a task, every prompt must be one it can judge."""
+    from policy.sample import load_prompts, task_records
 
+    if prompts is None:
+        return task_records(task, config.split, config.num_prompts, "evaluate")
     try:
         records = load_prompts(prompts, config.num_prompts)
     except InputError as err:
         raise InputError("evaluate: " + str(err).removeprefix("sample: ")) from None
-    answers = [record.get("answer") for record in records]
-    if any(answer is not None for answer in answers) and not all(isinstance(a, int) for a in answers):
-        raise InputError(
-            f"evaluate: the `answer` column of {prompts} must hold an integer on every row (for ground-truth "
-            "accuracy), or be absent"
-        )
+    if task is not None:
+        check_judgeable(task, records, f"the prompts in {prompts}", "evaluate")
     return records, source_reference(prompts)
+
+
+def check_judgeable(task: Task, records: list[dict[str, Any]], what: str, stage: str) -> None:
+    """Refuse prompts the task cannot judge (a pass rate over some of them would mislead)."""
+    for number, record in enumerate(records, 1):
+        if missing := task.missing(record):
+            raise InputError(
+                f"{stage}: task {task.name!r} cannot judge {what}: row {number} lacks {', '.join(missing)}; "
+                "give prompts with the fields the task needs, or set no task for this stage (`task: null`)"
+            )
 
 
 @dataclass
@@ -169,12 +181,12 @@ class Judge:
     source: Path
 
 
-def load_judge(source: Path | str | None, device: torch.device) -> Judge | None:
+def load_judge(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Judge | None:
     if source is None:
         return None
     from common.reward_model import load_reward_model
 
-    model, tokenizer = load_reward_model(Path(source), device=device)
+    model, tokenizer = load_reward_model(Path(source), device=device, dtype=dtype)
     return Judge(model, tokenizer, Path(source))
 
 
@@ -186,11 +198,11 @@ class Reference:
     source: Path | str
 
 
-def load_reference(source: Path | str | None, device: torch.device) -> Reference | None:
+def load_reference(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Reference | None:
     if source is None:
         return None
     model, tokenizer = load_causal_lm(source, device=device)
-    return Reference(merged_for_inference(model), tokenizer, tokenizer_fingerprint(tokenizer), source)
+    return Reference(merged_for_inference(model, dtype), tokenizer, tokenizer_fingerprint(tokenizer), source)
 
 
 # --- one policy ---
@@ -205,6 +217,7 @@ def evaluate_policy(
     device: torch.device,
     judge: Judge | None,
     reference: Reference | None,
+    task: Task | None = None,
 ) -> PolicyResult:
     model, tokenizer = load_causal_lm(source, device=device)
     if reference is not None and tokenizer_fingerprint(tokenizer) != reference.fingerprint:
@@ -212,13 +225,13 @@ def evaluate_policy(
             f"evaluate: policy {label!r} and the reference do not share tokenizer and chat template, so the KL "
             "between them (a sum over tokens) is undefined; compare policies of one family, or omit `reference`"
         )
-    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    # an adapter folded into its base generates faster
+    model = merged_for_inference(model, compute_dtype(config.precision, device))
     prompts = [record["prompt"] for record in records]
     prompt_ids = encode_prompts(tokenizer, prompts, "auto")
-    greedy = generate(
-        model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=config.max_new_tokens), config
-    )
-    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=config.max_new_tokens)
+    max_new_tokens = response_budget(config.max_new_tokens, task)
+    greedy = generate(model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=max_new_tokens), config)
+    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=max_new_tokens)
     sampled = generate(model, tokenizer, prompt_ids, config.samples_per_prompt, sampling, config)
 
     result = PolicyResult(
@@ -230,15 +243,15 @@ def evaluate_policy(
     result.per_prompt["length_mean"] = np.array(
         [np.mean([len(c.token_ids) - c.finished for c in drawn]) for drawn in sampled]
     )
-    if all(record.get("answer") is not None for record in records):
-        result.correct_greedy = [
-            is_right(drawn[0], r["answer"]) for drawn, r in zip(greedy, records, strict=True)
+    if task is not None:
+        result.verdicts_greedy = [
+            verdicts(task, r, drawn)[0] for drawn, r in zip(greedy, records, strict=True)
         ]
-        result.correct_sampled = [
-            [is_right(c, r["answer"]) for c in drawn] for drawn, r in zip(sampled, records, strict=True)
+        result.verdicts_sampled = [
+            verdicts(task, r, drawn) for drawn, r in zip(sampled, records, strict=True)
         ]
-        result.per_prompt["accuracy_greedy"] = np.array(result.correct_greedy, dtype=float)
-        result.per_prompt["accuracy_sampled"] = np.array([np.mean(c) for c in result.correct_sampled])
+        result.per_prompt["pass_rate_greedy"] = np.array(result.verdicts_greedy, dtype=float)
+        result.per_prompt["pass_rate_sampled"] = np.array([pass_rate(v) for v in result.verdicts_sampled])
     if judge is not None:
         from common.reward_model import score_batch
 
@@ -280,9 +293,14 @@ def same_source(a: Path | str, b: Path | str) -> bool:
     return a == b if isinstance(a, str) or isinstance(b, str) else a.resolve() == b.resolve()
 
 
-def is_right(completion: Completion, answer: int) -> bool:
-    """A response is right when it ended (stop token) and parses to the answer."""
-    return completion.finished and demo_task.is_correct(completion.text, answer)
+def response_budget(max_new_tokens: int | None, task: Task | None) -> int:
+    """The longest response: as configured, else the task's budget, else 64 tokens."""
+    return max_new_tokens or (task.max_new_tokens if task is not None else 64)
+
+
+def verdicts(task: Task, record: dict[str, Any], completions: list[Completion]) -> list[float]:
+    """The task's verdict on each completion of a prompt (a completion cut off before its end fails)."""
+    return [task.judge(record, c.text, c.finished) for c in completions]
 
 
 @torch.no_grad()
@@ -362,7 +380,7 @@ def build_report(
             if values.get(name) is not None:
                 entry[name] = estimate(values[name], indices, config.confidence)
         if label != baseline:
-            for name, metric in zip(IMPROVEMENTS, ("accuracy_sampled", "accuracy_greedy"), strict=True):
+            for name, metric in zip(IMPROVEMENTS, ("pass_rate_sampled", "pass_rate_greedy"), strict=True):
                 if values.get(metric) is not None and base.per_prompt.get(metric) is not None:
                     difference = values[metric] - base.per_prompt[metric]
                     entry[name] = estimate(difference, indices, config.confidence)
@@ -385,13 +403,13 @@ def build_report(
 
 
 DEFINITIONS = {
-    "accuracy_greedy": "fraction of prompts whose greedy response ends and parses to the answer",
-    "accuracy_sampled": "fraction of sampled responses (per prompt, then averaged) that end and parse to the answer",
+    "pass_rate_greedy": "mean over prompts of the task's verdict on the greedy response (a response cut off fails)",
+    "pass_rate_sampled": "mean over prompts of the mean verdict on the sampled responses (a response cut off fails)",
     "reward_mean": "mean reward-model score of the sampled responses",
     "kl": "mean over sampled responses of sum over response tokens of log p_policy - log p_reference",
     "length_mean": "mean sampled response length in tokens, stop token excluded",
-    "improvement_sampled": "accuracy_sampled minus the baseline's (paired bootstrap interval)",
-    "improvement_greedy": "accuracy_greedy minus the baseline's (paired bootstrap interval)",
+    "improvement_sampled": "pass_rate_sampled minus the baseline's (paired bootstrap interval)",
+    "improvement_greedy": "pass_rate_greedy minus the baseline's (paired bootstrap interval)",
     "intervals": "percentile bootstrap over prompts, one seeded set of resamples shared by every policy",
 }
 WIN_RATE = {
@@ -407,13 +425,12 @@ def write_responses(file: Path, records: list[dict[str, Any]], results: dict[str
     with file.open("w", encoding="utf-8") as out:
         for index, record in enumerate(records):
             row: dict[str, Any] = {"id": record["id"], "prompt": record["prompt"]}
-            if record.get("answer") is not None:
-                row["answer"] = record["answer"]
+            row.update({k: v for k, v in record.items() if k not in row})  # the task's fields
             for label, result in results.items():
                 entry: dict[str, Any] = {"greedy": result.greedy[index], "sampled": result.sampled[index]}
-                if result.correct_greedy is not None and result.correct_sampled is not None:
-                    entry["greedy_correct"] = result.correct_greedy[index]
-                    entry["sampled_correct"] = result.correct_sampled[index]
+                if result.verdicts_greedy is not None and result.verdicts_sampled is not None:
+                    entry["greedy_verdict"] = result.verdicts_greedy[index]
+                    entry["sampled_verdicts"] = result.verdicts_sampled[index]
                 if result.sample_rewards is not None:
                     entry["rewards"] = result.sample_rewards[index].tolist()
                 row[label] = entry
@@ -429,14 +446,14 @@ def _cell(entry: dict[str, Any], name: str, percent: bool) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """A table: one row per policy, the metrics with their intervals (accuracies in percent)."""
+    """A table: one row per policy, the metrics with their intervals (pass rates in percent)."""
     columns = [*METRICS, *IMPROVEMENTS]
-    percent = {"accuracy_sampled", "accuracy_greedy", "win_rate", *IMPROVEMENTS}
+    percent = {"pass_rate_sampled", "pass_rate_greedy", "win_rate", *IMPROVEMENTS}
     header = "| policy | " + " | ".join(columns) + " |"
     lines = [
         f"# Policy evaluation ({report['prompts']['count']} prompts, baseline `{report['baseline']}`)",
         "",
-        f"Values with {report['confidence']:.0%} bootstrap intervals over prompts; accuracies, win rates and "
+        f"Values with {report['confidence']:.0%} bootstrap intervals over prompts; pass rates, win rates and "
         "improvements in percent.",
         "",
         header,
@@ -451,7 +468,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def chart(report: dict[str, Any], file: Path) -> Any:
-    """Accuracy (greedy, sampled) with interval error bars, and mean reward, per policy."""
+    """Pass rate (greedy, sampled) with interval error bars, and mean reward, per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,16 +476,18 @@ def chart(report: dict[str, Any], file: Path) -> Any:
 
     labels = list(report["policies"])
     entries = [report["policies"][label] for label in labels]
-    has_accuracy = any("accuracy_sampled" in e for e in entries)
+    has_pass_rate = any("pass_rate_sampled" in e for e in entries)
     has_reward = any("reward_mean" in e for e in entries)
     panels = [
-        p for p, present in (("accuracy", has_accuracy), ("reward", has_reward), ("length", True)) if present
+        p
+        for p, present in (("pass rate", has_pass_rate), ("reward", has_reward), ("length", True))
+        if present
     ]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     positions = np.arange(len(labels))
     for axis, panel in zip(axes[0], panels, strict=True):
         names = {
-            "accuracy": ["accuracy_greedy", "accuracy_sampled"],
+            "pass rate": ["pass_rate_greedy", "pass_rate_sampled"],
             "reward": ["reward_mean"],
             "length": ["length_mean"],
         }[panel]
@@ -486,8 +505,10 @@ def chart(report: dict[str, Any], file: Path) -> Any:
                 label=name.replace("_", " "),
             )
         axis.set_xticks(positions, labels, rotation=20, ha="right")
-        axis.set_title({"accuracy": "accuracy", "reward": "mean reward", "length": "length (tokens)"}[panel])
-        if panel == "accuracy":
+        axis.set_title(
+            {"pass rate": "pass rate", "reward": "mean reward", "length": "length (tokens)"}[panel]
+        )
+        if panel == "pass rate":
             axis.set_ylim(0, 1)
             axis.legend(fontsize=8, loc="lower right")
     figure.suptitle(f"{report['prompts']['count']} prompts, {report['confidence']:.0%} bootstrap intervals")
@@ -497,53 +518,66 @@ def chart(report: dict[str, Any], file: Path) -> Any:
 
 
 def log_to_wandb(records: list[dict[str, Any]], results: dict[str, PolicyResult], chart_file: Path) -> None:
-    """Greedy responses side by side (prompt, answer, per policy: response and correctness) and the chart."""
+    """Greedy responses side by side (prompt, per policy: response and the task's verdict) and the chart."""
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is None or wandb.run is None:
         return
-    demo = all(result.correct_greedy is not None for result in results.values())
-    columns = ["prompt", "answer"]
+    judged = all(result.verdicts_greedy is not None for result in results.values())
+    columns = ["prompt"]
     for label in results:
-        columns += [label] + ([f"{label} correct"] if demo else [])
+        columns += [label] + ([f"{label} verdict"] if judged else [])
     rows = []
     for index, record in enumerate(records):
         prompt = record["prompt"] if isinstance(record["prompt"], str) else json.dumps(record["prompt"])
-        row: list[Any] = [prompt, record.get("answer")]
+        row: list[Any] = [prompt]
         for result in results.values():
             row.append(result.greedy[index])
-            if demo:
-                assert result.correct_greedy is not None
-                row.append(result.correct_greedy[index])
+            if judged:
+                assert result.verdicts_greedy is not None
+                row.append(result.verdicts_greedy[index])
         rows.append(row)
     wandb.run.log(
         {"responses": wandb.Table(columns=columns, data=rows), "chart": wandb.Image(str(chart_file))}
     )
 
 
-# --- for other stages: a quick demo measurement at the end of training ---
+# --- for other stages: the task's pass rate at the end of training ---
 
 
-def demo_accuracy(
-    model: Any, tokenizer: Any, max_operand: int, samples: int, seed: int = 0, batch_size: int = 256
-) -> dict[str, float]:
-    """Held-out demo accuracy of a policy in memory: greedy, and `samples` sampled answers per prompt at
-    temperature 1 (seeded), counted as in the `evaluate` stage."""
-    records = demo_task.held_out_prompts(max_operand)
+def task_pass_rates(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    samples: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    prompt_format: str = "auto",
+) -> dict[str, Any]:
+    """The held-out pass rate of a policy in memory, counted as in this stage: `pass_rate_greedy`, and
+    `pass_rate_sampled` over `samples` answers per prompt at temperature 1 (seeded as in `evaluate`),
+    responses of at most `task.max_new_tokens` tokens; plus `task_prompts`, how many prompts were asked.
+    The one measurement behind the end-of-stage checks of pretrain, SFT, DPO, RLOO and GRPO."""
+    records = task.prompts("held_out")
     was_training = model.training
     model.eval()
-    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], "auto")
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], prompt_format)  # type: ignore[arg-type]
     kwargs = {"seed": seed, "batch_size": batch_size}
-    greedy = sample_candidates(model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=16), **kwargs)
+    budget = task.max_new_tokens
+    greedy = sample_candidates(
+        model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=budget), **kwargs
+    )
     sampled = sample_candidates(
-        model, tokenizer, prompt_ids, samples, Sampling(1.0, max_new_tokens=16), **kwargs
+        model, tokenizer, prompt_ids, samples, Sampling(1.0, max_new_tokens=budget), **kwargs
     )
     model.train(was_training)
-    right = [[is_right(c, r["answer"]) for c in drawn] for drawn, r in zip(sampled, records, strict=True)]
     return {
-        "accuracy_greedy": float(
-            np.mean([is_right(d[0], r["answer"]) for d, r in zip(greedy, records, strict=True)])
+        "pass_rate_greedy": pass_rate(
+            [verdicts(task, r, d)[0] for d, r in zip(greedy, records, strict=True)]
         ),
-        "accuracy_sampled": float(np.mean(right)),
+        "pass_rate_sampled": pass_rate(
+            [pass_rate(verdicts(task, r, d)) for d, r in zip(sampled, records, strict=True)]
+        ),
+        "task_prompts": len(records),
     }

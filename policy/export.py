@@ -13,16 +13,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from common.models import check_mergeable, is_adapter, load_tokenizer, merged_causal_lm, save_model
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, load_reward_model
 
 
-def export_merged(source: Path, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+def export_merged(source: Path, out_dir: Path) -> None:
     """Write the merged model of `source` (an adapter or a full model directory) into `out_dir`, which
-    must not exist or be empty. Weights as safetensors, in `dtype` (None: the dtype of the base model)."""
+    must not exist or be empty. Weights as safetensors, in the dtype of the base model (a reward model:
+    float32, as the reward stage saves it)."""
     if not source.is_dir():
         raise InputError(f"export: {source} is not a model or adapter directory")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -33,10 +32,10 @@ def export_merged(source: Path, out_dir: Path, dtype: torch.dtype | None = None)
         except InputError as err:
             raise InputError(f"export: {err}") from None
     if (source / REWARD_FILE).is_file():
-        reward_model, tokenizer = load_reward_model(source, dtype=dtype or "auto")
+        reward_model, tokenizer = load_reward_model(source)
         reward_model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         shutil.copy(source / REWARD_FILE, out_dir / REWARD_FILE)
         return
-    model = merged_causal_lm(source, dtype)
+    model = merged_causal_lm(source)
     save_model(model.eval(), load_tokenizer(source), out_dir)

@@ -1,35 +1,41 @@
-"""The `rloo` and `grpo` stages: on-policy RL with the reward model, on TRL's `RLOOTrainer` / `GRPOTrainer`.
+"""The `rloo` and `grpo` stages: on-policy RL on TRL's `RLOOTrainer` / `GRPOTrainer`, rewarded by a reward
+model or by the task's verdict.
 
 Inputs: `policy`, the SFT policy (an adapter or a complete model), which is the starting point and the
-frozen KL reference; `reward`, a reward-model artifact; optionally `prompts` (JSONL/Parquet with a `prompt`
-column, a string or a list of chat messages; default: the demo task's train prompts, with their answers).
+frozen KL reference; `reward`, a reward-model artifact (with `reward: model`, the default; none with
+`reward: task`); optionally `prompts` (JSONL/Parquet with a `prompt` column, a string or a list of chat
+messages; default: the task's train prompts, with the fields its verdict needs).
 
 Each step samples `num_generations` completions for each of `batch_size / num_generations` prompts, scores
-them with the reward model and pushes up the completions that beat the others of their prompt (RLOO: each
-against the mean of the others; GRPO: against the group mean, scaled), with a KL penalty to the SFT policy
-of weight `kl_coef` (RLOO subtracts it from the reward, GRPO adds it to the loss).
+them and pushes up the completions that beat the others of their prompt (RLOO: each against the mean of
+the others; GRPO: against the group mean, scaled), with a KL penalty to the SFT policy of weight `kl_coef`
+(RLOO subtracts it from the reward, GRPO adds it to the loss).
 
-The reward function is a callable around `common.reward_model.score_batch`, so completions are formatted
-exactly as the reward model was trained (its chat template, eos). Passing the reward model itself to TRL
-would render the text with the same template; the callable also counts demo answers (`demo_accuracy` in
-the training logs). Before any training the stage refuses a reward model whose tokenizer or chat template
-differs from the policy's, and one whose manifest says its acceptance gate rejected it (unless
-`allow_rejected_reward`). The result is published as one complete model, or with `publish: adapter` as the
-new adapter on the SFT policy (see `policy/tuning.py`).
+`reward: model`: the reward function is a callable around `common.reward_model.score_batch`, so
+completions are formatted exactly as the reward model was trained (its chat template, eos); on prompts
+the task can judge it also logs their pass rate (`pass_rate` in the training logs). Before any training
+the stage refuses a reward model whose tokenizer or chat template differs from the policy's, and one whose
+manifest says its acceptance gate rejected it (unless `allow_rejected_reward`).
+`reward: task`: a verifiable reward, `TaskReward`: the task's verdict on each completion (`Task.judge`,
+0 for a completion cut off at `max_new_tokens`). Every prompt must be one the task can judge.
+
+The result is published as one complete model, or with `publish: adapter` as the new adapter on the SFT
+policy (see `policy/tuning.py`).
 
 Reads top to bottom: check, load, train, save, measure.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common import demo_task
-from common.models import load_tokenizer, pick_device, set_threads
+import tasks
+from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.reward_model import (
     check_reward_status,
@@ -41,6 +47,7 @@ from common.reward_model import (
 from common.training import count_parameters, last_checkpoint
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
+from tasks import Task
 
 SCRATCH = "scratch"
 """The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
@@ -59,23 +66,39 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
 
     # Check: everything that can be told before loading the policy's weights
     device = pick_device(config.device)
-    reward_dir = Path(inputs["reward"])
-    check_reward_status(reward_dir, config.allow_rejected_reward, stage)
+    task = tasks.load(config.task) if config.task is not None else None
+    check_reward_source(config, inputs, stage)
+    if config.task_eval and task is None:
+        raise InputError(
+            f"{stage}: task_eval needs a task (the workflow's top-level `task:` or this stage's)"
+        )
     policy_tokenizer = load_tokenizer(inputs["policy"])
-    reward_model, reward_tokenizer = load_reward_model(reward_dir, device=device)
-    check_tokenizers_match(policy_tokenizer, reward_tokenizer, "the policy", f"the reward model {reward_dir}")
-    demo = "prompts" not in inputs
-    rows = prompt_rows(config, inputs.get("prompts"), policy_tokenizer, stage)
+    rows = prompt_rows(config, inputs.get("prompts"), policy_tokenizer, stage, task)
+    if config.reward == "task":
+        assert task is not None  # the config's validator makes sure
+        reward: Any = TaskReward(task, config.max_new_tokens, policy_tokenizer.eos_token_id)
+    else:
+        reward_dir = Path(inputs["reward"])
+        check_reward_status(reward_dir, config.allow_rejected_reward, stage)
+        reward_model, reward_tokenizer = load_reward_model(reward_dir, device=device)
+        check_tokenizers_match(
+            policy_tokenizer, reward_tokenizer, "the policy", f"the reward model {reward_dir}"
+        )
+        judged = task if task is not None and all(TASK_RECORD in row for row in rows) else None
+        reward = RewardModel(
+            reward_model, reward_tokenizer, config.reward_batch_size, judged, config.max_new_tokens
+        )
     set_threads()
 
     # Load: the SFT policy's complete weights (an adapter merged into its base)
     scratch = out_dir / SCRATCH
-    model, tokenizer = tuning.load_start(inputs["policy"], scratch, stage, config.method, device)
+    model, tokenizer = tuning.load_start(
+        inputs["policy"], scratch, stage, config.method, device, config.precision
+    )
 
     # Train
     from datasets import Dataset
 
-    reward = RewardModel(reward_model, reward_tokenizer, config.reward_batch_size)
     trainer_class, args = trainer_and_args(config, stage, device, scratch)
     trainer = trainer_class(
         model=model,
@@ -96,10 +119,10 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
 
     # Measure
     measured: dict[str, Any] = {}
-    if config.demo_eval or (config.demo_eval is None and demo):
-        from policy.evaluate import demo_accuracy
+    if task is not None and (config.task_eval or (config.task_eval is None and "prompts" not in inputs)):
+        from policy.evaluate import task_pass_rates
 
-        measured = demo_accuracy(model, tokenizer, config.max_operand, config.demo_samples, config.seed)
+        measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
     return {
         **measured,
         **training_metrics(trainer),
@@ -107,6 +130,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         "prompts": len(rows),
         "method": config.method,
         "publish": config.publish,
+        "reward_source": config.reward,
         "kl_coef": config.kl_coef,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -118,32 +142,50 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     }
 
 
+# --- check ---
+
+
+def check_reward_source(config: OnlineRLConfig, inputs: dict[str, Path | str], stage: str) -> None:
+    """Exactly one source of rewards: a `reward` input (`reward: model`) or the task (`reward: task`)."""
+    if config.reward == "model" and "reward" not in inputs:
+        raise InputError(
+            f"{stage}: no `reward` input; give a reward model (inputs.reward), or set `reward: task` to reward "
+            "completions by the task's verdict"
+        )
+    if config.reward == "task" and "reward" in inputs:
+        raise InputError(
+            f"{stage}: `reward: task` rewards completions by the task's verdict, so the `reward` input "
+            f"({inputs['reward']}) would be unused; remove one of them"
+        )
+
+
 # --- data ---
+
+TASK_RECORD = "task_record"
+"""The column of the training rows that holds the task's record of the prompt (JSON), for the verdict."""
 
 
 def prompt_rows(
-    config: OnlineRLConfig, prompts: Path | str | None, tokenizer: Any, stage: str
+    config: OnlineRLConfig, prompts: Path | str | None, tokenizer: Any, stage: str, task: Task | None
 ) -> list[dict[str, Any]]:
-    """Training rows `{"prompt", "answer"?}`: a prompt as chat messages when the policy has a chat template
-    (TRL renders it with the template and opens the assistant turn), else as plain text."""
+    """Training rows `{"prompt", "task_record"?}`: a prompt as chat messages when the policy has a chat
+    template (TRL renders it with the template and opens the assistant turn), else as plain text; the
+    prompt's record (JSON) when the task can judge it. With `reward: task` every prompt must be judgeable."""
+    from policy.sample import load_prompts, task_records
+
     chat = bool(tokenizer.chat_template)
     if prompts is None:
-        records = demo_task.train_prompts(config.max_operand)[: config.num_prompts]
-        return [
-            {
-                "prompt": [{"role": "user", "content": r["prompt"]}]
-                if chat
-                else demo_task.plain_prompt(r["prompt"]),
-                "answer": r["answer"],
-            }
-            for r in records
-        ]
-    from policy.sample import load_prompts
+        records, _ = task_records(task, "train", config.num_prompts, stage)
+    else:
+        try:
+            records = load_prompts(prompts, config.num_prompts)
+        except InputError as err:
+            raise InputError(f"{stage}: " + str(err).removeprefix("sample: ")) from None
+    if config.reward == "task":
+        from policy.evaluate import check_judgeable
 
-    try:
-        records = load_prompts(prompts, config.num_prompts)
-    except InputError as err:
-        raise InputError(f"{stage}: " + str(err).removeprefix("sample: ")) from None
+        assert task is not None
+        check_judgeable(task, records, f"the prompts in {prompts}", stage)
     rows = []
     for record in records:
         prompt = record["prompt"]
@@ -151,45 +193,81 @@ def prompt_rows(
             raise InputError(
                 f"{stage}: the prompts are chat messages, but the policy's tokenizer has no chat template"
             )
-        row = {
-            "prompt": [{"role": "user", "content": prompt}] if chat and isinstance(prompt, str) else prompt
-        }
-        if isinstance(record.get("answer"), int):  # demo-style prompts: the reward function counts answers
-            row["answer"] = record["answer"]
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, str) and prompts is None:
+            prompt = plain_prompt(prompt)
+        row: dict[str, Any] = {"prompt": prompt}
+        if task is not None and not task.missing(record):
+            row[TASK_RECORD] = json.dumps(record, default=str)
         rows.append(row)
-    if "answer" in rows[0] and not all("answer" in row for row in rows):
-        raise InputError(
-            f"{stage}: the `answer` column of {prompts} must hold an integer on every row, or none"
-        )
     return rows
+
+
+def plain_prompt(prompt: str) -> str:
+    """A task's prompt for a policy without a chat template: the text and a line break (as the demo's
+    pretraining corpus asks its questions)."""
+    return prompt + "\n"
 
 
 # --- train ---
 
 
-class RewardModel:
-    """A TRL reward function: the reward model's score of each (prompt, completion), formatted as in its
-    training. On demo prompts (an `answer` column) it also logs the fraction of correct completions."""
+def ended(ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> bool:
+    """Whether a completion ended at its stop token rather than being cut off at `max_new_tokens`."""
+    return len(ids) < max_new_tokens or (bool(ids) and ids[-1] == eos_token_id)
 
-    __name__ = "reward_model"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+class TaskReward:
+    """A TRL reward function: the task's verdict on each completion (`Task.judge`: a completion cut off at
+    `max_new_tokens` fails)."""
+
+    __name__ = "task"
+
+    def __init__(self, task: Task, max_new_tokens: int, eos_token_id: int | None):
+        self.task, self.max_new_tokens, self.eos_token_id = task, max_new_tokens, eos_token_id
 
     def __call__(
         self,
         prompts: list[Any],
         completions: list[Any],
-        answer: list[int] | None = None,
+        completion_ids: list[list[int]],
+        task_record: list[str],
+        **_: Any,
+    ) -> list[float]:
+        return [
+            self.task.judge(
+                json.loads(record), response_text(c), ended(ids, self.max_new_tokens, self.eos_token_id)
+            )
+            for c, ids, record in zip(completions, completion_ids, task_record, strict=True)
+        ]
+
+
+class RewardModel:
+    """A TRL reward function: the reward model's score of each (prompt, completion), formatted as in its
+    training. With a task that can judge the prompts it also logs the completions' pass rate (`pass_rate`)."""
+
+    __name__ = "reward_model"
+
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int, task: Task | None = None, max_new_tokens: int = 0
+    ):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.verdict = TaskReward(task, max_new_tokens, tokenizer.eos_token_id) if task is not None else None
+
+    def __call__(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]] | None = None,
+        task_record: list[str] | None = None,
         log_metric: Any = None,
         **_: Any,
     ) -> list[float]:
         rewards = score_batch(self.model, self.tokenizer, prompts, completions, self.batch_size)
-        if answer is not None and log_metric is not None:
-            right = [
-                demo_task.is_correct(response_text(c), a) for c, a in zip(completions, answer, strict=True)
-            ]
-            log_metric("demo_accuracy", sum(right) / len(right))
+        if self.verdict is not None and task_record is not None and completion_ids is not None and log_metric:
+            verdicts = self.verdict(prompts, completions, completion_ids, task_record)
+            log_metric("pass_rate", tasks.pass_rate(verdicts))
         return rewards
 
 
@@ -216,7 +294,7 @@ def trainer_and_args(
         "num_iterations": config.num_iterations,
         "epsilon": config.epsilon,
         "activation_checkpointing": config.gradient_checkpointing,  # TRL's default is on
-        **tuning.precision(device),
+        **trainer_precision(config.precision, device),
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,
@@ -243,14 +321,14 @@ def trainer_and_args(
 
 
 def training_metrics(trainer: Any) -> dict[str, Any]:
-    """Reward, KL, completion length and demo accuracy at the first and last logging step (each a mean over
-    `logging_steps` steps)."""
+    """Reward, KL, completion length and the completions' pass rate at the first and last logging step (each
+    a mean over `logging_steps` steps)."""
     metrics: dict[str, Any] = {}
     for key, name in (
         ("reward", "reward"),
         ("kl", "kl"),
         ("completions/mean_length", "completion_length"),
-        ("demo_accuracy", "train_demo_accuracy"),
+        ("pass_rate", "train_pass_rate"),
     ):
         values = tuning.logged(trainer, key)
         if values:

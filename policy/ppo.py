@@ -2,7 +2,8 @@
 
 Inputs: `policy` (the SFT policy: an adapter with `base.json`, or a full model), `reward` (a reward-model
 directory, see `common.reward_model`) and optionally `prompts` (JSONL/Parquet with a `prompt` column;
-without it, the demo task's train prompts).
+without it, the task's train prompts). With a task, the rollouts' pass rate is reported (`pass_rate`
+per update; `pass_rate_sampled` at the end).
 
 Each update:
 1. Rollouts: `batch_size` prompts (a seeded shuffle, different rows per process), one response each,
@@ -58,9 +59,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from common import demo_task
+import tasks
 from common.models import (
     base_of,
+    compute_dtype,
     is_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -102,15 +104,15 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         reward=f"the reward model {reward_source}",
     )
     check_policy_source(policy_source)
-    demo = "prompts" not in inputs
-    records = demo_records(config) if demo else load_prompts(inputs["prompts"], config.num_prompts)
+    task = tasks.load(config.task) if config.task is not None else None
+    records = prompt_records(config, inputs.get("prompts"), task)
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], config.prompt_format)
 
     # Load
     accelerator = make_accelerator(config)
     set_threads()
     device = accelerator.device
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = compute_dtype(config.precision, device)
     torch.manual_seed(config.seed)
     policy, base = load_policy(policy_source, config, device, dtype)
     critic, scorer, reward_mode = load_value_model(reward_source, config, device, dtype)
@@ -161,7 +163,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
             update,
             config,
             accelerator,
-            demo,
+            task,
         )
         moments.update(accelerator.gather(rollouts.raw_scores))
         advantages, returns, kl = advantages_and_returns(rollouts, moments, config)
@@ -199,7 +201,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     return final_metrics(
         history,
         config,
-        demo,
+        task is not None,
         start,
         durations,
         trainable,
@@ -251,9 +253,20 @@ def check_lengths(config: PPOConfig, policy: Any, critic: Any, prompt_ids: list[
 # --- load ---
 
 
-def demo_records(config: PPOConfig) -> list[dict[str, Any]]:
-    """The demo task's train prompts (`{"id", "prompt", "answer", ...}`), the first `num_prompts`."""
-    return demo_task.train_prompts(config.max_operand)[: config.num_prompts]
+def prompt_records(
+    config: PPOConfig, prompts: Path | str | None, task: tasks.Task | None
+) -> list[dict[str, Any]]:
+    """The first `num_prompts` rows of the prompts file, or of the task's train prompts
+    (`{"id", "prompt", ...fields}`); with a task, every prompt must be one it can judge."""
+    from policy.evaluate import check_judgeable
+    from policy.sample import task_records
+
+    if prompts is None:
+        return task_records(task, "train", config.num_prompts, "ppo")[0]
+    records = load_prompts(prompts, config.num_prompts)
+    if task is not None:
+        check_judgeable(task, records, f"the prompts in {prompts}", "ppo")
+    return records
 
 
 def load_prompts(source: Path | str, limit: int | None) -> list[dict[str, Any]]:
@@ -485,7 +498,7 @@ class Rollouts:
     """[B] the reward model's scores."""
     finished: torch.Tensor
     """[B] bool: the response ended with eos."""
-    correct: list[bool] | None
+    verdicts: list[float] | None
     """Demo prompts only: whether each response is right (and finished)."""
     prompts: list[Any]
     texts: list[str]
@@ -510,7 +523,7 @@ def collect_rollouts(
     update: int,
     config: PPOConfig,
     accelerator: Any,
-    demo: bool,
+    task: tasks.Task | None,
 ) -> Rollouts:
     """One response per prompt, sampled with the adapter folded in, each row from its own random stream
     (seeded by the seed, the update, the process and the row), then scored (`score_rollouts`)."""
@@ -528,7 +541,7 @@ def collect_rollouts(
             stop_token_ids=stop_ids(model.policy, tokenizer),
         )
     return score_rollouts(
-        model, scorer, reward_mode, tokenizer, records, prompt_ids, completions, config, demo
+        model, scorer, reward_mode, tokenizer, records, prompt_ids, completions, config, task
     )
 
 
@@ -541,7 +554,7 @@ def score_rollouts(
     prompt_ids: list[list[int]],
     completions: list[Completion],
     config: PPOConfig,
-    demo: bool,
+    task: tasks.Task | None,
 ) -> Rollouts:
     """Tensors of the rollouts, with log-probabilities (policy and reference), values, entropies and the
     reward model's scores: no gradients, `forward_batch_size` rows per pass."""
@@ -568,7 +581,7 @@ def score_rollouts(
         entropy=torch.zeros(mask.shape, device=device),
         raw_scores=torch.zeros(len(completions), device=device),
         finished=torch.tensor([c.finished for c in completions], device=device),
-        correct=None,
+        verdicts=None,
         prompts=[r["prompt"] for r in records],
         texts=[c.text for c in completions],
     )
@@ -598,10 +611,9 @@ def score_rollouts(
     batch.raw_scores = torch.tensor(scores, device=device)
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         setattr(batch, name, getattr(batch, name) * batch.mask)
-    if demo:
-        batch.correct = [
-            c.finished and demo_task.is_correct(c.text, r["answer"])
-            for c, r in zip(completions, records, strict=True)
+    if task is not None:
+        batch.verdicts = [
+            task.judge(r, c.text, c.finished) for c, r in zip(completions, records, strict=True)
         ]
     return batch
 
@@ -707,8 +719,8 @@ def update_metrics(
         "value_mean": ppo_math.masked_mean(rollouts.values, mask).item(),
         **stats,
     }
-    if rollouts.correct is not None:
-        local["accuracy"] = sum(rollouts.correct) / len(rollouts.correct)
+    if rollouts.verdicts is not None:
+        local["pass_rate"] = tasks.pass_rate(rollouts.verdicts)
     values = torch.tensor(list(local.values()), device=mask.device)
     averaged = accelerator.reduce(values, reduction="mean") if accelerator.num_processes > 1 else values
     metrics = dict(zip(local, averaged.tolist(), strict=True))
@@ -722,8 +734,8 @@ def log_update(metrics: dict[str, float], update: int, bar: Any) -> None:
     if wandb is not None and wandb.run is not None:
         wandb.run.log({f"ppo/{key}": value for key, value in metrics.items()} | {"ppo/update": update})
     postfix = {"reward": metrics["reward"], "kl": metrics["kl"], "eos": metrics["eos_rate"]}
-    if "accuracy" in metrics:
-        postfix["acc"] = metrics["accuracy"]
+    if "pass_rate" in metrics:
+        postfix["pass"] = metrics["pass_rate"]
     bar.set_postfix({key: f"{value:.3f}" for key, value in postfix.items()}, refresh=False)
     bar.update(1)
 
@@ -733,14 +745,14 @@ def log_rollouts(rollouts: Rollouts) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is None or wandb.run is None:
         return
-    columns = ["prompt", "response", "score", "finished"] + (["correct"] if rollouts.correct else [])
+    columns = ["prompt", "response", "score", "finished"] + (["verdict"] if rollouts.verdicts else [])
     rows = [
         [
             p if isinstance(p, str) else json.dumps(p),
             text,
             score,
             finished,
-            *([rollouts.correct[i]] if rollouts.correct else []),
+            *([rollouts.verdicts[i]] if rollouts.verdicts else []),
         ]
         for i, (p, text, score, finished) in enumerate(
             zip(
@@ -822,7 +834,7 @@ def setup_description(policy_source: Path | str, config: PPOConfig) -> dict[str,
 def final_metrics(
     history: list[dict[str, float]],
     config: PPOConfig,
-    demo: bool,
+    judged: bool,
     resumed_from: int,
     durations: list[float],
     trainable: dict[str, int],
@@ -847,9 +859,9 @@ def final_metrics(
         "response_length_final": final("response_length"),
         "value_loss_final": final("value_loss"),
     }
-    if demo:
-        metrics["accuracy_sampled"] = final("accuracy")
-        metrics["accuracy_sampled_initial"] = history[0]["accuracy"]
+    if judged:
+        metrics["pass_rate_sampled"] = final("pass_rate")
+        metrics["pass_rate_sampled_initial"] = history[0]["pass_rate"]
     metrics.update(
         updates=len(history),
         episodes=len(history) * config.batch_size * processes,

@@ -1,10 +1,11 @@
 """The `pretrain` stage: train a small causal LM on plain text.
 
 Without inputs it builds the demo tokenizer and model (`policy.demo_model`) and trains them on the
-plain-text demo corpus (every sum, a share of them wrong), so the base model knows the arithmetic of
-the demo task, unreliably, but not the chat format (that is SFT's job). With a `model` input it
-continues pretraining that model with its own tokenizer, on the `data` input when given, else on the
-demo corpus.
+plain-text demo corpus of the `arithmetic` task (every sum, a share of them wrong; the task's
+`options` set its operands; without a task, the default arithmetic task), so the base model knows the arithmetic of the demo task, unreliably, but not the
+chat format (that is SFT's job). With a `model` input it continues pretraining that model with its own
+tokenizer, on the `data` input when given, else on the demo corpus. With a task, the metrics end with
+its held-out pass rate, the prompts asked in the plain pretraining format.
 
 Reads top to bottom: load, check, train, save, measure.
 """
@@ -23,18 +24,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from common import demo_task
+import tasks
 from common.models import pick_device
 from common.outcomes import InputError
 from common.sources import split_revision
 from common.training import wandb_run
 from policy.configs import PretrainConfig
 from policy.demo_model import build_model, train_tokenizer
+from tasks import arithmetic
 
 LOG_EVERY = 20
 """Steps between loss/lr reports to W&B and the progress bar."""
-MAX_NEW_TOKENS = 16
-"""Enough for any demo response ("19 + 19 = 38" is 11 tokens)."""
 
 
 def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -44,7 +44,10 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
         torch.set_num_threads(config.cpu_threads or len(os.sched_getaffinity(0)))
 
     # Load
-    texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config)
+    task = tasks.load(config.task) if config.task is not None else None
+    if task is None and "data" not in inputs:
+        task = tasks.load({"name": "arithmetic"})  # the demo corpus is the arithmetic task's
+    texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config, task)
     torch.manual_seed(config.seed)
     if "model" in inputs:
         name, revision = split_revision(inputs["model"])
@@ -69,15 +72,16 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     tokenizer.save_pretrained(out_dir)
 
     # Measure
-    held_out = demo_task.held_out_prompts(config.max_operand)[: config.eval_prompts]
-    greedy = demo_accuracy(model, tokenizer, held_out, sample=False)
-    torch.manual_seed(config.seed)
-    sampled = demo_accuracy(model, tokenizer, held_out, sample=True)
+    measured: dict[str, Any] = {}
+    if task is not None:
+        held_out = task.prompts("held_out")[: config.eval_prompts]
+        measured["pass_rate_greedy"] = plain_pass_rate(model, tokenizer, task, held_out, sample=False)
+        torch.manual_seed(config.seed)
+        measured["pass_rate_sampled"] = plain_pass_rate(model, tokenizer, task, held_out, sample=True)
+        measured["eval_prompts"] = len(held_out)
     return {
         "train_loss": stats["train_loss"],
-        "accuracy_greedy": greedy,
-        "accuracy_sampled": sampled,
-        "eval_prompts": len(held_out),
+        **measured,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "train_tokens": stats["tokens"],
@@ -91,9 +95,16 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
 # --- load ---
 
 
-def demo_corpus(config: PretrainConfig) -> list[str]:
-    return demo_task.pretraining_corpus(
-        config.max_operand, noise=config.corpus_noise, copies=config.corpus_copies, seed=config.seed
+def demo_corpus(config: PretrainConfig, task: tasks.Task | None) -> list[str]:
+    """The arithmetic task's plain-text corpus (its `max_operand`)."""
+    if not isinstance(task, arithmetic.ArithmeticTask):
+        raise InputError(
+            "pretrain: without a `data` input the stage trains on the demo corpus, which belongs to the "
+            f"arithmetic task, not {task.name if task else 'none'}; set `task: {{name: arithmetic}}` "
+            "or give `data`"
+        )
+    return arithmetic.pretraining_corpus(
+        task.max_operand, noise=config.corpus_noise, copies=config.corpus_copies, seed=config.seed
     )
 
 
@@ -221,23 +232,28 @@ def train(
 
 
 @torch.no_grad()
-def demo_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict], sample: bool
+def plain_pass_rate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: tasks.Task,
+    records: list[dict],
+    sample: bool,
 ) -> float:
-    """Exact-match accuracy on demo records asked in the plain pretraining format, greedy or sampled at
-    temperature 1. The response is the generated first line."""
+    """The task's pass rate (`tasks.pass_rate` of `Task.judge`) on records asked in the plain pretraining
+    format, greedy or sampled at temperature 1. A base model writes on after its answer, so the response
+    is the generated first line. (Chat policies are measured by `policy.evaluate.task_pass_rates`.)"""
     if not records:
         return 0.0
     batch_size = 64 if tokenizer.pad_token_id is not None else 1
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    correct = 0
+    verdicts: list[float] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        prompts = [demo_task.plain_prompt(record["prompt"]) for record in chunk]
+        prompts = [arithmetic.plain_prompt(record["prompt"]) for record in chunk]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         output = model.generate(
             **encoded,
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=task.max_new_tokens,
             do_sample=sample,
             temperature=1.0 if sample else None,
             top_k=0 if sample else None,
@@ -247,9 +263,9 @@ def demo_accuracy(
         responses = tokenizer.batch_decode(
             output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
         )
-        correct += sum(
-            demo_task.is_correct(response.split("\n")[0], record["answer"])
+        verdicts += [
+            task.judge(record, response.split("\n")[0])
             for response, record in zip(responses, chunk, strict=True)
-        )
+        ]
     tokenizer.padding_side = padding_side
-    return correct / len(records)
+    return tasks.pass_rate(verdicts)

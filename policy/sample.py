@@ -2,9 +2,10 @@
 
 The policy is an adapter (loaded on its base), a full model directory or a hub id. Prompts come from
 the `prompts` input (JSONL or Parquet with a `prompt` column: a string or a list of chat messages;
-optional `id`; every other column is carried through) or, without it, from the demo task, whose
-records carry their ground-truth `answer` through for simulated annotators and reward-model
-evaluation. Prompts are rendered with the policy's chat template when it has one.
+optional `id`; every other column is carried through) or, without it, from the task's `split`
+(`tasks/`), whose records carry the fields its verdict needs (arithmetic: `answer`) through to the
+annotation batch, the simulated annotators and the preference pairs. Prompts are rendered with the
+policy's chat template when it has one. With a task, the metrics include the candidates' pass rate.
 
 Reproducible: the same config and policy give byte-identical samples; each candidate has its own
 random stream (seeded from `seed`, the prompt and the candidate index), so `batch_size` and the other
@@ -27,8 +28,9 @@ from typing import Any
 
 import torch
 
-from common import demo_task
+import tasks
 from common.models import (
+    compute_dtype,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -39,6 +41,7 @@ from common.models import (
 from common.outcomes import InputError
 from policy.configs import SampleConfig
 from policy.generation import Completion, Sampling, encode_prompts, sample_candidates, uses_chat_template
+from tasks import Task
 
 SAMPLES_FILE = "samples.jsonl"
 GENERATION_FILE = "generation.json"
@@ -54,10 +57,21 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     device = pick_device(config.device)
 
     # Load
-    demo = "prompts" not in inputs
-    records = demo_records(config) if demo else load_prompts(inputs["prompts"], config.num_prompts)
+    task = tasks.load(config.task) if config.task is not None else None
+    if "prompts" in inputs:
+        records, source = (
+            load_prompts(inputs["prompts"], config.num_prompts),
+            source_reference(inputs["prompts"]),
+        )
+        if task is not None:
+            from policy.evaluate import check_judgeable
+
+            check_judgeable(task, records, f"the prompts in {inputs['prompts']}", "sample")
+    else:
+        records, source = task_records(task, config.split, config.num_prompts, "sample")
     model, tokenizer = load_causal_lm(inputs["policy"], device=device)
-    model = merged_for_inference(model)  # an adapter folded into its base generates faster
+    # an adapter folded into its base generates faster
+    model = merged_for_inference(model, compute_dtype(config.precision, device))
     prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records], config.prompt_format)
 
     # Check
@@ -85,28 +99,35 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         for record, drawn in zip(records, completions, strict=True)
     ]
     write_jsonl(out_dir / SAMPLES_FILE, samples)
-    generation = generation_record(config, inputs, tokenizer)
+    generation = generation_record(config, inputs, tokenizer, source)
     (out_dir / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
 
     # Measure
-    metrics = measure(samples, completions, sampling, records if demo else None)
+    metrics = measure(samples, completions, sampling, records, task)
     metrics.update(
         tokens_per_s=metrics["new_tokens"] / generation_s,
         generation_s=generation_s,
         duration_s=time.perf_counter() - started,
         device=str(device),
     )
-    log_table(samples, demo)
+    log_table(samples, task)
     return metrics
 
 
 # --- load ---
 
 
-def demo_records(config: SampleConfig) -> list[dict[str, Any]]:
-    """The first `num_prompts` demo records of the split: `{"id", "prompt", "answer", "a", "b"}`."""
-    split = demo_task.train_prompts if config.demo_split == "train" else demo_task.held_out_prompts
-    return split(config.max_operand)[: config.num_prompts]
+def task_records(
+    task: Task | None, split: str, limit: int | None, stage: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The first `limit` records of the task's split (`{"id", "prompt", ...fields}`, in their fixed order)
+    and where they came from; the stages without a prompts input take their prompts here."""
+    if task is None:
+        raise InputError(
+            f"{stage}: no `prompts` input and no task to take prompts from; give the stage prompts, or a task "
+            "(the workflow's top-level `task:`, e.g. `task: {name: arithmetic}`, or the stage's `task`)"
+        )
+    return task.prompts(split)[:limit], {"task": task.describe(), "split": split}  # type: ignore[arg-type]
 
 
 def load_prompts(source: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -246,12 +267,10 @@ def write_jsonl(file: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
-def generation_record(config: SampleConfig, inputs: dict[str, Path | str], tokenizer: Any) -> dict[str, Any]:
+def generation_record(
+    config: SampleConfig, inputs: dict[str, Path | str], tokenizer: Any, prompts: Any
+) -> dict[str, Any]:
     """What produced the candidates: the policy, the prompts and the generation settings."""
-    if "prompts" in inputs:
-        prompts = source_reference(inputs["prompts"])
-    else:
-        prompts = {"demo_task": config.demo_split, "max_operand": config.max_operand}
     return {
         "policy": source_reference(inputs["policy"]),
         "prompts": prompts,
@@ -273,10 +292,12 @@ def measure(
     samples: list[dict[str, Any]],
     completions: list[list[Completion]],
     sampling: Sampling,
-    demo_records: list[dict[str, Any]] | None,
+    records: list[dict[str, Any]],
+    task: Task | None,
 ) -> dict[str, Any]:
-    """Counts and, for demo prompts, how often candidates are right (over all K drawn, before duplicates
-    are removed) and how many prompts have both a right and a wrong candidate (useful preference pairs)."""
+    """Counts and, with a task, the candidates' pass rate (over all K drawn, before duplicates are removed;
+    as `evaluate` counts it) and the fraction of prompts with both a passing and a failing candidate
+    (useful preference pairs)."""
     generated = [drawn[:1] if sampling.greedy else drawn for drawn in completions]  # greedy ran once
     drawn_count = sum(len(drawn) for drawn in completions)
     distinct = [len(set(c.text for c in drawn)) for drawn in completions]
@@ -290,17 +311,16 @@ def measure(
         "truncated_fraction": sum(not c.finished for drawn in generated for c in drawn)
         / sum(len(drawn) for drawn in generated),
     }
-    if demo_records is not None:
-        right = [
-            [demo_task.is_correct(c.text, record["answer"]) for c in drawn]
-            for drawn, record in zip(completions, demo_records, strict=True)
-        ]
-        metrics["accuracy_sampled"] = sum(map(sum, right)) / drawn_count
-        metrics["mixed_fraction"] = sum(any(r) and not all(r) for r in right) / len(right)
+    if task is not None:
+        from policy.evaluate import verdicts
+
+        judged = [verdicts(task, record, drawn) for drawn, record in zip(completions, records, strict=True)]
+        metrics["pass_rate_sampled"] = tasks.pass_rate([tasks.pass_rate(v) for v in judged])
+        metrics["mixed_fraction"] = sum(max(v) > min(v) for v in judged) / len(judged)
     return metrics
 
 
-def log_table(samples: list[dict[str, Any]], demo: bool) -> None:
+def log_table(samples: list[dict[str, Any]], task: Task | None) -> None:
     """A W&B table of the candidates of the first `TABLE_PROMPTS` prompts, when the runner opened a run."""
     try:
         import wandb
@@ -308,11 +328,11 @@ def log_table(samples: list[dict[str, Any]], demo: bool) -> None:
         return
     if wandb.run is None:
         return
-    columns = ["prompt_id", "prompt", "candidate_index", "candidate"] + (["correct"] if demo else [])
+    columns = ["prompt_id", "prompt", "candidate_index", "candidate"] + (["verdict"] if task else [])
     rows = []
     for sample in samples[:TABLE_PROMPTS]:
         prompt = sample["prompt"] if isinstance(sample["prompt"], str) else json.dumps(sample["prompt"])
         for index, text in enumerate(sample["candidates"]):
-            correct = [demo_task.is_correct(text, sample["answer"])] if demo else []
-            rows.append([str(sample["id"]), prompt, index, text, *correct])
+            verdict = [task.judge(sample, text)] if task else []
+            rows.append([str(sample["id"]), prompt, index, text, *verdict])
     wandb.run.log({"samples": wandb.Table(columns=columns, data=rows)})

@@ -2,7 +2,8 @@
 
 Inputs: `model` (a model directory or a hub id) and optionally `data` in one of TRL's standard formats
 (prompt/completion or messages, conversational or plain, or plain `text`); without `data` it trains on
-the demo task's SFT examples. The loss is on the completions / assistant turns only by default.
+the task's SFT examples (`Task.sft_examples`). The loss is on the completions / assistant turns only by
+default. With a task, the metrics end with its held-out pass rate (`task_eval`).
 
 Output: an adapter directory (adapter weights, tokenizer with chat template, `base.json`) for the PEFT
 methods, a full model directory for `freeze` and `full`. Checkpoints go to `out_dir/scratch/`; a rerun
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from common import demo_task
+import tasks
 from common.models import (
+    compute_dtype,
     has_generation_markers,
     is_adapter,
     load_tokenizer,
@@ -33,6 +35,7 @@ from common.models import (
     save_model,
     set_threads,
     tokenizer_summary,
+    trainer_precision,
 )
 from common.outcomes import InputError
 from common.sources import split_revision
@@ -51,8 +54,6 @@ FORMATS = (
 """The data formats accepted, as error messages list them."""
 NOT_DATA = {"manifest.json", "base.json", "dataset_info.json", "state.json"}
 """JSON files found beside data files (an artifact's manifest, ...) that are not data."""
-MAX_NEW_TOKENS = 16
-"""Enough for any demo response ("19 + 19 = 38" and eos is 12 tokens)."""
 
 
 def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -61,12 +62,15 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     # Check: everything that can be told without loading the model
     device = pick_device(config.device)
     check_method(config, device)
+    task = tasks.load(config.task) if config.task is not None else None
+    if config.task_eval and task is None:
+        raise InputError("sft: task_eval needs a task (the workflow's top-level `task:` or this stage's)")
     source = inputs["model"]
     if is_adapter(source):
         raise InputError(
             f"sft: the model {source} is an adapter; merge it into its base first (rlhf export) to train on it"
         )
-    dataset, data_format = load_data(inputs.get("data"), config)
+    dataset, data_format = load_data(inputs.get("data"), task)
     train_set, eval_set = split(dataset, config)
     tokenizer = load_tokenizer(source, config.pad_token)
     check_tokenizer(tokenizer, data_format, config)
@@ -109,20 +113,18 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     save_model(model, tokenizer, out_dir, base=source if config.method in ADAPTER_METHODS else None)
 
     # Measure
-    demo: dict[str, Any] = {}
-    if config.demo_eval or (config.demo_eval is None and "data" not in inputs):
-        records = demo_task.held_out_prompts(config.max_operand)
-        demo["accuracy_greedy"] = demo_accuracy(model, tokenizer, records, samples=0)
-        torch.manual_seed(config.seed)
-        demo["accuracy_sampled"] = demo_accuracy(model, tokenizer, records, samples=config.demo_samples)
+    measured: dict[str, Any] = {}
+    if task is not None and (config.task_eval or (config.task_eval is None and "data" not in inputs)):
+        from policy.evaluate import task_pass_rates
+
+        measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
     return {
-        **demo,
+        **measured,
         "train_loss": final_train_loss(trainer, result.training_loss),
         "eval_loss": eval_loss,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_fraction": trainable / total,
-        **({"demo_prompts": len(records)} if demo else {}),
         "method": config.method,
         "data_format": data_format,
         "loss_on": masking,
@@ -211,12 +213,18 @@ def with_assistant_masks(dataset: Dataset, tokenizer: Any) -> Dataset:
 # --- load ---
 
 
-def load_data(data: Path | str | None, config: SFTConfig) -> tuple[Dataset, str]:
-    """The SFT data and its format; the demo task's examples when `data` is None."""
+def load_data(data: Path | str | None, task: tasks.Task | None) -> tuple[Dataset, str]:
+    """The SFT data and its format; the task's SFT examples when `data` is None."""
     import datasets
 
+    if data is None and task is None:
+        raise InputError(
+            "sft: no `data` input and no task to take SFT examples from; give data, or a task (the workflow's "
+            "top-level `task:`, e.g. `task: {name: arithmetic}`, or the stage's `task`)"
+        )
     if data is None:
-        dataset = Dataset.from_list(demo_task.sft_examples(config.max_operand))
+        assert task is not None
+        dataset = Dataset.from_list(task.sft_examples())
     elif isinstance(data, str):
         dataset = datasets.load_dataset(data, split="train")
     elif not data.exists():
@@ -290,13 +298,12 @@ def split(dataset: Dataset, config: SFTConfig) -> tuple[Dataset, Dataset | None]
 
 
 def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> Any:
-    """The model to train: fp32 on CPU and for `freeze`/`full` (mixed precision keeps fp32 master
-    weights), bf16 under adapters on a GPU that has it, 4-bit for `qlora`."""
+    """The model to train: fp32 for `freeze`/`full` (mixed precision keeps fp32 master weights), the
+    `precision`'s dtype under adapters, 4-bit for `qlora`."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if device.type == "cuda" and config.method in ADAPTER_METHODS and torch.cuda.is_bf16_supported():
-        kwargs["dtype"] = torch.bfloat16
+    adapter = config.method in ADAPTER_METHODS
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(config.precision, device) if adapter else torch.float32}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -381,8 +388,7 @@ def training_args(config: SFTConfig, masking: str, device: torch.device, scratch
         completion_only_loss=config.completion_only_loss,
         assistant_only_loss=masking.startswith("assistant turns (the chat template"),
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        use_cpu=device.type == "cpu",
+        **trainer_precision(config.precision, device),
         eval_strategy="no",  # the eval loss is measured once, at the end
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -391,7 +397,6 @@ def training_args(config: SFTConfig, masking: str, device: torch.device, scratch
         include_num_input_tokens_seen="non_padding",
         report_to=["wandb"] if wandb_run() is not None else "none",
         disable_tqdm=False,
-        dataloader_pin_memory=device.type == "cuda",
     )
 
 
@@ -426,53 +431,3 @@ def _proc_status_kb(field: str) -> int:
         return 0
     match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) if match else 0
-
-
-# --- measure ---
-
-
-@torch.no_grad()
-def demo_accuracy(
-    model: Any, tokenizer: Any, records: list[dict], samples: int = 0, batch_size: int = 256
-) -> float:
-    """Fraction of correct answers to demo records asked in the chat format: greedy when `samples` is 0,
-    else `samples` answers per prompt sampled at temperature 1 (no top-k/top-p). Batched, left-padded;
-    a response counts only when the model ends it with eos."""
-    was_training = model.training
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    per_prompt = max(1, samples)
-    correct = 0
-    for start in range(0, len(records), max(1, batch_size // per_prompt)):
-        chunk = records[start : start + max(1, batch_size // per_prompt)]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
-            )
-            for r in chunk
-        ]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            model.device
-        )
-        sampling = (
-            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-            if samples
-            else {"do_sample": False}
-        )
-        output = model.generate(
-            **encoded,
-            max_new_tokens=MAX_NEW_TOKENS,
-            num_return_sequences=per_prompt,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        for index, tokens in enumerate(new_tokens):
-            record = chunk[index // per_prompt]
-            ended = (tokens == tokenizer.eos_token_id).any().item()
-            response = tokenizer.decode(tokens, skip_special_tokens=True)
-            correct += bool(ended) and demo_task.is_correct(response, record["answer"])
-    tokenizer.padding_side = padding_side
-    model.train(was_training)
-    return correct / (len(records) * per_prompt) if records else 0.0

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from common.models import is_adapter, load_tokenizer, save_model, source_reference
+from common.models import compute_dtype, is_adapter, load_tokenizer, save_model, source_reference
 from common.outcomes import InputError
 from common.sources import split_revision
 
@@ -40,9 +40,9 @@ POLICY_FILE = "policy.json"
 """In a published policy: what it was trained from and how."""
 
 
-def starting_point(source: Path | str, scratch: Path, stage: str, dtype: torch.dtype) -> Path | str:
-    """A complete model to start from: `source` itself, or its adapter merged into its base in `dtype`
-    (as loading a stacked adapter on it merges it)."""
+def starting_point(source: Path | str, scratch: Path, stage: str) -> Path | str:
+    """A complete model to start from: `source` itself, or its adapter merged into its base (as loading a
+    stacked adapter on it merges it: `common.models.merged_causal_lm`)."""
     if not is_adapter(source):
         return source
     from policy.export import export_merged
@@ -50,26 +50,24 @@ def starting_point(source: Path | str, scratch: Path, stage: str, dtype: torch.d
     start = scratch / START
     shutil.rmtree(start, ignore_errors=True)  # a crashed run may have left half of it
     try:
-        export_merged(Path(source), start, dtype)
+        export_merged(Path(source), start)
     except InputError as err:
         raise InputError(f"{stage}: the policy cannot be merged to start from: {err}") from None
     return start
 
 
 def load_start(
-    source: Path | str, scratch: Path, stage: str, method: str, device: torch.device
+    source: Path | str, scratch: Path, stage: str, method: str, device: torch.device, precision: str
 ) -> tuple[Any, Any]:
     """(model, tokenizer) to train: the SFT policy's complete weights (see the module docstring).
 
-    fp32, except bf16 under a LoRA adapter on a GPU that has it (`full` keeps fp32 master weights and
-    trains in bf16 mixed precision there)."""
+    Under a LoRA adapter in the `precision`'s dtype; fp32 for `full` (mixed precision keeps fp32 master
+    weights)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(source)
-    dtype = torch.float32
-    if device.type == "cuda" and method == "lora" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    start = starting_point(source, scratch, stage, dtype)
+    start = starting_point(source, scratch, stage)
+    dtype = compute_dtype(precision, device) if method == "lora" else torch.float32
     name, revision = split_revision(start)
     model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
     for config in (model.config, model.generation_config):
@@ -91,17 +89,6 @@ def lora_config(config: Any) -> Any:
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
     )
-
-
-def precision(device: torch.device) -> dict[str, Any]:
-    """Trainer arguments for the device: bf16 mixed precision only on a CUDA GPU that has it (TRL's
-    configs default to bf16 everywhere, which on a CPU is slow and lossy)."""
-    return {
-        "bf16": device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        "fp16": False,
-        "use_cpu": device.type == "cpu",
-        "dataloader_pin_memory": device.type == "cuda",
-    }
 
 
 def report_to() -> list[str] | str:

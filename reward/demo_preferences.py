@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from common import demo_task
+from tasks import arithmetic
 
 
 def candidates(a: int, b: int, k: int, correct: bool, rng: random.Random) -> list[str]:
@@ -35,7 +35,7 @@ def candidates(a: int, b: int, k: int, correct: bool, rng: random.Random) -> lis
         pool.append((1.0, f"{a} + {b} = {int(str(s)[::-1])}"))
     pool += [(1.0, f"{a} + {b} = {s + 10}"), (1.0, f"{a} + {b} =")]
     pool += [(0.5, f"{a} + {b} = {s} {s}"), (0.5, f"{a} + {b} = {s}{s % 10}")]
-    chosen = [demo_task.render_response(a, b)] if correct else []
+    chosen = [arithmetic.render_response(a, b)] if correct else []
     while len(chosen) < k and pool:
         weights = [w for w, _ in pool]
         index = rng.choices(range(len(pool)), weights)[0]
@@ -45,7 +45,7 @@ def candidates(a: int, b: int, k: int, correct: bool, rng: random.Random) -> lis
 
 def distance(response: str, answer: int) -> float:
     """0 for a correct response, the distance of a wrong answer, infinity when there is no answer."""
-    parsed = demo_task.parse_answer(response)
+    parsed = arithmetic.parse_answer(response)
     return math.inf if parsed is None else abs(parsed - answer)
 
 
@@ -71,13 +71,13 @@ def demo_pairs(
     flip: float = 0.0,
     chat: bool = True,
     seed: int = 0,
-    max_operand: int = demo_task.MAX_OPERAND,
+    max_operand: int = arithmetic.MAX_OPERAND,
 ) -> list[dict[str, Any]]:
     """Preference rows for the first `prompts` demo train prompts; `flip` is the probability that a row's
     chosen and rejected are swapped (1/2 makes the labels random)."""
     rng = random.Random(seed)
     rows = []
-    for record in demo_task.train_prompts(max_operand)[:prompts]:
+    for record in arithmetic.train_prompts(max_operand)[:prompts]:
         a, b, answer = record["a"], record["b"], record["answer"]
         responses = candidates(a, b, k, rng.random() < correct_rate, rng)
         rankings = [annotator_ranks(responses, answer, noise, rng) for _ in range(annotators)]
@@ -97,7 +97,7 @@ def demo_pairs(
                 chosen = [{"role": "assistant", "content": chosen}]
                 rejected = [{"role": "assistant", "content": rejected}]
             else:
-                prompt = demo_task.plain_prompt(prompt)
+                prompt = arithmetic.plain_prompt(prompt)
             rows.append(
                 {
                     "prompt": prompt,

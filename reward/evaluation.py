@@ -1,7 +1,7 @@
 """Measures of a reward model on scored preference pairs, and its acceptance gate. Pure Python.
 
 A scored pair is a preference row (`prompt`, `chosen`, `rejected`, `prompt_id`, optional `agreement` and
-`answer`) plus `reward_chosen`, `reward_rejected` and the response lengths `length_chosen`,
+the prompt's fields, such as the task's `answer`) plus `reward_chosen`, `reward_rejected` and the response lengths `length_chosen`,
 `length_rejected` in tokens (the response alone, without prompt or special tokens). A pair is ranked
 correctly when reward(chosen) > reward(rejected); its margin is reward(chosen) - reward(rejected).
 """
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from statistics import fmean, pstdev
 from typing import Any
 
-from common import demo_task
 from common.reward_model import response_text
 from reward.configs import RewardConfig
+from tasks import Task
 
 AGREEMENT_BUCKETS = ("1.0", "0.66-1.0", "<0.66")
 """Annotator agreement: unanimous, at least 0.66 (e.g. 2 of 3) but not unanimous, below 0.66."""
@@ -92,23 +92,18 @@ def length_bias(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def demo_breakdown(pairs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """For demo-task pairs (with `answer`): accuracy on pairs of a correct and a wrong response, and on
-    pairs of two wrong ones (ranked by distance to the answer); None for other data."""
-    if not pairs or any(p.get("answer") is None for p in pairs):
+def task_breakdown(pairs: Sequence[dict[str, Any]], task: Task | None) -> dict[str, Any] | None:
+    """For pairs the task can judge: accuracy on pairs of a passing and a failing response (verdict 1 and
+    not), and on pairs of two failing ones (ranked by a finer preference, on arithmetic the distance to the
+    answer); None without a task or when it cannot judge every pair."""
+    if not pairs or task is None or any(task.missing(p) for p in pairs):
         return None
-    correct = [
-        p
-        for p in pairs
-        if demo_task.is_correct(response_text(p["chosen"]), p["answer"])
-        != demo_task.is_correct(response_text(p["rejected"]), p["answer"])
-    ]
-    both_wrong = [
-        p
-        for p in pairs
-        if not demo_task.is_correct(response_text(p["chosen"]), p["answer"])
-        and not demo_task.is_correct(response_text(p["rejected"]), p["answer"])
-    ]
+
+    def passes(pair: dict[str, Any], side: str) -> bool:
+        return task.verdict(pair, response_text(pair[side])) == 1.0
+
+    correct = [p for p in pairs if passes(p, "chosen") != passes(p, "rejected")]
+    both_wrong = [p for p in pairs if not passes(p, "chosen") and not passes(p, "rejected")]
     return {
         "accuracy_correct_vs_wrong": pairwise(correct)["accuracy"],
         "pairs_correct_vs_wrong": len(correct),

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+import tasks
 from common.models import (
     load_tokenizer,
     pick_device,
@@ -41,6 +42,7 @@ from common.models import (
     source_reference,
     tokenizer_fingerprint,
     tokenizer_summary,
+    trainer_precision,
     write_base_reference,
 )
 from common.outcomes import InputError
@@ -133,7 +135,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "held_out_prompts": len({r["prompt_id"] for r in scored}),
         "accuracy_by_agreement": evaluation.by_agreement(scored),
         **evaluation.length_bias(scored),
-        **(evaluation.demo_breakdown(scored) or {}),
+        **(evaluation.task_breakdown(scored, tasks.load(config.task) if config.task else None) or {}),
         **evaluation.reward_stats(scored),
         "train_pairs": len(train_rows),
         "train_prompts": len({r["prompt_id"] for r in train_rows}),
@@ -372,8 +374,7 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
         center_rewards_coefficient=config.center_rewards_coefficient,
         max_length=None,  # pairs over max_length were left out, and counted, before
         activation_checkpointing=config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),  # TRL defaults to on
-        use_cpu=device.type == "cpu",
+        **trainer_precision(config.precision, device),  # TRL defaults to bf16 everywhere
         eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -381,7 +382,6 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
         save_total_limit=2,  # the last one may be half-written when the process is killed
         report_to=["wandb"] if wandb_run() is not None else "none",
         disable_tqdm=False,
-        dataloader_pin_memory=device.type == "cuda",
     )
 
 

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
+import tasks
 from annotation import argilla_dataset as layout
 from annotation import collect, preferences, push, server, simulate
 from annotation.configs import AnnotateConfig, CollectConfig, SimulatedAnnotators
-from common import demo_task
 from common.outcomes import InputError, Waiting
 from pipeline.store import Store
+from tasks import TaskError, arithmetic
 from tests.conftest import rlhf
+
+TASK = tasks.load({"name": "arithmetic"})
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -52,10 +55,12 @@ def make_samples(
     so every call makes a new dataset."""
     folder.mkdir(parents=True)
     rows = []
-    for i, record in enumerate(demo_task.train_prompts()[:n]):
+    for i, record in enumerate(arithmetic.train_prompts()[:n]):
         a, b = record["a"], record["b"]
         k = ks[i % len(ks)]
-        candidates = [demo_task.render_response(a, b)] + [f"{a} + {b} = {a + b + d}" for d in range(1, k - 1)]
+        candidates = [arithmetic.render_response(a, b)] + [
+            f"{a} + {b} = {a + b + d}" for d in range(1, k - 1)
+        ]
         candidates.append(f"{a} + {b} =")  # unparseable
         rows.append(
             {"id": record["id"], "prompt": record["prompt"], "candidates": candidates[:k], "answer": a + b}
@@ -69,14 +74,17 @@ def make_samples(
     return folder
 
 
+ARITHMETIC = {"name": "arithmetic"}
+
+
 def run_push(samples: Path, out: Path, **config) -> dict:
     out.mkdir(parents=True)
-    return push.run(AnnotateConfig(**config), {"samples": samples}, out)
+    return push.run(AnnotateConfig(**{"task": ARITHMETIC, **config}), {"samples": samples}, out)
 
 
 def run_collect(batch: Path, out: Path, **config) -> dict:
     out.mkdir(parents=True)
-    return collect.run(CollectConfig(**config), {"batch": batch}, out)
+    return collect.run(CollectConfig(**{"task": ARITHMETIC, **config}), {"batch": batch}, out)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -215,7 +223,7 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
     # Which bots would submit (not discard) each record is seeded; a record completes when 2 of 3 do.
     willing = {
         r["record_id"]: sum(
-            simulate.bot_answer(f"bot-{n}", r, batch["slots"], bots, True)["status"] == "submitted"
+            simulate.bot_answer(f"bot-{n}", r, batch["slots"], bots, True, TASK)["status"] == "submitted"
             for n in (1, 2, 3)
         )
         for r in records
@@ -237,7 +245,9 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
     assert len(rankings) == metrics["simulated_responses"]
     for row in rankings:
         assert row["simulated"] and row["annotator"].startswith("bot-")
-        sent = simulate.bot_answer(row["annotator"], by_id[row["record_id"]], batch["slots"], bots, True)
+        sent = simulate.bot_answer(
+            row["annotator"], by_id[row["record_id"]], batch["slots"], bots, True, TASK
+        )
         assert row["status"] == sent["status"]
         if row["status"] == "submitted":
             ranks = {v["value"]: v["rank"] for v in sent["values"]["ranking"]["value"]}
@@ -345,7 +355,7 @@ def test_the_runner_waits_then_publishes_once(argilla, workspace):
     (samples / "manifest.json").unlink()
     store.publish("sample", samples, {"kind": "samples", "status": "ok"})
     (workspace / "annotate.yaml").write_text(
-        "name: annot\nstages:\n"
+        "name: annot\ntask: {name: arithmetic}\nstages:\n"
         "  annotate:\n    inputs: {samples: 'sample:v1'}\n"
         "    config: {simulate: {annotators: 1, max_records: 2}}\n"
         "  collect:\n    inputs: {batch: annotate}\n    config: {min_records: 4}\n"
@@ -358,7 +368,7 @@ def test_the_runner_waits_then_publishes_once(argilla, workspace):
 
     batch = store.get("annotate:v1").path
     simulate.rank_batch(
-        server.connect(argilla.home), *layout.load_batch(batch), SimulatedAnnotators(annotators=1)
+        server.connect(argilla.home), *layout.load_batch(batch), SimulatedAnnotators(annotators=1), TASK
     )
     for _ in range(2):
         done = rlhf("run", "annotate.yaml", cwd=workspace, env=env)
@@ -370,25 +380,60 @@ def test_the_runner_waits_then_publishes_once(argilla, workspace):
 # ------------------------------------------------------------------------------- the bots' ranking rule
 
 
-def test_truth_ranks_correct_first_then_by_distance_unparseable_last():
+def test_arithmetic_ranks_correct_first_then_by_distance_unparseable_last():
     candidates = ["2 + 3 = 7", "2 + 3 = 5", "five", "2 + 3 = 4", "5", "2 + 3 = 6"]
-    assert simulate.truth_ranks(candidates, 5) == [3, 1, 4, 2, 1, 2]
+    record = {"prompt": "What is 2 + 3?", "answer": 5}
+    assert simulate.task_ranks(TASK, record, candidates) == [3, 1, 4, 2, 1, 2]
+    assert simulate.task_ranks(TASK, {"prompt": "What is 2 + 3?"}, candidates) == [3, 1, 4, 2, 1, 2]
+
+
+def test_instructions_ranks_by_the_verdict():
+    task = tasks.load({"name": "instructions"})
+    record = {"prompt": "p", "constraints": [{"type": "no_commas"}, {"type": "max_words", "n": 4}]}
+    candidates = [
+        "Bees, bees, bees, bees, bees.",
+        "Bees make honey.",
+        "Bees make honey and wax daily.",
+        "Bees, honey.",
+    ]
+    assert simulate.task_ranks(task, record, candidates) == [3, 1, 2, 2]  # both, one of two, none
 
 
 def test_noise_swaps_adjacent_levels_and_is_seeded():
     candidates = ["1 + 1 = 2", "1 + 1 = 3", "1 + 1 = 5"]
-    assert simulate.simulated_ranks(candidates, 2, 0.0, random.Random(0)) == [1, 2, 3]
-    assert simulate.simulated_ranks(candidates, 2, 1.0, random.Random(0)) == [3, 1, 2]  # best bubbles down
-    draws = {tuple(simulate.simulated_ranks(candidates, 2, 0.5, random.Random(s))) for s in range(50)}
-    assert len(draws) > 1 and (1, 2, 3) in draws
     record = {"record_id": "r", "prompt": "What is 1 + 1?", "candidates": candidates}
+    assert simulate.simulated_ranks(TASK, record, candidates, 0.0, random.Random(0)) == [1, 2, 3]
+    assert simulate.simulated_ranks(TASK, record, candidates, 1.0, random.Random(0)) == [
+        3,
+        1,
+        2,
+    ]  # best bubbles down
+    draws = {
+        tuple(simulate.simulated_ranks(TASK, record, candidates, 0.5, random.Random(s))) for s in range(50)
+    }
+    assert len(draws) > 1 and (1, 2, 3) in draws
     config = SimulatedAnnotators(noise=0.5, seed=1)
-    assert simulate.bot_answer("bot-1", record, 4, config, True) == simulate.bot_answer(
-        "bot-1", record, 4, config, True
+    assert simulate.bot_answer("bot-1", record, 4, config, True, TASK) == simulate.bot_answer(
+        "bot-1", record, 4, config, True, TASK
     )
-    ranking = simulate.bot_answer("bot-1", record, 4, config, False)["values"]["ranking"]["value"]
+    ranking = simulate.bot_answer("bot-1", record, 4, config, False, TASK)["values"]["ranking"]["value"]
     assert ranking[3] == {"value": "response_4", "rank": 4}  # the placeholder slot goes last
-    assert simulate.prompt_answer("Compute 12 plus 7.") == 19
+
+
+def test_records_the_task_cannot_judge_are_an_error_not_a_random_ranking(tmp_path):
+    joke = {"record_id": "r", "prompt_id": "p-1", "prompt": "Tell me a joke.", "candidates": ["a", "b"]}
+    with pytest.raises(TaskError, match=r"task 'arithmetic' cannot judge record 'p-1'.*answer"):
+        simulate.check_judgeable(TASK, [joke])
+    with pytest.raises(TaskError, match=r"none is set.*top-level `task:`"):
+        simulate.check_judgeable(None, [joke])
+    # the annotate stage refuses before it connects to any server
+    samples = make_samples(tmp_path / "samples", n=3)
+    rows = [{**json.loads(line), "prompt": "Tell me a joke."} for line in (samples / "samples.jsonl").open()]
+    for row in rows:
+        del row["answer"]
+    (samples / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match="cannot judge"):
+        run_push(samples, tmp_path / "batch", simulate=SimulatedAnnotators())
 
 
 # ---------------------------------------------------------------------------- conversion (no server)

@@ -210,7 +210,10 @@ def test_a_stage_given_a_hub_id_loads_and_records_the_pinned_revision(quiet, hub
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("{}")
     (hub / "models--acme--tiny" / "refs" / "main").write_text(SHA2)
-    stage = "  sample:\n    inputs: {policy: acme/tiny@v1}\n    config: {num_prompts: 2, k: 2, max_new_tokens: 4}\n"
+    stage = (
+        "  sample:\n    inputs: {policy: acme/tiny@v1}\n"
+        "    config: {num_prompts: 2, k: 2, max_new_tokens: 4, task: {name: arithmetic}}\n"
+    )
 
     status, samples = run(quiet, stage)["sample"]
 
@@ -247,7 +250,8 @@ def test_an_unreachable_hub_means_the_local_cache_at_once_not_minutes_of_retries
     cache_model(cache, "acme/tiny", SHA1, main="main", tag="v1")
     (tmp_path / "wf.yaml").write_text(
         "stages:\n  model:\n    inputs: {source: acme/tiny}\n"
-        "  sample:\n    inputs: {policy: acme/tiny@v1}\n    config: {num_prompts: 2, k: 2, max_new_tokens: 4}\n"
+        "  sample:\n    inputs: {policy: acme/tiny@v1}\n"
+        "    config: {num_prompts: 2, k: 2, max_new_tokens: 4, task: {name: arithmetic}}\n"
     )
     env = {
         "HF_HUB_OFFLINE": "",  # not told: it finds out

@@ -9,15 +9,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from common import demo_task
 from common.models import is_adapter, load_causal_lm, tokenizer_fingerprint
 from common.outcomes import InputError
 from pipeline.registry import STAGES
 from policy import dpo, tuning
 from policy.configs import DPOConfig
+from tasks import arithmetic
 from tests import tiny_policies
 
-FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "demo_eval": False, "device": "cpu"}
+FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "task_eval": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sft_adapter(tmp_path_factory) -> Path:
 def pairs(records: int = 16) -> list[dict]:
     """Per demo prompt: correct > off by one, and off by one > off by ten (a pair whose chosen is wrong)."""
     rows = []
-    for r in demo_task.train_prompts()[:records]:
+    for r in arithmetic.train_prompts()[:records]:
         a, b, s = r["a"], r["b"], r["answer"]
         prompt = [{"role": "user", "content": r["prompt"]}]
         right, near, far = (f"{a} + {b} = {x}" for x in (s, s + 1, s + 10))
@@ -57,7 +57,9 @@ def write_pairs(folder: Path, rows: list[dict]) -> Path:
 def trained(sft_adapter, tmp_path_factory) -> tuple[dict, Path]:
     preferences = write_pairs(tmp_path_factory.mktemp("preferences"), pairs())
     out = tmp_path_factory.mktemp("dpo")
-    metrics = dpo.run(DPOConfig(**FAST), {"policy": sft_adapter, "preferences": preferences}, out)
+    # with the arithmetic task, which judges these pairs, the end-of-stage check runs by default
+    config = DPOConfig(**{**FAST, "task_eval": None, "task_eval_samples": 1}, task={"name": "arithmetic"})
+    metrics = dpo.run(config, {"policy": sft_adapter, "preferences": preferences}, out)
     return metrics, out
 
 
@@ -82,6 +84,8 @@ def test_reports_training_metrics(trained):
     assert metrics["loss_type"] == "sigmoid+sft" and metrics["method"] == "lora"
     for key in ("reward_accuracy_last", "reward_margin_last", "logp_chosen_last", "logp_rejected_last"):
         assert isinstance(metrics[key], float)
+    assert 0 <= metrics["pass_rate_greedy"] <= 1 and 0 <= metrics["pass_rate_sampled"] <= 1
+    assert metrics["task_prompts"] == len(arithmetic.held_out_prompts())
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -117,7 +121,7 @@ def test_best_vs_rest_keeps_the_pairs_of_the_undominated_response():
     rows = pairs(2)
     kept = dpo.best_vs_rest(rows)
     assert len(kept) == 4
-    assert all(demo_task.is_correct(row["chosen"][0]["content"], row["answer"]) for row in kept)
+    assert all(arithmetic.is_correct(row["chosen"][0]["content"], row["answer"]) for row in kept)
     cycle = [
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": "p", "chosen": "b", "rejected": "a"},

@@ -20,12 +20,12 @@ pytestmark = pytest.mark.slow
 
 REDUCED = {
     "pretrain": {"steps": 60, "warmup_steps": 10, "eval_prompts": 8},
-    "sft": {"steps": 10, "eval_examples": 8, "demo_samples": 1, "save_steps": 5},
+    "sft": {"steps": 10, "eval_examples": 8, "task_eval_samples": 1, "save_steps": 5},
     "sample": {"k": 3, "num_prompts": 12},
     "annotate": {"annotators_per_record": 1, "simulate": {"annotators": 1, "noise": 0.0}},
     "collect": {"min_records": 6},
     "reward": {"min_accuracy": 0.0, "epochs": 1},
-    "dpo": {"epochs": 1, "demo_eval": False},
+    "dpo": {"epochs": 1, "task_eval": False},
     "ppo": {"updates": 2, "batch_size": 8, "minibatches": 2, "ppo_epochs": 1, "num_prompts": 16},
     "evaluate": {"num_prompts": 6, "samples_per_prompt": 2, "bootstrap_samples": 100},
 }
@@ -99,7 +99,9 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
         for ref in ("dpo_2:v1", "dpo:v1", "collect_2.preferences:v1", "sample_2:v1", "sft:v1", "pretrain:v1"):
             assert ref in lineage, lineage
         report = store.get("evaluate:latest")
-        assert {"sft.accuracy_sampled", "dpo.win_rate", "ppo.kl"} <= set(report.manifest["metrics"])
+        assert {"sft.pass_rate_sampled", "dpo.improvement_sampled", "dpo.win_rate", "ppo.kl"} <= set(
+            report.manifest["metrics"]
+        )
         assert (report.path / "chart.png").stat().st_size > 0
 
         # The closing summary: evaluation table, chart, where the rankings are, how to upload W&B.

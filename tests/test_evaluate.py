@@ -10,18 +10,26 @@ import pytest
 import torch
 import yaml
 
-from common import demo_task
+import tasks
 from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import evaluate
 from policy.configs import EvaluateConfig
 from policy.generation import Sampling, encode_prompts, sample_candidates
+from tasks import arithmetic
 from tests import tiny_policies
 from tests.conftest import rlhf
 
-RECORDS = demo_task.train_prompts()[:12]
-FAST = {"samples_per_prompt": 4, "max_new_tokens": 10, "bootstrap_samples": 500, "device": "cpu"}
-METRICS = ("accuracy_sampled", "accuracy_greedy", "reward_mean", "win_rate", "kl", "length_mean")
+RECORDS = arithmetic.train_prompts()[:12]
+ARITHMETIC = {"name": "arithmetic"}
+FAST = {
+    "samples_per_prompt": 4,
+    "max_new_tokens": 10,
+    "bootstrap_samples": 500,
+    "device": "cpu",
+    "task": ARITHMETIC,
+}
+METRICS = ("pass_rate_sampled", "pass_rate_greedy", "reward_mean", "win_rate", "kl", "length_mean")
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +96,8 @@ def test_metrics_carry_every_key_per_policy(report):
 
 def test_values_are_sensible_and_intervals_contain_them(report):
     metrics, _ = report
-    assert metrics["good.accuracy_greedy"] > 0.5 and 0 < metrics["good.accuracy_sampled"] < 1
-    assert metrics["bad.accuracy_sampled"] == 0 and metrics["bad.improvement_sampled"] < 0
+    assert metrics["good.pass_rate_greedy"] > 0.5 and 0 < metrics["good.pass_rate_sampled"] < 1
+    assert metrics["bad.pass_rate_sampled"] == 0 and metrics["bad.improvement_sampled"] < 0
     assert metrics["bad.improvement_sampled_ci_high"] < 0  # clearly worse: the interval excludes 0
     assert metrics["good.kl"] == 0  # the reference itself
     assert metrics["bad.kl"] > 1 and metrics["adapter.kl"] > 0
@@ -98,7 +106,7 @@ def test_values_are_sensible_and_intervals_contain_them(report):
         if key.endswith("_ci_low"):
             name = key.removesuffix("_ci_low")
             assert value <= metrics[name] <= metrics[name + "_ci_high"], name
-    wide = metrics["good.accuracy_sampled_ci_high"] - metrics["good.accuracy_sampled_ci_low"]
+    wide = metrics["good.pass_rate_sampled_ci_high"] - metrics["good.pass_rate_sampled_ci_low"]
     assert 0 < wide < 0.6
 
 
@@ -142,6 +150,52 @@ def test_response_log_probabilities_match_a_forward_pass_per_sequence(models):
     assert len({round(x, 4) for x in expected}) > 1  # different responses, different log-probabilities
 
 
+def test_the_arithmetic_pass_rate_is_the_fraction_of_right_answers_that_ended(models, report):
+    """What `accuracy_*` measured before tasks: a response counts when it ended and parses to the answer."""
+    metrics, _ = report
+    model, tokenizer = load_causal_lm(models["good"], device=torch.device("cpu"))
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in RECORDS])
+    for name, samples, sampling in (
+        ("greedy", 1, Sampling(0.0, max_new_tokens=10)),
+        ("sampled", 4, Sampling(1.0, max_new_tokens=10)),
+    ):
+        drawn = sample_candidates(model, tokenizer, prompt_ids, samples, sampling, seed=0, batch_size=256)
+        right = [
+            [c.finished and arithmetic.is_correct(c.text, r["answer"]) for c in d]
+            for d, r in zip(drawn, RECORDS, strict=True)
+        ]
+        assert metrics[f"good.pass_rate_{name}"] == pytest.approx(float(np.mean(right)), abs=1e-12)
+
+
+def test_without_prompts_it_takes_the_task_s_held_out_split(models, tmp_path):
+    inputs = {"policies": {"good": models["good"]}}
+    config = EvaluateConfig(**{**FAST, "num_prompts": 5, "samples_per_prompt": 1, "bootstrap_samples": 100})
+    metrics = evaluate.run(config, inputs, tmp_path)
+    report = json.loads((tmp_path / evaluate.REPORT_FILE).read_text())
+    assert report["prompts"]["ids"] == [r["id"] for r in arithmetic.held_out_prompts()[:5]]
+    assert report["prompts"]["source"] == {"task": tasks.load(ARITHMETIC).describe(), "split": "held_out"}
+    assert {"good.pass_rate_greedy", "good.pass_rate_sampled"} <= set(metrics)
+
+
+def test_without_a_task_there_is_no_pass_rate_and_without_prompts_it_is_an_error(models, tmp_path):
+    inputs = {"policies": {"good": models["good"]}, "prompts": models["prompts"]}
+    plain = {**FAST, "task": None, "samples_per_prompt": 1, "bootstrap_samples": 100}
+    metrics = evaluate.run(EvaluateConfig(**plain), inputs, tmp_path)
+    assert "good.length_mean" in metrics and not any("pass_rate" in key for key in metrics)
+    with pytest.raises(InputError, match="evaluate: no `prompts` input and no task"):
+        evaluate.run(EvaluateConfig(**plain), {"policies": {"good": models["good"]}}, tmp_path)
+
+
+def test_prompts_the_task_cannot_judge_are_an_error(models, tmp_path):
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
+    inputs = {"policies": {"good": models["good"]}, "prompts": prompts}
+    with pytest.raises(
+        InputError, match=r"task 'arithmetic' cannot judge the prompts in .*row 1 lacks answer"
+    ):
+        evaluate.run(EvaluateConfig(**FAST), inputs, tmp_path)
+
+
 def test_an_unknown_baseline_is_a_clear_error(models, tmp_path):
     with pytest.raises(InputError, match="baseline 'sft' is not one of the policies' labels: good, bad"):
         evaluate_stage(tmp_path, models, {"good": "good", "bad": "bad"}, baseline="sft")
@@ -167,6 +221,7 @@ def test_bootstrap_interval_of_a_mean_and_of_a_paired_difference():
 def test_runs_through_rlhf_and_logs_a_table_and_the_chart(workspace, models):
     workflow = {
         "name": "eval",
+        "task": ARITHMETIC,
         "stages": {
             "evaluate": {
                 "inputs": {
@@ -174,7 +229,7 @@ def test_runs_through_rlhf_and_logs_a_table_and_the_chart(workspace, models):
                     "reference": str(models["good"]),
                     "prompts": str(models["prompts"]),
                 },
-                "config": {**FAST, "baseline": "adapter"},
+                "config": {**{k: v for k, v in FAST.items() if k != "task"}, "baseline": "adapter"},
             }
         },
     }

@@ -1,4 +1,5 @@
-"""The `rloo` and `grpo` stages on tiny demo policies with a tiny reward model (CPU, a few steps)."""
+"""The `rloo` and `grpo` stages on tiny demo policies with a tiny reward model or the task's verdict (CPU, a few
+steps)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import tasks
 from common.models import is_adapter, load_causal_lm
 from common.outcomes import InputError
 from common.reward_model import check_reward_status, load_reward_model, score_batch
 from pipeline.registry import STAGES
 from policy import online_rl
 from policy.configs import GRPOConfig, RLOOConfig
+from tasks import arithmetic
 from tests import tiny_policies
+
+ARITHMETIC = {"name": "arithmetic"}
 
 FAST = {
     "steps": 2,
@@ -27,8 +32,9 @@ FAST = {
     "logging_steps": 1,
     "lora_r": 4,
     "lr": 1e-2,
-    "demo_eval": False,
+    "task_eval": False,
     "device": "cpu",
+    "task": ARITHMETIC,
 }
 CONFIGS = {"rloo": RLOOConfig, "grpo": GRPOConfig}
 RUNS = {"rloo": online_rl.run_rloo, "grpo": online_rl.run_grpo}
@@ -56,7 +62,7 @@ def test_trains_a_few_steps_and_writes_a_complete_policy(stage, sft_adapter, rew
         "reward_last",
         "kl_last",
         "completion_length_last",
-        "train_demo_accuracy_last",
+        "train_pass_rate_last",
     ):
         assert isinstance(metrics[key], float), key
     assert not is_adapter(out)
@@ -86,18 +92,71 @@ def test_a_rejected_reward_model_is_refused_unless_allowed(stage, sft_adapter, r
     check_reward_status(rejected, allow_rejected=False, stage=stage)
 
 
-def test_reward_function_scores_as_the_reward_model_and_counts_demo_answers(reward_dir):
+def _records(answer: int, n: int) -> list[str]:
+    return [json.dumps({"id": "q", "prompt": "What is 1 + 2?", "answer": answer})] * n
+
+
+def test_reward_function_scores_as_the_reward_model_and_logs_the_pass_rate(reward_dir):
     model, tokenizer = load_reward_model(reward_dir)
-    function = online_rl.RewardModel(model, tokenizer, batch_size=2)
+    task = tasks.load(ARITHMETIC)
+    function = online_rl.RewardModel(model, tokenizer, batch_size=2, task=task, max_new_tokens=6)
     prompts = [[{"role": "user", "content": "What is 1 + 2?"}]] * 3
     completions = [[{"role": "assistant", "content": text}] for text in ("1 + 2 = 3", "1 + 2 = 4", "3")]
     logged = {}
     rewards = function(
-        prompts, completions, answer=[3, 3, 3], log_metric=logged.__setitem__, trainer_state=None
+        prompts,
+        completions,
+        completion_ids=[[1, 2]] * 3,
+        task_record=_records(3, 3),
+        log_metric=logged.__setitem__,
+        trainer_state=None,
     )
     assert rewards == pytest.approx(score_batch(model, tokenizer, prompts, completions))
     assert len(set(rewards)) == 3
-    assert logged == {"demo_accuracy": pytest.approx(2 / 3)}
+    assert logged == {"pass_rate": pytest.approx(2 / 3)}
+
+
+def test_the_task_reward_is_the_verdict_and_a_cut_off_completion_fails():
+    eos = tiny_policies.tokenizer().eos_token_id
+    function = online_rl.TaskReward(tasks.load(ARITHMETIC), max_new_tokens=4, eos_token_id=eos)
+    completions = ["1 + 2 = 3", "1 + 2 = 4", "3", "3", "3"]
+    ids = [[5, eos], [5, 6, eos], [5, 6, 7, eos], [5, 6, 7, 8], [5]]  # the 4th is cut off at 4 tokens
+    rewards = function(
+        [None] * 5, completions, completion_ids=ids, task_record=_records(3, 5), log_metric=None
+    )
+    assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def half_right(tmp_path_factory) -> Path:
+    """A complete tiny policy that answers the first 8 train prompts right often but not always."""
+    return tiny_policies.memorized_model(
+        tmp_path_factory.mktemp("half"), arithmetic.train_prompts()[:8], steps=60
+    )
+
+
+@pytest.mark.parametrize("stage", ["rloo", "grpo"])
+def test_trains_on_the_task_s_verdict_without_a_reward_model(stage, half_right, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = CONFIGS[stage](**{**FAST, "reward": "task", "max_new_tokens": 12, "steps": 3})
+    metrics = RUNS[stage](config, {"policy": half_right}, out)
+    assert metrics["reward_source"] == "task" and metrics["steps"] == 3
+    assert 0 <= metrics["reward_first"] <= 1 and 0 <= metrics["reward_last"] <= 1  # pass rates
+    before, after = tiny_policies.state(half_right), tiny_policies.state(out)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("stage", ["rloo", "grpo"])
+def test_exactly_one_source_of_rewards(stage, sft_adapter, reward_dir, tmp_path):
+    with pytest.raises(InputError, match=f"{stage}: `reward: task` .* would be unused"):
+        RUNS[stage](
+            CONFIGS[stage](**FAST, reward="task"), {"policy": sft_adapter, "reward": reward_dir}, tmp_path
+        )
+    with pytest.raises(InputError, match=f"{stage}: no `reward` input.*`reward: task`"):
+        RUNS[stage](CONFIGS[stage](**FAST), {"policy": sft_adapter}, tmp_path)
+    with pytest.raises(ValidationError, match="reward: task needs a task"):
+        CONFIGS[stage](**{**FAST, "task": None}, reward="task")
 
 
 @pytest.mark.parametrize("stage", ["rloo", "grpo"])
@@ -134,13 +193,29 @@ def test_prompts_from_a_file_are_chat_messages_for_a_chat_policy(tmp_path):
         {"prompt": [{"role": "user", "content": "Hi"}], "answer": 0},
     ]
     file.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rows = online_rl.prompt_rows(GRPOConfig(), file, tiny_policies.tokenizer(), "grpo")
-    assert rows == [
-        {"prompt": [{"role": "user", "content": "What is 1 + 2?"}], "answer": 3},
-        {"prompt": [{"role": "user", "content": "Hi"}], "answer": 0},
+    task = tasks.load(ARITHMETIC)
+    rows = online_rl.prompt_rows(GRPOConfig(), file, tiny_policies.tokenizer(), "grpo", task)
+    assert [row["prompt"] for row in rows] == [
+        [{"role": "user", "content": "What is 1 + 2?"}],
+        [{"role": "user", "content": "Hi"}],
     ]
+    assert [json.loads(row["task_record"])["answer"] for row in rows] == [3, 0]
+    assert (
+        "task_record"
+        not in online_rl.prompt_rows(GRPOConfig(), file, tiny_policies.tokenizer(), "grpo", None)[0]
+    )
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(InputError, match=r"^grpo: the prompts in .* have no `prompt` column"):
-        online_rl.prompt_rows(GRPOConfig(), tmp_path / "bad.jsonl", tiny_policies.tokenizer(), "grpo")
-    demo = online_rl.prompt_rows(GRPOConfig(num_prompts=5), None, tiny_policies.tokenizer(), "grpo")
-    assert len(demo) == 5 and all(isinstance(row["answer"], int) for row in demo)
+        online_rl.prompt_rows(GRPOConfig(), tmp_path / "bad.jsonl", tiny_policies.tokenizer(), "grpo", task)
+    demo = online_rl.prompt_rows(GRPOConfig(num_prompts=5), None, tiny_policies.tokenizer(), "grpo", task)
+    records = arithmetic.train_prompts()[:5]
+    assert [json.loads(row["task_record"]) for row in demo] == records
+    (tmp_path / "jokes.jsonl").write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
+    with pytest.raises(InputError, match="grpo: task 'arithmetic' cannot judge"):
+        online_rl.prompt_rows(
+            GRPOConfig(reward="task", task=ARITHMETIC),
+            tmp_path / "jokes.jsonl",
+            tiny_policies.tokenizer(),
+            "grpo",
+            task,
+        )

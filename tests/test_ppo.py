@@ -19,7 +19,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from common import demo_task
 from common.models import load_causal_lm, save_model, tokenizer_fingerprint
 from common.outcomes import InputError
 from common.reward_model import REWARD_FILE, check_reward_status, load_reward_model, score_batch
@@ -27,9 +26,17 @@ from pipeline.store import Store
 from policy import ppo, ppo_math
 from policy.configs import PPOConfig
 from policy.demo_model import build_model, train_tokenizer
+from tasks import arithmetic
 from tests.conftest import REPO, rlhf
 
-FAST = {"updates": 2, "batch_size": 4, "minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 6}
+FAST = {
+    "updates": 2,
+    "batch_size": 4,
+    "minibatches": 2,
+    "ppo_epochs": 2,
+    "max_new_tokens": 6,
+    "task": {"name": "arithmetic"},
+}
 """A couple of tiny updates: enough to exercise every step, nothing to learn from."""
 
 
@@ -58,7 +65,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     """A tiny untrained demo model (`base`), an SFT-like LoRA adapter on it with non-zero weights
     (`sft`) and a reward model from the same base (`reward`)."""
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     model = build_model(tokenizer, layers=2, hidden_size=32, intermediate_size=64, heads=2)
     model.save_pretrained(root / "base")
@@ -276,7 +283,7 @@ def test_a_short_run_trains_the_adapter_and_logs_each_update(tiny, tmp_path, mon
 
     assert metrics["updates"] == 2 and metrics["episodes"] == 8
     assert metrics["resumed_from_update"] is None
-    assert 0 <= metrics["accuracy_sampled"] <= 1
+    assert 0 <= metrics["pass_rate_sampled"] <= 1 and 0 <= metrics["pass_rate_sampled_initial"] <= 1
     assert len(logged) == 3  # two updates, then a table of the last rollouts
     table = logged[2]["ppo/rollouts"]
     assert table["columns"][:2] == ["prompt", "response"] and len(table["data"]) == 4
@@ -291,7 +298,7 @@ def test_a_short_run_trains_the_adapter_and_logs_each_update(tiny, tmp_path, mon
         "approx_kl",
         "response_length",
         "eos_rate",
-        "accuracy",
+        "pass_rate",
     }
     assert {f"ppo/{key}" for key in expected_keys} <= set(logged[0])
     assert logged[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts are the reference's

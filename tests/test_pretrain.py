@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import demo_task
 from common.outcomes import InputError
 from policy import pretrain
 from policy.configs import PretrainConfig
 from policy.demo_model import EOS, ROLE_TOKENS, build_model, train_tokenizer
+from tasks import arithmetic
 
 TINY = {
     "steps": 40,
@@ -28,6 +26,7 @@ TINY = {
     "heads": 2,
     "eval_prompts": 8,
     "cpu_threads": 1,  # tiny models gain nothing from threads, and lose a lot on a busy machine
+    "task": {"name": "arithmetic"},
 }
 CONVERSATION = [
     {"role": "user", "content": "What is 7 + 12?"},
@@ -39,7 +38,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(demo_task.pretraining_corpus(), vocab_size=320)
+    return train_tokenizer(arithmetic.pretraining_corpus(), vocab_size=320)
 
 
 @pytest.fixture(scope="module")
@@ -52,52 +51,54 @@ def trained(tmp_path_factory):
 # --- demo task ---
 
 
-def test_demo_task_imports_without_torch():
-    code = "import sys, common.demo_task; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+def test_the_demo_corpus_is_the_arithmetic_task_s(tmp_path):
+    with pytest.raises(
+        InputError, match=r"pretrain: without a `data` input .* arithmetic task, not instructions"
+    ):
+        pretrain.run(PretrainConfig(**{**TINY, "task": {"name": "instructions"}}), {}, tmp_path)
 
 
 def test_split_is_disjoint_and_covers_all_pairs():
-    train, held_out = demo_task.split_pairs()
+    train, held_out = arithmetic.split_pairs()
     assert not set(train) & set(held_out)
-    assert sorted(train + held_out) == demo_task.operand_pairs()
-    assert 0.1 < len(held_out) / len(demo_task.operand_pairs()) < 0.3
-    assert demo_task.split_pairs(split_seed=1)[1] != held_out
+    assert sorted(train + held_out) == arithmetic.operand_pairs()
+    assert 0.1 < len(held_out) / len(arithmetic.operand_pairs()) < 0.3
+    assert arithmetic.split_pairs(split_seed=1)[1] != held_out
 
 
 def test_no_text_after_pretraining_mentions_a_held_out_pair():
-    held_out = set(demo_task.split_pairs()[1])
-    texts = [json.dumps(example) for example in demo_task.sft_examples()]
-    texts += [record["prompt"] for record in demo_task.train_prompts()]
+    held_out = set(arithmetic.split_pairs()[1])
+    texts = [json.dumps(example) for example in arithmetic.sft_examples()]
+    texts += [record["prompt"] for record in arithmetic.train_prompts()]
     mentioned = {(int(a), int(b)) for text in texts for a, b in re.findall(r"(\d+) (?:\+|plus) (\d+)", text)}
     assert mentioned, "the pattern must find the pairs of the training texts"
     assert not mentioned & held_out
-    held_out_prompts = {record["prompt"] for record in demo_task.held_out_prompts()}
-    assert not held_out_prompts & {record["prompt"] for record in demo_task.train_prompts()}
+    held_out_prompts = {record["prompt"] for record in arithmetic.held_out_prompts()}
+    assert not held_out_prompts & {record["prompt"] for record in arithmetic.train_prompts()}
 
 
 def test_pretraining_corpus_states_every_sum_with_the_configured_share_of_carry_slips():
-    corpus = demo_task.pretraining_corpus(noise=0.35, copies=3)
-    assert len(corpus) == len(demo_task.operand_pairs()) * len(demo_task.PHRASINGS) * 3
+    corpus = arithmetic.pretraining_corpus(noise=0.35, copies=3)
+    assert len(corpus) == len(arithmetic.operand_pairs()) * len(arithmetic.PHRASINGS) * 3
     stated = [tuple(int(n) for n in re.findall(r"\d+", doc.split("\n")[1])) for doc in corpus]
-    assert {(a, b) for a, b, _ in stated} == set(demo_task.operand_pairs())
+    assert {(a, b) for a, b, _ in stated} == set(arithmetic.operand_pairs())
     errors = [c - (a + b) for a, b, c in stated if c != a + b]
-    small = sum(a + b < 10 for a, b in demo_task.operand_pairs()) / len(demo_task.operand_pairs())
+    small = sum(a + b < 10 for a, b in arithmetic.operand_pairs()) / len(arithmetic.operand_pairs())
     expected = 0.35 * (1 - small / 2)  # below ten only the added carry can slip in
     assert expected - 0.03 < len(errors) / len(stated) < expected + 0.03
     assert set(errors) == {-10, 10} and all(c >= 0 for _, _, c in stated)
-    assert demo_task.pretraining_corpus() == demo_task.pretraining_corpus()  # seeded
-    clean = demo_task.pretraining_corpus(noise=0.0, copies=1)
+    assert arithmetic.pretraining_corpus() == arithmetic.pretraining_corpus()  # seeded
+    clean = arithmetic.pretraining_corpus(noise=0.0, copies=1)
     assert all(eval(doc.split("\n")[1].replace("=", "==")) for doc in clean)
 
 
 def test_records_have_stable_unique_ids_and_correct_answers():
-    records = demo_task.held_out_prompts()
+    records = arithmetic.held_out_prompts()
     assert len({record["id"] for record in records}) == len(records)
-    assert records == demo_task.held_out_prompts()
-    assert len(records) == len(demo_task.split_pairs()[1]) * len(demo_task.PHRASINGS)
+    assert records == arithmetic.held_out_prompts()
+    assert len(records) == len(arithmetic.split_pairs()[1]) * len(arithmetic.PHRASINGS)
     for record in records:
-        assert record["id"] == demo_task.record_id(record["prompt"])
+        assert record["id"] == arithmetic.record_id(record["prompt"])
         a, b = (int(n) for n in re.findall(r"\d+", record["prompt"]))
         assert record["answer"] == a + b
 
@@ -116,21 +117,21 @@ def test_records_have_stable_unique_ids_and_correct_answers():
     ],
 )
 def test_parse_answer(response, answer):
-    assert demo_task.parse_answer(response) == answer
+    assert arithmetic.parse_answer(response) == answer
 
 
 def test_correct_response_is_correct_and_a_wrong_one_is_not():
-    assert demo_task.is_correct(demo_task.render_response(7, 12), 19)
-    assert not demo_task.is_correct("7 + 12 = 18", 19)
-    assert not demo_task.is_correct("garbage", 19)
+    assert arithmetic.is_correct(arithmetic.render_response(7, 12), 19)
+    assert not arithmetic.is_correct("7 + 12 = 18", 19)
+    assert not arithmetic.is_correct("garbage", 19)
 
 
 def test_sft_examples_are_conversational_prompt_completion():
-    example = demo_task.sft_examples()[0]
+    example = arithmetic.sft_examples()[0]
     assert set(example) == {"prompt", "completion"}
     assert example["prompt"][0]["role"] == "user"
     assert example["completion"][0]["role"] == "assistant"
-    assert demo_task.parse_answer(example["completion"][0]["content"]) is not None
+    assert arithmetic.parse_answer(example["completion"][0]["content"]) is not None
 
 
 # --- tokenizer and model ---
@@ -223,8 +224,8 @@ def test_run_reports_metrics_and_learns(trained):
     _, metrics = trained
     expected = {
         "train_loss",
-        "accuracy_greedy",
-        "accuracy_sampled",
+        "pass_rate_greedy",
+        "pass_rate_sampled",
         "eval_prompts",
         "parameters",
         "tokens_per_second",
@@ -236,7 +237,7 @@ def test_run_reports_metrics_and_learns(trained):
     json.dumps(metrics)
     assert metrics["device"] == "cpu"
     assert metrics["eval_prompts"] == TINY["eval_prompts"]
-    assert 0.0 <= metrics["accuracy_greedy"] <= 1.0
+    assert 0.0 <= metrics["pass_rate_greedy"] <= 1.0
     assert metrics["tokens_per_second"] > 0
     # An untrained model is near ln(vocab) ~ 5.6 nats; 40 small steps get well below.
     assert metrics["train_loss"] < 3.5
@@ -245,7 +246,8 @@ def test_run_reports_metrics_and_learns(trained):
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(trained, tmp_path):
     out_dir, _ = trained
     first = AutoModelForCausalLM.from_pretrained(out_dir).state_dict()
-    pretrain.run(PretrainConfig(**TINY), {}, tmp_path / "same")
+    without_task = pretrain.run(PretrainConfig(**{**TINY, "task": None}), {}, tmp_path / "same")
+    assert "pass_rate_greedy" in without_task  # no task and no data: the default arithmetic task
     same = AutoModelForCausalLM.from_pretrained(tmp_path / "same").state_dict()
     pretrain.run(PretrainConfig(**TINY, seed=1), {}, tmp_path / "other")
     other = AutoModelForCausalLM.from_pretrained(tmp_path / "other").state_dict()
@@ -291,4 +293,4 @@ def test_logs_loss_and_lr_to_an_open_wandb_run(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_default_config_learns_the_demo_task(tmp_path):
     metrics = pretrain.run(PretrainConfig(), {}, tmp_path)
-    assert metrics["accuracy_greedy"] >= 0.85
+    assert metrics["pass_rate_greedy"] >= 0.85

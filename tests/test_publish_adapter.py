@@ -54,6 +54,7 @@ REWARD = {
     "device": "cpu",
 }
 """A LoRA reward model on the tiny model in a few seconds (the gate is not what is tested here)."""
+ARITHMETIC = {"name": "arithmetic"}
 
 
 def weights_bytes(folder: Path) -> int:
@@ -247,7 +248,13 @@ def test_a_reward_adapter_refuses_a_changed_base(tmp_path):
 def test_ppo_trains_against_a_reward_adapter(rewards, models, value_model, tmp_path):
     _, adapter = rewards["sft"].adapter
     config = PPOConfig(
-        updates=2, batch_size=4, minibatches=2, ppo_epochs=2, max_new_tokens=6, value_model=value_model
+        task=ARITHMETIC,
+        updates=2,
+        batch_size=4,
+        minibatches=2,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        value_model=value_model,
     )
     metrics = ppo.run(config, {"policy": models.sft, "reward": adapter}, tmp_path)
     assert metrics["updates"] == 2 and metrics["trainable_parameters_value"] > 0
@@ -259,7 +266,9 @@ def test_ppo_trains_against_a_reward_adapter(rewards, models, value_model, tmp_p
 def test_ppo_continues_a_stacked_policy_adapter(policies, rewards, models, tmp_path):
     """PPO from DPO's stacked adapter trains that adapter further; its output sits on the same SFT adapter."""
     _, dpo_adapter = policies.adapter
-    config = PPOConfig(updates=1, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=6)
+    config = PPOConfig(
+        task=ARITHMETIC, updates=1, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=6
+    )
     ppo.run(config, {"policy": dpo_adapter, "reward": rewards["sft"].adapter[1]}, tmp_path)
     record = json.loads((tmp_path / BASE_FILE).read_text())
     assert record["path"] == str(models.sft.resolve()) and record["adapter"] is True
@@ -329,14 +338,19 @@ def test_sample_and_evaluate_take_the_adapter_policy_and_reward_model(policies, 
     samples = {}
     for name, policy in (("merged", merged), ("adapter", adapter)):
         (out := tmp_path / name).mkdir()
-        config = SampleConfig(k=3, max_new_tokens=6, num_prompts=6, device="cpu")
+        config = SampleConfig(k=3, max_new_tokens=6, num_prompts=6, device="cpu", task=ARITHMETIC)
         sample.run(config, {"policy": policy}, out)
         samples[name] = (out / "samples.jsonl").read_text()
     assert samples["adapter"] == samples["merged"]
 
     (out := tmp_path / "evaluate").mkdir()
     config = EvaluateConfig(
-        samples_per_prompt=2, max_new_tokens=8, num_prompts=8, bootstrap_samples=100, device="cpu"
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        num_prompts=8,
+        bootstrap_samples=100,
+        device="cpu",
+        task=ARITHMETIC,
     )
     inputs = {
         "policies": {"merged": merged, "adapter": adapter},
@@ -346,7 +360,7 @@ def test_sample_and_evaluate_take_the_adapter_policy_and_reward_model(policies, 
     evaluate.run(config, inputs, out)
     report = json.loads((out / evaluate.REPORT_FILE).read_text())
     per_prompt = report["per_prompt"]
-    for name in ("accuracy_greedy", "reward_mean", "kl"):
+    for name in ("pass_rate_greedy", "pass_rate_sampled", "reward_mean", "kl"):
         assert per_prompt["adapter"][name] == pytest.approx(per_prompt["merged"][name], abs=1e-4), name
 
 
@@ -416,10 +430,11 @@ def test_rlhf_run_publishes_adapters_that_verify_export_and_score(models, worksp
     write_pairs(workspace / "dpo-pairs", pairs())
     workflow = {
         "name": "adapters",
+        "task": ARITHMETIC,
         "stages": {
             "sft": {
                 "inputs": {"model": str(models.base)},
-                "config": {"steps": 2, "batch_size": 8, "lora_r": 4, "demo_eval": False, "eval_examples": 0},
+                "config": {"steps": 2, "batch_size": 8, "lora_r": 4, "task_eval": False, "eval_examples": 0},
             },
             "reward": {
                 "inputs": {"model": "sft", "preferences": "./reward-pairs"},

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from common import demo_task
+import tasks
 from common.outcomes import InputError
 from common.reward_model import (
     check_tokenizers_match,
@@ -27,6 +27,8 @@ from policy.demo_model import build_model, train_tokenizer
 from reward import train
 from reward.configs import RewardConfig
 from reward.demo_preferences import demo_pairs, write_preferences
+from reward.evaluation import task_breakdown
+from tasks import arithmetic
 from tests.conftest import rlhf
 
 # Fast settings for the tiny model: full fine-tuning learns the easy pairs below in a few dozen steps.
@@ -35,7 +37,7 @@ TINY = {"method": "full", "lr": 3e-3, "epochs": 4, "batch_size": 16, "held_out_f
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(demo_task.pretraining_corpus())
+    return train_tokenizer(arithmetic.pretraining_corpus())
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +55,10 @@ def easy_pairs(prompts: int = 48, flip: float = 0.0, seed: int = 0) -> list[dict
     untrained tiny model from the form of the response alone; `flip` swaps a random share of the pairs."""
     rng = random.Random(seed)
     rows = []
-    for record in demo_task.train_prompts()[:prompts]:
+    for record in arithmetic.train_prompts()[:prompts]:
         a, b = record["a"], record["b"]
         for bad in (f"{a} + {b} =", f"{a + b} is what {a} + {b} makes, I think"):
-            good = demo_task.render_response(a, b)
+            good = arithmetic.render_response(a, b)
             chosen, rejected = (bad, good) if rng.random() < flip else (good, bad)
             rows.append(
                 {
@@ -241,17 +243,17 @@ def test_a_reward_model_without_its_tokenizer_is_refused(trained, tmp_path):
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tokenizer):
-    same = train_tokenizer(demo_task.pretraining_corpus())
+    same = train_tokenizer(arithmetic.pretraining_corpus())
     check_tokenizers_match(tokenizer, same)  # no error
 
-    other_template = train_tokenizer(demo_task.pretraining_corpus())
+    other_template = train_tokenizer(arithmetic.pretraining_corpus())
     other_template.chat_template = tokenizer.chat_template.replace("<|assistant|>", "<|assistant|>\n")
     with pytest.raises(
         InputError, match=r"the policy and the reward model do not tokenize alike: chat template"
     ):
         check_tokenizers_match(tokenizer, other_template)
 
-    other_vocab = train_tokenizer(demo_task.pretraining_corpus(), vocab_size=270)
+    other_vocab = train_tokenizer(arithmetic.pretraining_corpus(), vocab_size=270)
     with pytest.raises(InputError, match=r"vocabulary \(\d+ vs \d+ tokens"):
         check_tokenizers_match(tokenizer, other_vocab, policy="policy sft:v1", reward="reward:v2")
 
@@ -268,7 +270,7 @@ def test_encode_applies_the_chat_template_as_training_did(tokenizer):
         [{"role": "assistant", "content": "7 + 12 = 19"}],
     )
     assert messages == ids
-    plain = train_tokenizer(demo_task.pretraining_corpus())
+    plain = train_tokenizer(arithmetic.pretraining_corpus())
     plain.chat_template = None
     assert plain.decode(encode(plain, "What is 7 + 12?\n", "7 + 12 = 19")) == (
         "<|bos|>What is 7 + 12?\n7 + 12 = 19<|eos|>"
@@ -355,6 +357,7 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
     preferences = write_preferences(rows, workspace / "preferences")
     workflow = {
         "name": "rm",
+        "task": {"name": "arithmetic"},
         "stages": {
             "pretrain": {
                 "config": {
@@ -412,3 +415,30 @@ def test_rlhf_run_publishes_a_rejected_reward_model_and_fails(workspace):
     assert {"slot": "reward", "ref": "reward:v1", "status": "rejected"}.items() <= next(
         i for i in manifest["inputs"] if i["slot"] == "reward"
     ).items()
+
+
+def test_the_task_breakdown_splits_pairs_by_the_verdict():
+    def pair(chosen: str, rejected: str, margin: float) -> dict:
+        prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "answer": 5,
+            "reward_chosen": margin,
+            "reward_rejected": 0.0,
+        }
+
+    pairs = [
+        pair("2 + 3 = 5", "2 + 3 = 6", 1.0),
+        pair("2 + 3 = 5", "2 + 3 = 15", -1.0),
+        pair("2 + 3 = 6", "x", 1.0),
+    ]
+    assert task_breakdown(pairs, tasks.load({"name": "arithmetic"})) == {
+        "accuracy_correct_vs_wrong": 0.5,
+        "pairs_correct_vs_wrong": 2,
+        "accuracy_wrong_vs_wrong": 1.0,
+        "pairs_wrong_vs_wrong": 1,
+    }
+    assert task_breakdown(pairs, None) is None
+    assert task_breakdown(pairs, tasks.load({"name": "instructions"})) is None  # it cannot judge sums

@@ -10,7 +10,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import demo_task
 from common.models import load_causal_lm, write_base_reference
 from common.outcomes import InputError
 from policy import sample
@@ -25,8 +24,9 @@ from policy.generation import (
     left_pad,
     sample_candidates,
 )
+from tasks import arithmetic
 
-TINY = {"k": 3, "max_new_tokens": 6, "num_prompts": 6, "device": "cpu"}
+TINY = {"k": 3, "max_new_tokens": 6, "num_prompts": 6, "device": "cpu", "task": {"name": "arithmetic"}}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def base_dir(tmp_path_factory):
     """A tiny random model with the demo tokenizer: its samples are random tokens, all distinct. Weights
     are drawn with std 0.5 (not 0.02) so that greedy decoding does not just repeat the last token."""
     out = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     model = build_model(tokenizer, layers=1, hidden_size=32, intermediate_size=64, heads=2)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def run_stage(tmp_path, name, inputs, **config):
 
 def test_k_candidates_per_demo_prompt_with_answers_and_metrics(base_dir, tmp_path):
     samples, metrics, out = run_stage(tmp_path, "s", {"policy": base_dir}, duplicates="keep")
-    demo = demo_task.train_prompts()[:6]
+    demo = arithmetic.train_prompts()[:6]
     assert [s["id"] for s in samples] == [r["id"] for r in demo]
     assert [s["prompt"] for s in samples] == [r["prompt"] for r in demo]
     assert [s["answer"] for s in samples] == [r["answer"] for r in demo]
@@ -92,11 +92,11 @@ def test_k_candidates_per_demo_prompt_with_answers_and_metrics(base_dir, tmp_pat
         "tokens_per_s",
         "generation_s",
         "duration_s",
-        "accuracy_sampled",
+        "pass_rate_sampled",
         "mixed_fraction",
     ):
         assert key in metrics
-    assert 0 <= metrics["accuracy_sampled"] <= 1 and metrics["tokens_per_s"] > 0
+    assert 0 <= metrics["pass_rate_sampled"] <= 1 and metrics["tokens_per_s"] > 0
     generation = json.loads((out / "generation.json").read_text())
     assert {k: generation[k] for k in ("k", "seed", "temperature", "top_p", "max_new_tokens")} == {
         "k": 3,
@@ -107,20 +107,27 @@ def test_k_candidates_per_demo_prompt_with_answers_and_metrics(base_dir, tmp_pat
     }
     assert generation["policy"]["path"] == str(base_dir.resolve())
     assert generation["prompt_format"] == "chat"
+    assert generation["prompts"] == {
+        "task": {"name": "arithmetic", "max_operand": 19, "split_seed": 0},
+        "split": "train",
+    }
 
 
-def test_held_out_split_and_demo_accuracy_counts_right_answers(base_dir, tmp_path, monkeypatch):
-    # A stand-in sampler that answers the first candidate right and the others wrong.
+def test_held_out_split_and_the_pass_rate_counts_passing_candidates_that_ended(
+    base_dir, tmp_path, monkeypatch
+):
+    # A stand-in sampler: the first candidate right, the second right but cut off, the third wrong.
     def fake(model, tokenizer, prompt_ids, k, sampling, **_):
-        return [[Completion(text, [7], True) for text in ("right", "wrong", "wrong")] for _ in prompt_ids]
+        drawn = [("right", True), ("right", False), ("wrong", True)]
+        return [[Completion(text, [7], ended) for text, ended in drawn] for _ in prompt_ids]
 
     monkeypatch.setattr(sample, "sample_candidates", fake)
-    monkeypatch.setattr(demo_task, "is_correct", lambda response, answer: response == "right")
-    samples, metrics, _ = run_stage(tmp_path, "s", {"policy": base_dir}, demo_split="held_out", num_prompts=4)
-    assert [s["id"] for s in samples] == [r["id"] for r in demo_task.held_out_prompts()[:4]]
-    assert metrics["accuracy_sampled"] == pytest.approx(1 / 3)
+    monkeypatch.setattr(arithmetic, "is_correct", lambda response, answer: response == "right")
+    samples, metrics, _ = run_stage(tmp_path, "s", {"policy": base_dir}, split="held_out", num_prompts=4)
+    assert [s["id"] for s in samples] == [r["id"] for r in arithmetic.held_out_prompts()[:4]]
+    assert metrics["pass_rate_sampled"] == pytest.approx(1 / 3)
     assert metrics["mixed_fraction"] == 1.0
-    assert metrics["duplicates_removed"] == 4  # "wrong" twice per prompt
+    assert metrics["duplicates_removed"] == 4  # "right" twice per prompt
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_batch_size_and_another_seed_differs(base_dir, tmp_path):
@@ -179,20 +186,34 @@ def test_prompts_file_with_ids_chat_messages_and_extra_columns(base_dir, tmp_pat
     ]
     file = tmp_path / "prompts.jsonl"
     file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    samples, metrics, _ = run_stage(tmp_path, "s", {"policy": base_dir, "prompts": file}, num_prompts=None)
+    samples, metrics, _ = run_stage(
+        tmp_path, "s", {"policy": base_dir, "prompts": file}, num_prompts=None, task=None
+    )
     assert [s["id"] for s in samples[::2]] == ["q1", "q3"] and samples[1]["id"].startswith("p-")
     assert [(s["prompt"], s["answer"], s["topic"]) for s in samples] == [
         (r["prompt"], r["answer"], r["topic"]) for r in rows
     ]
     assert all(len(s["candidates"]) == 3 for s in samples)
-    assert "accuracy_sampled" not in metrics  # only demo prompts have answers this stage can check
+    assert "pass_rate_sampled" not in metrics  # no task, no verdicts
 
     table = tmp_path / "prompts.parquet"
     pq.write_table(
         pa.Table.from_pylist([{"prompt": r["prompt"], "topic": r["topic"]} for r in rows[::2]]), table
     )
-    samples, _, _ = run_stage(tmp_path, "p", {"policy": base_dir, "prompts": table}, num_prompts=1)
+    samples, metrics, _ = run_stage(tmp_path, "p", {"policy": base_dir, "prompts": table}, num_prompts=1)
     assert len(samples) == 1 and samples[0]["topic"] == "sums" and len(samples[0]["candidates"]) == 3
+    assert "pass_rate_sampled" in metrics  # the arithmetic task judges a prompt that asks a sum
+
+
+def test_without_prompts_or_task_or_with_prompts_the_task_cannot_judge_it_is_an_error(base_dir, tmp_path):
+    with pytest.raises(InputError, match="sample: no `prompts` input and no task"):
+        run_stage(tmp_path, "a", {"policy": base_dir}, task=None)
+    file = tmp_path / "jokes.jsonl"
+    file.write_text(json.dumps({"prompt": "Tell me a joke."}) + "\n")
+    with pytest.raises(
+        InputError, match=r"sample: task 'arithmetic' cannot judge the prompts in .*row 1 lacks"
+    ):
+        run_stage(tmp_path, "b", {"policy": base_dir, "prompts": file})
 
 
 def test_prompts_without_a_prompt_column_or_missing_are_input_errors(base_dir, tmp_path):
@@ -223,10 +244,10 @@ def test_a_samples_table_goes_to_the_open_wandb_run(base_dir, tmp_path, monkeypa
     [logged] = run.logged
     table = logged["samples"]
     assert isinstance(table, wandb.Table)
-    assert table.columns == ["prompt_id", "prompt", "candidate_index", "candidate", "correct"]
+    assert table.columns == ["prompt_id", "prompt", "candidate_index", "candidate", "verdict"]
     expected = [[s["id"], s["prompt"], i, c] for s in samples[:2] for i, c in enumerate(s["candidates"])]
     assert [row[:4] for row in table.data] == expected
-    assert all(row[4] is False for row in table.data)  # random tokens never add up
+    assert all(row[4] == 0.0 for row in table.data)  # random tokens never add up
 
 
 # --- generation helpers ---

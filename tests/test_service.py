@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 WORKFLOW = """\
 name: service
+task: {name: arithmetic}
 stages:
   annotate:
     inputs: {samples: 'sample:v1'}

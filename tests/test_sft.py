@@ -18,17 +18,17 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import demo_task
 from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import sft
 from policy.configs import SFTConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.export import export_merged
+from tasks import arithmetic
 from tests.conftest import REPO
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 32, 64
-FAST = {"steps": 4, "batch_size": 4, "eval_examples": 4, "demo_eval": False, "logging_steps": 2}
+FAST = {"steps": 4, "batch_size": 4, "eval_examples": 4, "task_eval": False, "logging_steps": 2}
 """A few steps on a few examples: enough to exercise a method, nothing to learn from."""
 METHOD_SETTINGS = {
     "lora": {"lora_r": 4},
@@ -45,7 +45,7 @@ METHOD_SETTINGS = {
 def base(tmp_path_factory) -> Path:
     """A freshly initialised tiny demo model with its tokenizer (untrained: the tests check mechanics)."""
     out_dir = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(demo_task.pretraining_corpus())
+    tokenizer = train_tokenizer(arithmetic.pretraining_corpus())
     torch.manual_seed(0)
     build_model(tokenizer, LAYERS, HIDDEN, INTERMEDIATE, heads=2).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -56,7 +56,7 @@ def base(tmp_path_factory) -> Path:
 def data(tmp_path_factory) -> Path:
     """40 demo examples as conversational prompt/completion JSONL."""
     path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    path.write_text("".join(json.dumps(example) + "\n" for example in demo_task.sft_examples()[:40]))
+    path.write_text("".join(json.dumps(example) + "\n" for example in arithmetic.sft_examples()[:40]))
     return path
 
 
@@ -90,7 +90,7 @@ def test_each_method_trains_what_it_should_and_writes_its_output(method, base, d
     assert metrics["steps"] == 4
     for key in ("train_loss", "eval_loss", "tokens_per_second", "peak_memory_mb", "duration_seconds"):
         assert metrics[key] is not None and metrics[key] == metrics[key] and metrics[key] >= 0, key
-    assert "accuracy_greedy" not in metrics  # demo_eval is off
+    assert "pass_rate_greedy" not in metrics  # task_eval is off
 
     files = {p.name for p in tmp_path.iterdir()} - {"scratch"}
     assert {
@@ -179,15 +179,15 @@ def test_settings_of_another_method_are_rejected():
 def plain_prompt_completion() -> list[dict]:
     return [
         {
-            "prompt": demo_task.plain_prompt(e["prompt"][0]["content"]),
+            "prompt": arithmetic.plain_prompt(e["prompt"][0]["content"]),
             "completion": e["completion"][0]["content"],
         }
-        for e in demo_task.sft_examples()[:40]
+        for e in arithmetic.sft_examples()[:40]
     ]
 
 
 def messages() -> list[dict]:
-    return [{"messages": e["prompt"] + e["completion"]} for e in demo_task.sft_examples()[:40]]
+    return [{"messages": e["prompt"] + e["completion"]} for e in arithmetic.sft_examples()[:40]]
 
 
 @pytest.mark.parametrize(
@@ -253,6 +253,12 @@ def build_trainer(base: Path, dataset: Dataset, data_format: str, out_dir: Path)
     )
 
 
+def test_precision_bfloat16_trains_in_bf16_on_a_cpu_too_and_auto_does_not():
+    cpu = torch.device("cpu")
+    assert sft.training_args(SFTConfig(precision="bfloat16"), "completion", cpu, Path("/tmp")).bf16
+    assert not sft.training_args(SFTConfig(), "completion", cpu, Path("/tmp")).bf16
+
+
 def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
     class FakeWandb:
         run = None
@@ -266,38 +272,19 @@ def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
     assert args.report_to == ["wandb"]
 
 
-def test_demo_accuracy_counts_only_answers_that_end_with_eos(base):
-    model, tokenizer = load_causal_lm(base)
-    records = demo_task.held_out_prompts()[:8]
-    assert sft.demo_accuracy(model, tokenizer, records) == 0.0  # an untrained model does not add
+def test_without_data_it_trains_on_the_task_s_sft_examples_and_measures_its_pass_rate(base, tmp_path):
+    config = SFTConfig(**{**FAST, "task_eval": None, "task_eval_samples": 1}, task={"name": "arithmetic"})
+    metrics = sft.run(config, {"model": base}, tmp_path)
+    assert metrics["train_examples"] + metrics["eval_examples"] == len(arithmetic.sft_examples())
+    assert metrics["task_prompts"] == len(arithmetic.held_out_prompts())
+    assert metrics["pass_rate_greedy"] == 0.0 and metrics["pass_rate_sampled"] == 0.0  # 4 steps teach nothing
 
-    answers = {r["prompt"]: demo_task.render_response(r["a"], r["b"]) for r in records}
 
-    class Oracle:
-        """Answers every question right, ending with eos or not."""
-
-        device, training = torch.device("cpu"), False
-
-        def __init__(self, eos: bool):
-            self.eos = eos
-
-        def eval(self):
-            return self
-
-        def train(self, mode: bool = True):
-            return self
-
-        def generate(self, input_ids, attention_mask, num_return_sequences, **kwargs):
-            rows = []
-            for question in tokenizer.batch_decode(input_ids, skip_special_tokens=True):
-                ids = tokenizer(answers[question], add_special_tokens=False)["input_ids"]
-                rows += [ids + [tokenizer.eos_token_id] * self.eos] * num_return_sequences
-            width = max(map(len, rows))
-            padded = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
-            return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), padded], dim=1)
-
-    assert sft.demo_accuracy(Oracle(eos=True), tokenizer, records, samples=2) == 1.0
-    assert sft.demo_accuracy(Oracle(eos=False), tokenizer, records) == 0.0
+def test_without_data_or_task_and_task_eval_without_task_are_input_errors(base, data, tmp_path):
+    with pytest.raises(InputError, match="sft: no `data` input and no task"):
+        sft.run(SFTConfig(**FAST), {"model": base}, tmp_path)
+    with pytest.raises(InputError, match="sft: task_eval needs a task"):
+        sft.run(SFTConfig(**{**FAST, "task_eval": True}), {"model": base, "data": data}, tmp_path)
 
 
 # --- export ---
@@ -321,7 +308,7 @@ def greedy_answers(model, tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def test_merged_export_loads_alone_and_answers_like_the_adapter(base, data, tmp_path):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    config = SFTConfig(steps=20, batch_size=8, lr=1e-2, lora_r=4, demo_eval=False, eval_examples=0)
+    config = SFTConfig(steps=20, batch_size=8, lr=1e-2, lora_r=4, task_eval=False, eval_examples=0)
     sft.run(config, {"model": base, "data": data}, adapter)
 
     export_merged(adapter, merged)
@@ -333,7 +320,7 @@ def test_merged_export_loads_alone_and_answers_like_the_adapter(base, data, tmp_
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert type(model).__name__ == "LlamaForCausalLM"
 
-    prompts = [r["prompt"] for r in demo_task.held_out_prompts()[:20]]
+    prompts = [r["prompt"] for r in arithmetic.held_out_prompts()[:20]]
     with_adapter, adapter_tokenizer = load_causal_lm(adapter)
     before = greedy_answers(AutoModelForCausalLM.from_pretrained(base), tokenizer, prompts)
     expected = greedy_answers(with_adapter, adapter_tokenizer, prompts)
@@ -369,7 +356,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, base, data):
         "name: resume\nstages:\n  sft:\n"
         f"    inputs: {{model: {base}, data: {data}}}\n"
         f"    config: {{steps: {steps}, save_steps: {save_steps}, batch_size: 2, lora_r: 4, logging_steps: 5,"
-        " eval_examples: 0, demo_eval: false}\n"
+        " eval_examples: 0, task_eval: false}\n"
     )
     command = [sys.executable, "-m", "pipeline.cli", "run", "wf.yaml"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}

@@ -151,7 +151,9 @@ stages:
 def test_every_stage_runs_on_a_model_as_published(convention, workspace):
     published_model(convention, workspace / "model")
     _write_data(workspace)
-    (workspace / "wf.yaml").write_text(WORKFLOW)
+    # SmolLM2's conventions also run every stage in bf16, as workflows/smollm2.yaml does on a CPU
+    defaults = "defaults: {precision: bfloat16}\n" if convention == "chatml" else ""
+    (workspace / "wf.yaml").write_text(defaults + WORKFLOW)
     result = rlhf("run", "wf.yaml", cwd=workspace)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -161,8 +163,9 @@ def test_every_stage_runs_on_a_model_as_published(convention, workspace):
         summary = store.get(f"{stage}:latest").manifest["metrics"]["tokenizer"]
         assert summary["pad_token"] == expected_pad and "auto" in summary["pad_choice"]
         assert summary["generation_markers"] is False
-    sft = store.get("sft:latest").manifest["metrics"]
-    assert sft["loss_on"].startswith("assistant turns (found by rendering")
+    sft = store.get("sft:latest").manifest
+    assert sft["config"]["precision"] == ("bfloat16" if convention == "chatml" else "auto")
+    assert sft["metrics"]["loss_on"].startswith("assistant turns (found by rendering")
     # The choice travels with the saved tokenizer: every later stage uses the same pad token.
     for stage in ("sft", "dpo", "ppo", "rloo", "reward"):
         saved = json.loads((store.get(f"{stage}:latest").path / "tokenizer_config.json").read_text())

@@ -81,6 +81,41 @@ MALFORMED = [
         3,
         "expected a mapping",
     ),
+    (
+        "unknown task",
+        "task: {name: adding}\nstages:\n  pretrain: {}\n",
+        "task.name",
+        1,
+        "unknown task 'adding'",
+    ),
+    (
+        "task module that does not import",
+        "task:\n  name: no_such_module:make\nstages:\n  pretrain: {}\n",
+        "task.name",
+        2,
+        "cannot import module 'no_such_module'",
+    ),
+    (
+        "bad task options",
+        "task:\n  name: arithmetic\n  options: {max_operandd: 3}\nstages:\n  pretrain: {}\n",
+        "task",
+        1,
+        "unexpected keyword argument 'max_operandd'",
+    ),
+    (
+        "unknown task key",
+        "task: {name: arithmetic, opts: {}}\nstages:\n  pretrain: {}\n",
+        "task.opts",
+        1,
+        "unknown key",
+    ),
+    (
+        "unknown task of a stage",
+        "stages:\n  pretrain:\n    config:\n      task: {name: adding}\n",
+        "stages.pretrain.config.task.name",
+        4,
+        "unknown task 'adding'",
+    ),
 ]
 
 
@@ -94,7 +129,9 @@ def test_malformed_workflow_names_key_and_line(case, text, key, line, words):
     assert str(err).startswith(f"wf.yaml:{line}: ")
 
 
-@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing stage", "cycle", "invalid yaml"])
+@pytest.mark.parametrize(
+    "case", ["unknown key", "wrong type", "missing stage", "cycle", "invalid yaml", "unknown task"]
+)
 def test_cli_reports_malformed_workflow_without_traceback(case, tmp_path):
     _, text, key, line, _ = next(m for m in MALFORMED if m[0] == case)
     (tmp_path / "bad.yaml").write_text(text)
@@ -185,6 +222,44 @@ def test_a_variant_extends_a_workflow_replacing_and_adding_stages(tmp_path):
     assert variant.stages["pretrain"].config.steps == 5  # replaced
     assert variant.stages["again"].config == base.stages["again"].config  # inherited: the same cache key
     assert variant.stages["third"].inputs["model"].stage == "again"
+
+
+def test_top_level_task_fills_the_stages_that_take_a_task_and_a_stage_s_own_wins(tmp_path):
+    (tmp_path / "wf.yaml").write_text(
+        textwrap.dedent("""\
+            task: {name: arithmetic, options: {max_operand: 9}}
+            stages:
+              pretrain: {}
+              sft:
+                inputs: {model: pretrain}
+              sample:
+                inputs: {policy: sft}
+                config: {task: {name: instructions}}
+              evaluate:
+                inputs: {policies: [sft]}
+                config: {task: null}
+            """)
+    )
+    flow = workflow.load(tmp_path / "wf.yaml")
+    arithmetic = {"name": "arithmetic", "options": {"max_operand": 9}}
+    assert flow.task == arithmetic
+    assert flow.stages["pretrain"].config.task.model_dump() == arithmetic
+    assert flow.stages["sft"].config.task.model_dump() == arithmetic
+    assert flow.stages["sample"].config.task.model_dump() == {"name": "instructions", "options": {}}
+    assert flow.stages["evaluate"].config.task is None  # turned off for this stage
+    # in the resolved config, so in the manifest and the cache key
+    assert flow.stages["sft"].config.model_dump(mode="json")["task"] == arithmetic
+    other = workflow.parse((tmp_path / "wf.yaml").read_text().replace("9", "7"), str(tmp_path / "wf.yaml"))
+    assert other.stages["sft"].config != flow.stages["sft"].config
+    # a variant inherits the task; a task of its own applies to the stages it defines
+    (tmp_path / "variant.yaml").write_text(
+        "extends: wf.yaml\ntask: {name: instructions}\nstages:\n  rloo:\n"
+        "    inputs: {policy: sft}\n    config: {reward: task}\n"
+    )
+    variant = workflow.load(tmp_path / "variant.yaml")
+    assert variant.stages["rloo"].config.task.name == "instructions"
+    assert variant.stages["sft"].config == flow.stages["sft"].config
+    assert workflow.load(tmp_path / "variant.yaml").task == {"name": "instructions", "options": {}}
 
 
 def test_extends_problems_name_the_file_and_line(tmp_path):
@@ -458,3 +533,41 @@ def test_serve_takes_set_too():
         ["serve", "wf.yaml", "--set", "stages.a.config.b=1", "--set", "stages.a.config.c=2"]
     )
     assert args.overrides == ["stages.a.config.b=1", "stages.a.config.c=2"]
+
+
+def test_defaults_fill_every_stage_that_has_the_setting_and_a_stage_s_own_wins(tmp_path):
+    (tmp_path / "wf.yaml").write_text(
+        textwrap.dedent("""\
+            task: {name: arithmetic}
+            defaults: {precision: bfloat16, seed: 3}
+            stages:
+              pretrain: {}
+              sft:
+                inputs: {model: pretrain}
+              sample:
+                inputs: {policy: sft}
+                config: {precision: float32}
+            """)
+    )
+    flow = workflow.load(tmp_path / "wf.yaml")
+    assert flow.stages["sft"].config.precision == "bfloat16" and flow.stages["sft"].config.seed == 3
+    assert flow.stages["sample"].config.precision == "float32" and flow.stages["sample"].config.seed == 3
+    assert flow.stages["pretrain"].config.seed == 3  # pretrain has no precision setting, only seed is filled
+    # in the resolved config, so in the manifest and the cache key
+    assert flow.stages["sft"].config.model_dump(mode="json")["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("defaults", "key", "message"),
+    [
+        ("{precison: bfloat16}", "defaults.precison", "no stage kind has this setting"),
+        ("{precision: half}", "defaults.precision", "Input should be 'auto', 'float32' or 'bfloat16'"),
+        ("[precision]", "defaults", "expected a mapping"),
+    ],
+)
+def test_bad_defaults_name_the_key_and_line(tmp_path, defaults, key, message):
+    text = f"task: {{name: arithmetic}}\ndefaults: {defaults}\nstages:\n  pretrain: {{}}\n  sft:\n    inputs: {{model: pretrain}}\n"
+    with pytest.raises(WorkflowError) as caught:
+        workflow.parse(text, "wf.yaml")
+    assert caught.value.key == key and caught.value.line == 2
+    assert message in str(caught.value)

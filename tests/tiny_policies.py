@@ -15,16 +15,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from common import demo_task
 from common.models import load_causal_lm, save_model, tokenizer_fingerprint, write_base_reference
 from policy.demo_model import build_model, train_tokenizer
+from tasks import arithmetic
 
 LAYERS, HIDDEN, INTERMEDIATE, HEADS = 2, 32, 64, 2
 
 
 @functools.cache
 def tokenizer() -> Any:
-    return train_tokenizer(demo_task.pretraining_corpus())
+    return train_tokenizer(arithmetic.pretraining_corpus())
 
 
 def random_model(out_dir: Path, seed: int = 0) -> Path:
@@ -46,7 +46,7 @@ def memorized_model(out_dir: Path, records: list[dict], steps: int = 150, seed: 
         tok.apply_chat_template(
             [
                 {"role": "user", "content": r["prompt"]},
-                {"role": "assistant", "content": demo_task.render_response(r["a"], r["b"])},
+                {"role": "assistant", "content": arithmetic.render_response(r["a"], r["b"])},
             ],
             tokenize=False,
         )
@@ -82,7 +82,7 @@ def reward_model(out_dir: Path, seed: int = 0, chat_template: str | None = None)
     output; `chat_template` replaces the tokenizer's template (to make a mismatched one)."""
     tok = tokenizer()
     if chat_template is not None:
-        tok = train_tokenizer(demo_task.pretraining_corpus())
+        tok = train_tokenizer(arithmetic.pretraining_corpus())
         tok.chat_template = chat_template
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -1,4 +1,4 @@
-"""The offline demo task: add two small integers, asked as a chat question.
+"""The `arithmetic` task, the offline demo: add two small integers, asked as a chat question.
 
 "What is 7 + 12?" is answered "7 + 12 = 19". The answer restates the sum before the result, so a tiny
 model computes in one fixed format whatever the phrasing, and the result is written digit by digit.
@@ -12,7 +12,14 @@ Operand pairs are split once into train and held-out pairs by a seeded hash of t
 the pipeline trains on after pretraining (SFT data, prompts sampled for annotation, preference pairs,
 RL prompts) uses train pairs only; evaluations use the held-out prompts.
 
-Pure Python (no torch): used by pretraining, SFT, evaluation, simulated annotators and tests.
+`ArithmeticTask` is the task (`tasks.Task`): options `max_operand` (19) and `split_seed` (0); records
+`{"id", "prompt", "answer", "a", "b"}`; the verdict is 1.0 when the response parses to the answer
+(`is_correct`), else 0.0; simulated annotators grade failures by distance to the answer (`preference`).
+A record without `answer` is judged by the sum its prompt asks ("What is 7 + 12?"), so prompt files
+of sums need no answer column. The pretraining corpus and the plain-text format are for the `pretrain`
+stage, which builds the demo model.
+
+Pure Python (no torch).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from typing import Any
+
+from tasks import Split, Task
 
 MAX_OPERAND = 19
 """Operands are drawn from 0..MAX_OPERAND unless a caller says otherwise."""
@@ -45,6 +55,7 @@ PHRASINGS = (
 """The ways a question is asked; every pair is asked in every phrasing."""
 
 _ANSWER = re.compile(r"^\s*(?:.*=\s*)?(-?\d+)\s*\.?\s*$", re.DOTALL)
+_SUM = re.compile(r"(-?\d+)\s*(?:\+|plus)\s*(-?\d+)")
 
 
 def operand_pairs(max_operand: int = MAX_OPERAND) -> list[tuple[int, int]]:
@@ -157,3 +168,51 @@ def sft_examples(max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED) -
         }
         for record in train_prompts(max_operand, split_seed)
     ]
+
+
+def prompt_answer(prompt: Any) -> int | None:
+    """The answer to the sum a prompt asks ("What is 7 + 12?" -> 19; the last user turn of a chat), or
+    None when it asks none."""
+    if isinstance(prompt, list):
+        prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
+    match = _SUM.search(prompt) if isinstance(prompt, str) else None
+    return int(match.group(1)) + int(match.group(2)) if match else None
+
+
+class ArithmeticTask(Task):
+    """The demo task as a `tasks.Task` (see the module docstring)."""
+
+    name = "arithmetic"
+    fields = ("answer",)
+    max_new_tokens = 16  # "19 + 19 = 38" and the stop token are 12 tokens of the demo tokenizer
+
+    def __init__(self, max_operand: int = MAX_OPERAND, split_seed: int = SPLIT_SEED):
+        if not isinstance(max_operand, int) or max_operand < 1:
+            raise TypeError(f"max_operand must be a positive integer, got {max_operand!r}")
+        self.max_operand, self.split_seed = max_operand, split_seed
+
+    def prompts(self, split: Split) -> list[dict[str, Any]]:
+        pick = train_prompts if split == "train" else held_out_prompts
+        return pick(self.max_operand, self.split_seed)
+
+    def answer(self, record: dict[str, Any]) -> int | None:
+        answer = record.get("answer")
+        return answer if isinstance(answer, int) else prompt_answer(record.get("prompt"))
+
+    def missing(self, record: dict[str, Any]) -> list[str]:
+        return [] if self.answer(record) is not None else ["answer (an integer, or a sum in the prompt)"]
+
+    def verdict(self, record: dict[str, Any], response: str) -> float:
+        return float(is_correct(response, self.answer(record)))  # type: ignore[arg-type]
+
+    def preference(self, record: dict[str, Any], response: str) -> float:
+        """1 for the right answer, 1 / (1 + distance) for a wrong number, 0 when no number is answered:
+        equally distant answers tie."""
+        parsed = parse_answer(response)
+        return 0.0 if parsed is None else 1 / (1 + abs(parsed - self.answer(record)))  # type: ignore[operator]
+
+    def sft_examples(self) -> list[dict[str, Any]]:
+        return sft_examples(self.max_operand, self.split_seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "max_operand": self.max_operand, "split_seed": self.split_seed}
