@@ -159,6 +159,11 @@ def sequence_classifier(source: Path | str, dtype: torch.dtype | str = "auto") -
             causal = merged_causal_lm(source, None if dtype == "auto" else dtype)  # type: ignore[arg-type]
             config = copy.deepcopy(causal.config)
             config.num_labels = 1
+            if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+                raise InputError(
+                    f"{source}: transformers has no sequence classifier for {config.model_type} models, so no "
+                    "reward model can be built on it"
+                )
             model, loading = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].from_pretrained(
                 None,
                 config=config,
