@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class StageConfig(BaseModel):
@@ -26,6 +26,28 @@ class TokenizerSettings(StageConfig):
     `<|finetune_right_pad_id|>`, ...), and eos only when there is none; `eos`; or any token of the
     vocabulary. No token is added, so the embeddings stay as published. The choice is saved with the
     tokenizer (stages downstream inherit it) and recorded in the manifest (`tokenizer.pad_choice`)."""
+
+
+class PublishSettings(StageConfig):
+    """Settings of stages that train a LoRA adapter on a model input and may publish it merged or not
+    (the reward stage; DPO, RLOO and GRPO). They have a `method`, of which `lora` trains an adapter."""
+
+    publish: Literal["merged", "adapter"] = "merged"
+    """What a `method: lora` run publishes. `merged`: one complete model, the adapter merged in (loads with
+    plain transformers and needs nothing else; costs a full copy of the weights, 538 MB for a 135M model
+    in float32). `adapter`: the trained adapter alone (reward models: with their score head), a few MB,
+    with `base.json` naming the stage's model input as its base, whose digest is checked at every load
+    (the artifact kind is `adapter`; reward models stay `reward-model`). When that input is itself an
+    adapter (the SFT stage's output) the result is a stacked adapter: loading it merges the input adapter
+    into its own base first, which gives exactly the weights training started from. Same numbers either
+    way; `rlhf export --merged` turns a policy adapter into a complete model at any time."""
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> PublishSettings:
+        method = getattr(self, "method", None)
+        if self.publish == "adapter" and method != "lora":
+            raise ValueError(f"publish: adapter needs method: lora (method {method!r} trains no adapter)")
+        return self
 
 
 class PrecisionSettings(StageConfig):

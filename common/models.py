@@ -4,6 +4,9 @@ A model input is a directory (an artifact or a local path) or a hub id (`org/nam
 runner hands it on; see `common/sources.py`). A directory holds either complete weights (`config.json`
 + safetensors) or a PEFT adapter (`adapter_config.json`) plus a `base.json` that says which model the
 adapter sits on, with that model's digest: an adapter is never loaded on a base that has changed since.
+The base may itself be an adapter (a stacked adapter: DPO, RLOO or GRPO with `publish: adapter` on the
+SFT stage's adapter): loading one merges each adapter below it into its own base, bottom up, so the top
+adapter sits on exactly the weights it was trained on, and checks the digest of every level.
 Every model directory carries its tokenizer and chat template, so whoever loads it gets exactly the
 tokenizer it was trained with.
 """
@@ -68,12 +71,9 @@ def is_adapter(source: Path | str) -> bool:
 
 def write_base_reference(out_dir: Path, base: Path | str) -> None:
     """Record in an adapter's directory the model it sits on: an artifact (its reference and digest), a
-    local directory (its content digest) or a hub id (its commit)."""
+    local directory (its content digest) or a hub id (its commit). A base that is itself an adapter
+    (mergeable: LoRA-like, not prompt learning) makes a stacked adapter."""
     if isinstance(base, Path):
-        if is_adapter(base):
-            raise InputError(
-                f"{base} is itself an adapter; merge it first (rlhf export --merged) to stack another"
-            )
         record: dict[str, Any] = {"path": str(base.resolve())}
         manifest = base / MANIFEST
         if manifest.exists():
@@ -81,10 +81,24 @@ def write_base_reference(out_dir: Path, base: Path | str) -> None:
             record.update(ref=m["ref"], digest=m["digest"])
         else:
             record["digest"] = _content_digest(base)
+        if is_adapter(base):
+            check_mergeable(base, "nothing can be stacked on it")
+            record["adapter"] = True  # a stacked adapter: its base is merged into its own base first
+            _name_base_in_peft_config(out_dir, base)
     else:
         repo, revision = split_revision(base)
         record = {"hub_id": repo, **({"revision": revision} if revision else {})}
     (out_dir / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _name_base_in_peft_config(out_dir: Path, base: Path) -> None:
+    """PEFT's own record of the base (`base_model_name_or_path`) names the adapter below, not the merged
+    copy training loaded (a scratch directory that is gone once the stage ends)."""
+    config_file = out_dir / ADAPTER_CONFIG
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = str(base.resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def base_of(adapter_dir: Path) -> Path | str:
@@ -250,27 +264,60 @@ def load_causal_lm(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a model directory, an adapter directory or a hub id.
 
-    An adapter is loaded on top of its base as a `PeftModel`, frozen unless `trainable`.
+    An adapter is loaded on top of its base as a `PeftModel`, frozen unless `trainable`; a stacked
+    adapter on its base's merged weights (`merged_causal_lm`). `dtype` None loads weights as stored.
     """
-    from transformers import AutoModelForCausalLM
-
     device = device or pick_device()
     tokenizer = load_tokenizer(source)
     if is_adapter(source):
-        from peft import PeftModel
-
         assert isinstance(source, Path)
-        name, revision = split_revision(base_of(source))
-        base = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
-        model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
+        model = _adapter_on_its_base(source, dtype, trainable)
     else:
-        name, revision = split_revision(source)
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
+        model = merged_causal_lm(source, dtype)
     model.to(device)
     if not trainable:
         model.eval()
     _align_special_tokens(model, tokenizer)
     return model, tokenizer
+
+
+def merged_causal_lm(source: Path | str, dtype: torch.dtype | None = None) -> Any:
+    """The complete weights of a model directory, hub id or adapter directory, as a plain causal LM on the
+    CPU. An adapter is merged into its base; a base that is itself an adapter is merged into its own base
+    first, and so on down to complete weights, every base's digest checked. Adapters are folded in at the
+    precision the weights are stored in (as `rlhf export --merged` writes them), then the result is cast
+    to `dtype` (None: kept as stored). The one way adapters are merged: `rlhf export --merged`, the start
+    of DPO/RLOO/GRPO, the reward stage and the loading of stacked adapters all come here."""
+    if not is_adapter(source):
+        from transformers import AutoModelForCausalLM
+
+        name, revision = split_revision(source)
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
+    assert isinstance(source, Path)
+    check_mergeable(source, "serve it as an adapter on its base")
+    model = _adapter_on_its_base(source, None, trainable=False).merge_and_unload()
+    return model.to(dtype) if dtype is not None else model
+
+
+def _adapter_on_its_base(adapter: Path, dtype: torch.dtype | None, trainable: bool) -> Any:
+    from peft import PeftModel
+
+    base = merged_causal_lm(base_of(adapter), dtype)
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+
+
+UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+"""PEFT types that add virtual tokens at inference instead of changing weights: nothing to merge."""
+
+
+def check_mergeable(adapter: Path, hint: str) -> None:
+    """Raise `InputError` (ending with `hint`) when the adapter cannot be merged into its base weights."""
+    peft_type = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("peft_type", "")
+    if peft_type in UNMERGEABLE:
+        raise InputError(
+            f"{adapter} is a {peft_type.lower()} adapter, which adds virtual tokens at inference rather than "
+            f"changing weights, so it cannot be merged; {hint}"
+        )
 
 
 def _align_special_tokens(model: Any, tokenizer: Any) -> None:

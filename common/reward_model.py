@@ -3,7 +3,11 @@ policy tokenizes exactly like it, and score (prompt, response) pairs exactly as 
 
 A reward-model directory holds one complete sequence-classification model with a single output
 (`num_labels: 1`, the score head included in its weights), its tokenizer with chat template, and
-`reward.json` (how it formats text, its tokenizer's fingerprint, what it was trained from). The reward
+`reward.json` (how it formats text, its tokenizer's fingerprint, what it was trained from). Or, published
+with `publish: adapter`, a sequence-classification LoRA adapter whose weights carry the trained score
+head, with `base.json` naming the model it was trained on (which may itself be an adapter: the SFT
+policy), its tokenizer and `reward.json`: loading builds the classifier on that base (`sequence_classifier`,
+as training did) and merges the adapter in, so scores are those of the merged publication. The reward
 stage (`reward/`) writes it; the policy stages (PPO, RLOO/GRPO, evaluation), which may not import
 `reward/`, load it with `load_reward_model` and score with `score_batch`.
 
@@ -15,6 +19,7 @@ token, which the model finds as the last token that is not the pad token.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +27,17 @@ from typing import Any
 
 import torch
 
-from common.models import ADAPTER_CONFIG, load_tokenizer, tokenizer_fingerprint
+from common.models import (
+    ADAPTER_CONFIG,
+    base_of,
+    check_mergeable,
+    is_adapter,
+    load_tokenizer,
+    merged_causal_lm,
+    tokenizer_fingerprint,
+)
 from common.outcomes import InputError
+from common.sources import split_revision
 
 REWARD_FILE = "reward.json"
 """`{"format": "chat" | "plain", "tokenizer_fingerprint": ..., "trained_from": ...}` in a reward-model dir."""
@@ -38,31 +52,39 @@ Text = str | list[dict[str, Any]]
 def load_reward_model(
     path: Path, device: torch.device | None = None, dtype: torch.dtype | str = "auto"
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of a reward-model directory, in eval mode on `device` (default: the CPU).
+    """(model, tokenizer) of a reward-model directory, in eval mode on `device` (default: the CPU); an
+    adapter reward model comes merged into its base, as one plain sequence classifier.
 
     Raises `InputError` before loading any weights when the directory is not a reward model (no
-    sequence-classification config with one label, an adapter, no tokenizer), and after loading them when
-    the score head is missing from the weights or the tokenizer is not the one it was trained with."""
+    sequence-classification config with one label or adapter, no tokenizer), and after loading them when
+    the score head is missing from the weights, the tokenizer is not the one it was trained with, or an
+    adapter's base is not the one it was trained on."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(path)
     what = f"reward model {path}"
-    if not (path / "config.json").is_file():
-        hint = (
-            " it is a PEFT adapter; a reward model is published as one complete model"
-            if (path / ADAPTER_CONFIG).is_file()
-            else ""
-        )
-        raise InputError(f"{what}: no config.json, so it is not a model directory;{hint or ' wrong path?'}")
-    config = AutoConfig.from_pretrained(str(path))
-    architectures = config.architectures or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise InputError(
-            f"{what} has no score head: its architecture is {', '.join(architectures) or 'unknown'}, not a "
-            "sequence classifier (a reward model is trained by the reward stage from such a model)"
-        )
-    if config.num_labels != 1:
-        raise InputError(f"{what} has {config.num_labels} outputs; a reward model has one (num_labels: 1)")
+    adapter = is_adapter(path)
+    if adapter:
+        task = json.loads((path / ADAPTER_CONFIG).read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise InputError(
+                f"{what} is a PEFT adapter for {task or 'no stated task'}, not for a sequence classifier (a "
+                "reward model is trained by the reward stage)"
+            )
+    elif not (path / "config.json").is_file():
+        raise InputError(f"{what}: no config.json, so it is not a model directory; wrong path?")
+    else:
+        config = AutoConfig.from_pretrained(str(path))
+        architectures = config.architectures or []
+        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise InputError(
+                f"{what} has no score head: its architecture is {', '.join(architectures) or 'unknown'}, not a "
+                "sequence classifier (a reward model is trained by the reward stage from such a model)"
+            )
+        if config.num_labels != 1:
+            raise InputError(
+                f"{what} has {config.num_labels} outputs; a reward model has one (num_labels: 1)"
+            )
     if not (path / "tokenizer_config.json").is_file():
         raise InputError(
             f"{what} has no tokenizer (tokenizer_config.json); it must carry the one it was trained with"
@@ -74,18 +96,89 @@ def load_reward_model(
     if info.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
         raise InputError(f"{what}: its tokenizer is not the one it was trained with (fingerprint differs)")
 
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        str(path), dtype=dtype, output_loading_info=True
-    )
-    if loading["missing_keys"]:
-        raise InputError(
-            f"{what} has no trained score head: {', '.join(sorted(loading['missing_keys']))} missing from its "
-            "weights (they would be randomly initialised)"
+    if adapter:
+        model = adapter_reward_model(path, what, dtype)
+    else:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=dtype, output_loading_info=True
         )
+        if loading["missing_keys"]:
+            raise InputError(
+                f"{what} has no trained score head: {', '.join(sorted(loading['missing_keys']))} missing from "
+                "its weights (they would be randomly initialised)"
+            )
     set_pad_token(model, tokenizer)
     model.to(device or torch.device("cpu"))
     model.eval()
     return model, tokenizer
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any:
+    """The reward adapter at `path` merged into the classifier built on its base, in float32 (the dtype the
+    reward stage trains in and saves a merged reward model in), then cast to `dtype` (`auto`: kept). Every
+    weight the base lacks (the score head) must come from the adapter, trained."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    check_mergeable(path, "a reward adapter is a LoRA adapter")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise InputError(
+            f"{what} is an adapter without {ADAPTER_WEIGHTS} (weights load from safetensors only)"
+        )
+    model, head = sequence_classifier(base_of(path), torch.float32)
+    with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as weights:
+        saved = set(weights.keys())
+    missing = sorted(name for name in head if not any(key.endswith(f".{name}") for key in saved))
+    if missing:
+        raise InputError(
+            f"{what} has no trained score head: {', '.join(missing)} missing from its adapter weights (they "
+            "would be randomly initialised)"
+        )
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model if dtype == "auto" else model.to(dtype)
+
+
+def sequence_classifier(source: Path | str, dtype: torch.dtype | str = "auto") -> tuple[Any, set[str]]:
+    """A sequence classifier with one output on the weights of `source`, and the names of the weights it
+    has that `source` lacks: the score head, freshly initialised from torch's random state. `source` is a
+    model directory or hub id (its backbone read as `AutoModelForSequenceClassification` reads it), or an
+    adapter, merged into its base first (`common.models.merged_causal_lm`; the same weights and the same
+    initialisation of the head as from a directory holding the merged model). The reward stage trains on
+    this model; `load_reward_model` puts a reward adapter on it."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the new score head and the unused LM head are expected
+    try:
+        if is_adapter(source):
+            causal = merged_causal_lm(source, None if dtype == "auto" else dtype)  # type: ignore[arg-type]
+            config = copy.deepcopy(causal.config)
+            config.num_labels = 1
+            if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+                raise InputError(
+                    f"{source}: transformers has no sequence classifier for {config.model_type} models, so no "
+                    "reward model can be built on it"
+                )
+            model, loading = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].from_pretrained(
+                None,
+                config=config,
+                state_dict=causal.state_dict(),
+                dtype=causal.dtype,
+                output_loading_info=True,
+            )
+        else:
+            name, revision = split_revision(source)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                name, revision=revision, num_labels=1, dtype=dtype, output_loading_info=True
+            )
+    finally:
+        logging.set_verbosity(verbosity)
+    return model, set(loading["missing_keys"])
 
 
 def set_pad_token(model: Any, tokenizer: Any) -> None:

@@ -104,8 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("ref")
     verify.set_defaults(handler=cmd_artifacts_verify)
 
-    export = commands.add_parser("export", help="write a policy as one merged Hugging Face model")
-    export.add_argument("ref", help="a policy artifact (name:vN, name:latest) or a model/adapter directory")
+    export = commands.add_parser(
+        "export", help="write a policy or reward model as one merged Hugging Face model"
+    )
+    export.add_argument(
+        "ref", help="a policy or reward-model artifact (name:vN, name:latest) or a model/adapter directory"
+    )
     export.add_argument("--merged", required=True, type=Path, metavar="DIR", help="new directory to write")
     export.set_defaults(handler=cmd_export)
 
@@ -342,7 +346,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = _model_dir(args.ref)
     with console.status(f"merging {args.ref}"):
         export_merged(source, args.merged)
-    console.print(f"wrote {args.merged} (loads with AutoModelForCausalLM.from_pretrained alone)")
+    console.print(f"wrote {args.merged} (a complete model: loads with transformers alone)")
     return 0
 
 

@@ -74,6 +74,11 @@ def _single(kind: str) -> Callable[[Any], dict[str, str]]:
     return lambda config: {"": kind}
 
 
+def _publish(config: Any) -> dict[str, str]:
+    """DPO, RLOO, GRPO: a complete `policy`, or with `publish: adapter` an `adapter` on the input policy."""
+    return {"": "adapter" if config.publish == "adapter" else "policy"}
+
+
 STAGES: dict[str, StageKind] = {
     stage.name: stage
     for stage in [
@@ -164,7 +169,7 @@ STAGES: dict[str, StageKind] = {
                 ),
                 "preferences": Slot(("preferences",), "prompt/chosen/rejected pairs", external=True),
             },
-            outputs=_single("policy"),
+            outputs=_publish,
             doc="Direct preference optimization on the comparisons (TRL DPOTrainer).",
         ),
         StageKind(
@@ -205,7 +210,7 @@ STAGES: dict[str, StageKind] = {
                     ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
                 ),
             },
-            outputs=_single("policy"),
+            outputs=_publish,
             doc="REINFORCE leave-one-out with the reward model or the task's verdict (TRL RLOOTrainer).",
         ),
         StageKind(
@@ -226,7 +231,7 @@ STAGES: dict[str, StageKind] = {
                     ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
                 ),
             },
-            outputs=_single("policy"),
+            outputs=_publish,
             doc="Group relative policy optimization with the reward model or the task's verdict (TRL GRPOTrainer).",
         ),
         StageKind(
@@ -289,8 +294,8 @@ STAGES: dict[str, StageKind] = {
                 ),
                 "model": Slot(
                     POLICY_KINDS,
-                    "the model to start from (an adapter is merged into its base first): an artifact, "
-                    "a local path or a hub id",
+                    "the model to start from (an adapter is merged into its base first; with publish: "
+                    "adapter, the base of the published adapter): an artifact, a local path or a hub id",
                     external=True,
                 ),
             },

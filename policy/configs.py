@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import PrecisionSettings, StageConfig, TokenizerSettings
+from common.configs import PrecisionSettings, PublishSettings, StageConfig, TokenizerSettings
 from tasks import UsesTask
 
 
@@ -234,11 +234,13 @@ TUNING_LORA = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 """Settings of the new LoRA adapter of the policy optimization stages (`method: lora`)."""
 
 
-class PolicyTuningConfig(PrecisionSettings, TaskCheck):
-    """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints.
+class PolicyTuningConfig(PrecisionSettings, PublishSettings, TaskCheck):
+    """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints,
+    what is published.
 
     The SFT policy (an adapter is first merged into its base) is the starting point and the frozen
-    reference; the result is published as one complete model (see `policy/tuning.py`)."""
+    reference; the result is published as one complete model, or as the new adapter on the SFT policy
+    (`publish: adapter`; see `policy/tuning.py`)."""
 
     seed: int = 0
     """Seed for adapter initialisation, data order and sampling."""

@@ -10,7 +10,8 @@ pass rate (`task_eval`).
 
 An SFT adapter is merged into its base and a new LoRA adapter is trained on the merged weights, so the
 reference (the same model with the adapter disabled) is exactly the SFT policy; the result is published
-as one complete model (`policy/tuning.py` says why). Loss terms, beta and the adapter come from the config.
+as one complete model, or with `publish: adapter` as the new adapter on the SFT policy (`policy/tuning.py`
+says how and why). Loss terms, beta and the adapter come from the config.
 
 Reads top to bottom: check, load, train, save, measure.
 """
@@ -69,7 +70,7 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # Save
-    model = tuning.publish(trainer.model, tokenizer, out_dir, tuning.lineage("dpo", config, dict(inputs)))
+    model = tuning.publish(trainer.model, tokenizer, out_dir, config, "dpo", dict(inputs))
 
     # Measure
     measured: dict[str, Any] = {}
@@ -87,6 +88,7 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         "prompts": len({json.dumps(row["prompt"], sort_keys=True) for row in rows}),
         "data_format": data_format,
         "method": config.method,
+        "publish": config.publish,
         "loss_type": "+".join(config.loss_type),
         "trainable_parameters": trainable,
         "total_parameters": total,

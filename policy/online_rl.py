@@ -19,7 +19,8 @@ manifest says its acceptance gate rejected it (unless `allow_rejected_reward`).
 `reward: task`: a verifiable reward, `TaskReward`: the task's verdict on each completion (`Task.judge`,
 0 for a completion cut off at `max_new_tokens`). Every prompt must be one the task can judge.
 
-The result is published as one complete model (see `policy/tuning.py`).
+The result is published as one complete model, or with `publish: adapter` as the new adapter on the SFT
+policy (see `policy/tuning.py`).
 
 Reads top to bottom: check, load, train, save, measure.
 """
@@ -114,7 +115,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # Save
-    model = tuning.publish(trainer.model, tokenizer, out_dir, tuning.lineage(stage, config, dict(inputs)))
+    model = tuning.publish(trainer.model, tokenizer, out_dir, config, stage, dict(inputs))
 
     # Measure
     measured: dict[str, Any] = {}
@@ -128,6 +129,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         "train_loss": result.training_loss,
         "prompts": len(rows),
         "method": config.method,
+        "publish": config.publish,
         "reward_source": config.reward,
         "kl_coef": config.kl_coef,
         "trainable_parameters": trainable,

@@ -10,11 +10,14 @@ of RLOO and GRPO. So that the reference is exactly the SFT policy and the result
    weight, and the trainers load their frozen reference from the model's `name_or_path`, the SFT weights
    again. (Training the SFT adapter itself would also work, since TRL then keeps a frozen copy of it as
    the reference, but its rank and target modules would be the SFT stage's, not this stage's.)
-3. The result is published as one complete model, the new adapter merged in: weights, tokenizer with
-   chat template, generation config and `policy.json` (what it was trained from, and how). There is no
-   `base.json`: the base a new adapter would sit on is the merged SFT model, which is no artifact, and a
-   complete model loads with `load_causal_lm` (or plain transformers) without a chain of artifacts that
-   must all still exist. The price is disk space: a full copy of the weights per policy.
+3. `publish: merged` (the default) publishes one complete model, the new adapter merged in: weights,
+   tokenizer with chat template, generation config and `policy.json` (what it was trained from, and how).
+   It loads with `load_causal_lm` (or plain transformers) without a chain of artifacts that must all
+   still exist; the price is a full copy of the weights per policy. `publish: adapter` (`lora` only)
+   publishes the new adapter alone, with `base.json` naming the input policy: a complete model, or the
+   SFT adapter itself, which makes a stacked adapter. Loading a stacked adapter merges the SFT adapter
+   into its base in memory (`common.models.merged_causal_lm`, the same merge as step 1), so the new
+   adapter sits on exactly the weights it was trained on; each level's digest is checked.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ POLICY_FILE = "policy.json"
 
 
 def starting_point(source: Path | str, scratch: Path, stage: str) -> Path | str:
-    """A complete model to start from: `source` itself, or its adapter merged into its base."""
+    """A complete model to start from: `source` itself, or its adapter merged into its base (as loading a
+    stacked adapter on it merges it: `common.models.merged_causal_lm`)."""
     if not is_adapter(source):
         return source
     from policy.export import export_merged
@@ -93,25 +97,41 @@ def report_to() -> list[str] | str:
     return ["wandb"] if wandb is not None and wandb.run is not None else "none"
 
 
-def publish(model: Any, tokenizer: Any, out_dir: Path, record: dict[str, Any]) -> Any:
-    """Write the trained policy as one complete model (a LoRA adapter merged in) and `policy.json`;
-    returns the merged model."""
+def publish(
+    model: Any, tokenizer: Any, out_dir: Path, config: Any, stage: str, inputs: dict[str, Any]
+) -> Any:
+    """Write the trained policy as `config.publish` asks (see the module docstring) and `policy.json`;
+    returns the trained model with any adapter merged in, for measuring (the same numbers either way)."""
     from peft import PeftModel
 
+    if config.publish == "adapter":
+        save_model(model, tokenizer, out_dir, base=inputs["policy"])
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.eval()
-    save_model(model, tokenizer, out_dir)
+    if config.publish == "merged":
+        save_model(model, tokenizer, out_dir)
+    record = lineage(stage, config, inputs)
     (out_dir / POLICY_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return model
 
 
 def lineage(stage: str, config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """`policy.json`: the stage, its method and the inputs it read (artifact refs and digests)."""
+    """`policy.json`: the stage, its method, what was published and the inputs it read (artifact refs and
+    digests)."""
+    if config.publish == "merged":
+        published = "complete model (a trained LoRA adapter is merged in)"
+    elif is_adapter(inputs["policy"]):
+        published = (
+            "LoRA adapter stacked on the input policy's adapter (base.json), merged into its base on load"
+        )
+    else:
+        published = "LoRA adapter on the input policy (base.json)"
     return {
         "stage": stage,
         "method": config.method,
-        "format": "complete model (a trained LoRA adapter is merged in)",
+        "publish": config.publish,
+        "format": published,
         "reference": "the input policy (SFT), frozen",
         "inputs": {slot: source_reference(source) for slot, source in inputs.items()},
     }

@@ -7,11 +7,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import PrecisionSettings, TokenizerSettings
+from common.configs import PrecisionSettings, PublishSettings, TokenizerSettings
 from tasks import UsesTask
 
 
-class RewardConfig(TokenizerSettings, PrecisionSettings, UsesTask):
+class RewardConfig(TokenizerSettings, PrecisionSettings, PublishSettings, UsesTask):
     """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
     on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
     model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should
@@ -22,8 +22,9 @@ class RewardConfig(TokenizerSettings, PrecisionSettings, UsesTask):
     """Seed for the held-out split, the score head and adapter initialisation, and the data order."""
     method: Literal["lora", "full"] = "lora"
     """What is trained: a LoRA adapter on every linear layer plus the score head (`lora`), or every
-    weight (`full`). Either way the published reward model is one complete sequence-classification model
-    (LoRA merged in), so loading it needs neither PEFT nor the model it started from."""
+    weight (`full`). The published reward model is one complete sequence-classification model (LoRA merged
+    in), so loading it needs neither PEFT nor the model it started from; or, with `lora` and `publish:
+    adapter`, the adapter and its score head on the `model` input."""
     epochs: float = Field(2.0, gt=0)
     """Passes over the training pairs."""
     batch_size: int = Field(32, ge=1)
@@ -95,4 +96,9 @@ class RewardConfig(TokenizerSettings, PrecisionSettings, UsesTask):
         wrong = [name for name in lora if name in self.model_fields_set and self.method != "lora"]
         if wrong:
             raise ValueError(f"method {self.method!r} does not use {', '.join(wrong)} (for lora)")
+        if self.publish == "adapter" and self.added_layers:
+            raise ValueError(
+                "publish: adapter cannot carry added_layers (the added blocks change the base model's "
+                "architecture); publish: merged, or added_layers: 0"
+            )
         return self

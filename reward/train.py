@@ -3,8 +3,8 @@
 Inputs: `preferences` (a directory holding `preferences.jsonl`, or a JSONL file, in TRL's explicit-prompt
 preference format: `prompt`, `chosen`, `rejected`, conversational or plain, with optional `prompt_id` and
 `agreement`) and `model` (a model directory, a PEFT adapter directory, which is merged into its base
-first, or a hub id). The model gets a score head (`AutoModelForSequenceClassification`, one label) and
-is trained with TRL's `RewardTrainer` (Bradley-Terry loss), with LoRA by default.
+first, or a hub id). The model gets a score head (`common.reward_model.sequence_classifier`, one label)
+and is trained with TRL's `RewardTrainer` (Bradley-Terry loss), with LoRA by default.
 
 The pairs of a seeded fraction of the prompts are held out. After training the reward model is
 measured on them (`reward.evaluation`): pairwise accuracy, mean margin, accuracy by annotator agreement,
@@ -13,9 +13,11 @@ still published, but the stage returns `rejected` and the runner marks it so.
 
 Output (`reward-model`): one complete sequence-classification model with the LoRA update merged in (so
 it loads with plain transformers, needs no base model on disk, and its score head is an ordinary weight
-that the loader can check), its tokenizer and chat template, `reward.json` (text format, tokenizer
-fingerprint, what it was trained from), `eval.json` (the evaluation) and `held_out.jsonl` (every
-held-out pair with its rewards). Load it with `common.reward_model.load_reward_model`.
+that the loader can check), or with `publish: adapter` the LoRA adapter with its trained score head and
+`base.json` naming the `model` input (a stacked adapter when that is the SFT adapter); either way its
+tokenizer and chat template, `reward.json` (text format, tokenizer fingerprint, what it was trained
+from), `eval.json` (the evaluation) and `held_out.jsonl` (every held-out pair with its rewards). Load it
+with `common.reward_model.load_reward_model`: the adapter is merged in, and scores are the same.
 
 Reads top to bottom: check, load, train, save, measure.
 """
@@ -34,8 +36,6 @@ import torch
 
 import tasks
 from common.models import (
-    is_adapter,
-    load_causal_lm,
     load_tokenizer,
     pick_device,
     set_threads,
@@ -43,10 +43,17 @@ from common.models import (
     tokenizer_fingerprint,
     tokenizer_summary,
     trainer_precision,
+    write_base_reference,
 )
 from common.outcomes import InputError
-from common.reward_model import REWARD_FILE, encode, response_text, score_ids, set_pad_token
-from common.sources import split_revision
+from common.reward_model import (
+    REWARD_FILE,
+    encode,
+    response_text,
+    score_ids,
+    sequence_classifier,
+    set_pad_token,
+)
 from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
 from reward import evaluation
 from reward.configs import RewardConfig
@@ -83,7 +90,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     set_threads()
 
     # Load
-    model = load_model(source, config, tokenizer, out_dir / SCRATCH)
+    model = load_model(source, config, tokenizer)
 
     # Train
     from datasets import Dataset
@@ -104,10 +111,13 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     if checkpoint is not None:
         print(f"reward: resuming from {checkpoint.name}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    model, merge_difference = merged(trainer.model, held_out_rows, tokenizer, config)
 
-    # Save
-    save(model, tokenizer, out_dir, source, data_format)
+    # Save (an adapter before it is merged for measuring)
+    if config.publish == "adapter":
+        save(trainer.model, tokenizer, out_dir, source, data_format)
+    model, merge_difference = merged(trainer.model, held_out_rows, tokenizer, config)
+    if config.publish == "merged":
+        save(model, tokenizer, out_dir, source, data_format)
 
     # Measure
     scored = score_pairs(model, tokenizer, held_out_rows, config.eval_batch_size)
@@ -134,6 +144,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "text_format": "chat" if tokenizer.chat_template else "plain",
         "tokenizer": tokenizer_summary(tokenizer),
         "method": config.method,
+        "publish": config.publish,
         "added_layers": config.added_layers,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -263,21 +274,11 @@ def response_length(tokenizer: Any, response: Any) -> int:
 # --- load ---
 
 
-def load_model(source: Path | str, config: RewardConfig, tokenizer: Any, scratch: Path) -> Any:
+def load_model(source: Path | str, config: RewardConfig, tokenizer: Any) -> Any:
     """The model with a freshly initialised (seeded) score head, in fp32 (mixed precision on a GPU keeps
     fp32 master weights). An adapter is merged into its base first."""
-    from transformers import AutoModelForSequenceClassification
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
-
-    if is_adapter(source):
-        assert isinstance(source, Path)
-        source = merge_adapter(source, scratch / "merged-input")
     torch.manual_seed(config.seed)
-    with suppress_seqcls_warning():  # the new score head and the unused LM head are expected
-        name, revision = split_revision(source)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, revision=revision, num_labels=1, dtype=torch.float32
-        )
+    model, _ = sequence_classifier(source, torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise InputError(
             f"reward: the tokenizer has {len(tokenizer)} tokens, more than the model's "
@@ -333,19 +334,6 @@ def added_blocks(model: Any, added: int) -> list[str]:
         for name, _ in model.named_modules()
         if (match := re.fullmatch(r".*\.layers\.(\d+)", name)) and int(match.group(1)) >= total - added
     ]
-
-
-def merge_adapter(adapter: Path, out_dir: Path) -> Path:
-    """Merge a PEFT adapter into its base and save the result as a complete model directory."""
-    model, tokenizer = load_causal_lm(adapter, device=torch.device("cpu"), dtype=torch.float32)
-    if not hasattr(model, "merge_and_unload") or model.peft_config[model.active_adapter].is_prompt_learning:
-        raise InputError(
-            f"reward: the adapter {adapter} cannot be merged into its base (prompt learning); "
-            "train the reward model from its base, or from a LoRA/IA3 adapter"
-        )
-    model.merge_and_unload().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def peft_config(config: RewardConfig, model: Any) -> Any:
@@ -417,10 +405,16 @@ def merged(
 
 
 def save(model: Any, tokenizer: Any, out_dir: Path, source: Path | str, data_format: str) -> None:
+    """The reward model (a complete model, or a `PeftModel`'s adapter with its score head and `base.json`
+    naming `source`), its tokenizer and `reward.json`."""
+    from peft import PeftModel
+
     set_pad_token(model, tokenizer)
     model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        write_base_reference(out_dir, source)
     info = {
         "format": "chat" if tokenizer.chat_template else "plain",
         "data_format": data_format,

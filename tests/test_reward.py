@@ -178,9 +178,9 @@ def test_loaded_reward_model_scores_exactly_as_at_the_end_of_training(trained):
     assert len(set(expected)) > 2  # the rewards differ between responses: not a constant model
 
 
-def test_added_layers_start_out_passing_their_input_through(tiny_model, tokenizer, tmp_path):
-    plain = train.load_model(tiny_model, RewardConfig(), tokenizer, tmp_path)
-    grown = train.load_model(tiny_model, RewardConfig(added_layers=2), tokenizer, tmp_path)
+def test_added_layers_start_out_passing_their_input_through(tiny_model, tokenizer):
+    plain = train.load_model(tiny_model, RewardConfig(), tokenizer)
+    grown = train.load_model(tiny_model, RewardConfig(added_layers=2), tokenizer)
     assert (plain.config.num_hidden_layers, grown.config.num_hidden_layers) == (2, 4)
     ids = torch.tensor([tokenizer("What is 7 + 12? 7 + 12 = 19")["input_ids"]])
     with torch.no_grad():
