@@ -339,6 +339,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny, workspace):
     workflow = workspace / "wf.yaml"
     workflow.write_text(
         "name: ppo-resume\n"
+        "task: {name: arithmetic}\n"
         "stages:\n"
         "  ppo:\n"
         f"    inputs: {{policy: {tiny.sft}, reward: 'rm:v1'}}\n"
