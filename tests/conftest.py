@@ -42,3 +42,17 @@ def rlhf(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture
+def embedded_argilla(workspace, monkeypatch):
+    """The home of the embedded Argilla server for a test that runs annotation through `rlhf` (no external
+    server configured); the server is stopped when the test ends."""
+    from annotation import server
+
+    home = workspace / "argilla"
+    monkeypatch.setenv("RLHF_ARGILLA_HOME", str(home))
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    yield home
+    server.stop(home)

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 
-from annotation import server
 from pipeline.store import Store
 from tests.conftest import REPO, rlhf
 
@@ -75,26 +74,19 @@ TINY = {
 }
 
 
-def test_the_one_gpu_template_runs_on_a_cpu_with_smollm2_and_tiny_steps(workspace, monkeypatch):
+def test_the_one_gpu_template_runs_on_a_cpu_with_smollm2_and_tiny_steps(workspace, embedded_argilla):
     shutil.copytree(REPO / "workflows" / "templates", workspace / "templates")
     (workspace / "brief_task.py").write_text(BRIEF_TASK)
-    argilla_home = workspace / "argilla"
-    monkeypatch.setenv("RLHF_ARGILLA_HOME", str(argilla_home))
-    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
-    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     overrides = [arg for key, value in TINY.items() for arg in ("--set", f"stages.{key}={value}")]
-    try:
-        done = rlhf(
-            "run",
-            "templates/one-gpu-1b-lora.yaml",
-            *overrides,
-            cwd=workspace,
-            timeout=1200,
-            env={"PYTHONPATH": str(workspace)},
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    finally:
-        server.stop(argilla_home)
+    done = rlhf(
+        "run",
+        "templates/one-gpu-1b-lora.yaml",
+        *overrides,
+        cwd=workspace,
+        timeout=1200,
+        env={"PYTHONPATH": str(workspace)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     store = Store(workspace / "artifacts")
     base = store.get("model:latest").manifest
