@@ -35,6 +35,19 @@ class Group:
         if self._state is not None:
             self._state.wait_for_everyone()
 
+    def close(self) -> None:
+        """Wait for every process, then leave the process group. Without this a process that finishes
+        first (a cached stage takes milliseconds) can close its sockets while a peer is still inside a
+        collective, and gloo aborts that peer (SIGABRT)."""
+        if self._state is None:
+            return
+        import torch.distributed as dist
+
+        self._state.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._state = None
+
     def share(self, value: T) -> T:
         """The main process's `value`, on every process."""
         if self._state is None:

@@ -131,6 +131,7 @@ class Runner:
             results.append(result)
             if result.status == "waiting":
                 break
+        self.group.close()
         return results
 
     # --- one stage ---------------------------------------------------------------------------------

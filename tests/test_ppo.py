@@ -418,7 +418,7 @@ def test_two_processes_under_torchrun(tiny, workspace):
         text=True,
         timeout=300,
     )
-    assert again.returncode == 0 and "cached" in again.stdout
+    assert again.returncode == 0 and "cached" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert Store(workspace / "artifacts").versions("ppo") == [1]
 
 
