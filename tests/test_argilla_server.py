@@ -6,6 +6,7 @@ own dataset. Needs .venv-argilla (`make setup`).
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,12 +14,15 @@ import stat
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import argilla as rg
 import httpx
 import pytest
 
 from annotation import server
+from pipeline import cli
+from tests.conftest import rlhf
 
 K = 3  # candidate responses per prompt
 N_RECORDS = 12
@@ -38,7 +42,8 @@ def argilla_server(tmp_path_factory):
         server.server_python()
     except server.ArgillaServerError as error:
         pytest.fail(str(error), pytrace=False)
-    with server.temporary_server(annotators=2, home=tmp_path_factory.mktemp("argilla")) as info:
+    # a state folder that serve creates
+    with server.temporary_server(annotators=2, home=tmp_path_factory.mktemp("argilla") / "home") as info:
         yield info
 
 
@@ -372,20 +377,144 @@ def test_serve_is_idempotent_and_connect_prefers_the_environment(argilla_server,
     assert server.connect() == server.Connection("https://argilla.example.org", "external-key", external=True)
 
 
+def _secrets(home) -> list[str]:
+    """Every secret of the server of `home`: passwords and API keys, Valkey's password, the session key."""
+    credentials = json.loads((home / "credentials.json").read_text())
+    found = [credentials["valkey_password"], credentials["auth_secret_key"]]
+    for user in credentials["users"]:
+        found += [user["password"], user["api_key"]]
+    return found
+
+
+def _files_showing_secrets(home) -> list[str]:
+    """Files of `home` that contain a secret, except the two that must: credentials.json and the database
+    (argilla keeps the API keys there)."""
+    secrets = [secret.encode() for secret in _secrets(home)]
+    showing = []
+    for root, _, names in os.walk(home):
+        for name in names:
+            path = os.path.join(root, name)
+            if name == "credentials.json" or name.startswith("argilla.db"):
+                continue
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
+                content = file.read()
+            if any(secret in content for secret in secrets):
+                showing.append(os.path.relpath(path, home))
+    return showing
+
+
+def _open_modes(home) -> list[str]:
+    """What in `home` (itself included) is not owner-only: folders other than 0700, files other than 0600."""
+    wrong = []
+    for root, _, names in os.walk(home):
+        for path, expected in [(root, 0o700)] + [(os.path.join(root, name), 0o600) for name in names]:
+            with contextlib.suppress(FileNotFoundError):
+                mode = stat.S_IMODE(os.lstat(path).st_mode)
+                if not os.path.islink(path) and mode != expected:
+                    wrong.append(f"{os.path.relpath(path, home)}: {mode:o}")
+    return wrong
+
+
 def test_credentials_are_private_and_logs_hold_no_secret(argilla_server):
     path = argilla_server.home / "credentials.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    secrets = [argilla_server.owner.password, argilla_server.owner.api_key]
-    for login in argilla_server.annotators:
-        secrets += [login.password, login.api_key]
-    assert all(secret in path.read_text() for secret in secrets)
+    secrets = _secrets(argilla_server.home)
+    logins = [argilla_server.owner, *argilla_server.annotators]
+    assert {login.password for login in logins} | {login.api_key for login in logins} <= set(secrets)
 
     logs = list((argilla_server.home / "logs").glob("*.log"))
     assert {log.name for log in logs} == {"redis.log", "server.log", "worker.log"}
-    for log in logs:
-        content = log.read_text(errors="replace")
-        assert not [secret for secret in secrets if secret in content], log.name
+    assert _files_showing_secrets(argilla_server.home) == []
     assert not [secret for secret in secrets if secret in repr(argilla_server)]
+
+
+def test_a_new_state_folder_is_owner_only(argilla_server):
+    home = argilla_server.home
+    assert {"argilla.db", "credentials.json", "logs", "redis", "run", "tmp"} <= {
+        p.name for p in home.iterdir()
+    }
+    assert any((home / "tmp").rglob("*.js"))  # argilla's copy of its web UI is in there too
+    assert _open_modes(home) == []
+
+
+def test_valkey_refuses_clients_without_its_password(argilla_server):
+    """No other local user can read argilla's queues or enqueue a job for its worker."""
+    port = json.loads((argilla_server.home / "run" / "redis.pid").read_text())["port"]
+    enqueue = b"*3\r\n$5\r\nLPUSH\r\n$16\r\nrq:queue:default\r\n$4\r\njob1\r\n"
+    guess = b"*2\r\n$4\r\nAUTH\r\n$5\r\nguess\r\n"
+    for commands, expected in (
+        (b"PING\r\n", [b"-NOAUTH"]),
+        (enqueue, [b"-NOAUTH"]),
+        (guess + enqueue, [b"-WRONGPASS", b"-NOAUTH"]),
+    ):
+        with socket.create_connection((server.HOST, port), timeout=5) as sock:
+            sock.sendall(commands)
+            reply = b""
+            while reply.count(b"\r\n") < len(expected) and (chunk := sock.recv(256)):
+                reply += chunk
+        assert [line.split(b" ")[0] for line in reply.splitlines()] == expected, reply
+
+    valkey_password = json.loads((argilla_server.home / "credentials.json").read_text())["valkey_password"]
+    for pid in server.status(argilla_server.home).pids.values():  # command lines are public
+        assert valkey_password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_the_worker_runs_argilla_jobs_through_the_protected_valkey(argilla_server, make_dataset):
+    """A changed distribution is applied to the records by a job of argilla's worker."""
+    dataset_id = make_dataset(min_submitted=1)
+    with annotator(argilla_server, 1) as client:
+        record_id = search(client, dataset_id, PENDING, RECORD_PENDING, limit=1)[0][0]["id"]
+        respond(client, record_id, "submitted", ranking=RESPONSES)
+    with server.http_client(argilla_server.connection()) as owner:
+        assert owner.get(f"/api/v1/records/{record_id}").json()["status"] == "completed"
+        two_needed = {"distribution": {"strategy": "overlap", "min_submitted": 2}}
+        assert owner.patch(f"/api/v1/datasets/{dataset_id}", json=two_needed).status_code == 200
+        deadline = time.monotonic() + 60
+        while (status := owner.get(f"/api/v1/records/{record_id}").json()["status"]) != "pending":
+            assert time.monotonic() < deadline, f"the worker did not update the record ({status})"
+            time.sleep(0.1)
+
+
+def test_an_annotator_reads_only_their_own_response_to_a_record(argilla_server):
+    """GET /api/v1/records/{id}: annotators rank independently; the owner sees every response."""
+    client = server.argilla_client(argilla_server.connection())
+    settings = rg.Settings(
+        fields=[rg.TextField("prompt")] + [rg.TextField(name) for name in RESPONSES],
+        questions=[rg.RankingQuestion("ranking", values=RESPONSES)],
+        metadata=[
+            rg.TermsMetadataProperty("policy", visible_for_annotators=False),
+            rg.TermsMetadataProperty("topic"),
+        ],
+        distribution=rg.TaskDistribution(min_submitted=2),
+    )
+    dataset = rg.Dataset(
+        name=f"blind-{uuid.uuid4().hex[:8]}",
+        workspace=argilla_server.workspace,
+        settings=settings,
+        client=client,
+    )
+    dataset.create()
+    dataset.records.log(
+        [{"prompt": "p", **{name: name for name in RESPONSES}, "policy": "sft:v1", "topic": "t"}]
+    )
+    with annotator(argilla_server, 1) as one, annotator(argilla_server, 2) as two:
+        record_id = search(one, str(dataset.id))[0][0]["id"]
+        mine = {
+            "annotator-1": respond(one, record_id, "submitted", ranking=RESPONSES)["id"],
+            "annotator-2": respond(two, record_id, "draft", ranking=list(reversed(RESPONSES)))["id"],
+        }
+        for username, client in (("annotator-1", one), ("annotator-2", two)):
+            record = client.get(f"/api/v1/records/{record_id}")
+            assert record.status_code == 200, record.text
+            assert [r["id"] for r in record.json()["responses"]] == [mine[username]], username
+            assert record.json()["metadata"] == {"topic": "t"}, username
+    with server.http_client(argilla_server.connection()) as owner:
+        record = owner.get(f"/api/v1/records/{record_id}").json()
+    assert {r["id"] for r in record["responses"]} == set(mine.values())
+    assert record["metadata"] == {"policy": "sft:v1", "topic": "t"}
+    with server.http_client(argilla_server.connection()) as owner:  # and nothing was deleted on the way
+        listed = owner.get(f"/api/v1/datasets/{dataset.id}/records", params={"include": "responses"}).json()
+    assert {r["id"] for r in listed["items"][0]["responses"]} == set(mine.values())
 
 
 def _dead(pid: int) -> bool:
@@ -418,6 +547,23 @@ def test_responses_survive_stop_and_start(argilla_server, make_dataset):
         pending_total = search(client, dataset_id, PENDING, RECORD_PENDING)[1]
     assert (ids(records), total, pending_total) == ({record_id}, 1, N_RECORDS - 1)
     assert records[0]["responses"][0]["values"]["ranking"]["value"][0] == {"value": "response-3", "rank": 1}
+
+
+def test_a_reused_state_folder_with_open_modes_is_tightened_at_start(argilla_server):
+    home = argilla_server.home
+    assert server.stop(home)
+    (home / "notes.txt").write_text("left here by hand")
+    for root, _, names in os.walk(home):
+        os.chmod(root, 0o755)
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o644)
+    assert len(_open_modes(home)) > 5
+
+    port = int(argilla_server.url.rsplit(":", 1)[1])
+    restarted = server.serve(home, port=port, annotators=2, quiet=True)
+    assert _open_modes(home) == []
+    with annotator(restarted, 1) as client:
+        assert client.get("/api/v1/me").status_code == 200
 
 
 def test_serve_recovers_from_a_crashed_server(argilla_server):
@@ -476,3 +622,39 @@ def test_a_new_server_takes_the_configured_port_or_its_last_one_or_steps_aside_f
             taken.listen()
         port = server.default_port()
         assert port != server.DEFAULT_PORT and server._port_free(port)
+
+
+def test_serve_prints_the_logins_once_and_nothing_else_shows_a_secret(embedded_argilla, capsys):
+    """`rlhf annotation serve` prints the logins and where they are kept; status, the run summary and the
+    files of the state folder show no secret."""
+    home = embedded_argilla
+    served = rlhf(
+        "annotation", "serve", "--port", str(server.free_port()), "--annotators", "2", cwd=home.parent
+    )
+    assert served.returncode == 0, served.stderr
+    info = server.status(home)
+    assert info is not None
+    for login in (info.owner, *info.annotators):
+        assert served.stdout.count(login.password) == 1, login.username
+    assert served.stdout.count(info.owner.api_key) == 1
+    assert str(home / "credentials.json") in served.stdout
+    printed = (
+        set(_secrets(home))
+        - {info.owner.api_key}
+        - {login.password for login in (info.owner, *info.annotators)}
+    )
+    assert not [
+        secret for secret in printed if secret in served.stdout
+    ]  # other API keys, Valkey's, session key
+    assert not [secret for secret in _secrets(home) if secret in served.stderr]
+
+    shown = rlhf("annotation", "status", cwd=home.parent)
+    assert shown.returncode == 0 and str(home / "credentials.json") in shown.stdout, shown.stderr
+    cli._annotation_summary(info, keep=True)
+    cli._annotation_summary(info, keep=False)  # stops the server
+    summaries = capsys.readouterr()
+    assert server.status(home) is None and "credentials.json" in summaries.out
+    for output in (shown.stdout, shown.stderr, summaries.out, summaries.err):
+        assert not [secret for secret in _secrets(home) if secret in output]
+    assert _files_showing_secrets(home) == []
+    assert _open_modes(home) == []
