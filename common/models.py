@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common.digests import MANIFEST, content_digest
+from common.digests import MANIFEST, ManifestError, content_digest, read_manifest
 from common.outcomes import InputError
 from common.sources import split_revision
 
@@ -75,10 +75,11 @@ def write_base_reference(out_dir: Path, base: Path | str) -> None:
     (mergeable: LoRA-like, not prompt learning) makes a stacked adapter."""
     if isinstance(base, Path):
         record: dict[str, Any] = {"path": str(base.resolve())}
-        manifest = base / MANIFEST
-        if manifest.exists():
-            m = json.loads(manifest.read_text())
-            record.update(ref=m["ref"], digest=m["digest"])
+        if (base / MANIFEST).exists():
+            m = _manifest_of(base)
+            record.update(ref=m.get("ref"), digest=m["digest"])
+            if out_dir.resolve().is_relative_to(base.resolve().parent.parent):
+                record["in_store"] = True  # base and adapter in one store: the base is read from there only
         else:
             record["digest"] = _content_digest(base)
         if is_adapter(base):
@@ -106,24 +107,38 @@ def base_of(adapter_dir: Path) -> Path | str:
     content still has the digest recorded when the adapter was written (refused otherwise).
 
     An artifact base is looked for in the adapter's own store first (`<store>/<name>/<vN>`, beside the
-    adapter), so a copied or moved store uses its own copy and never reads outside itself; then at the
-    recorded path."""
+    adapter), so a copied or moved store uses its own copy. A base that was in the adapter's store when the
+    adapter was written (`in_store`) is read from there only, never from the path recorded then (a store
+    never reads outside itself); any other base (a local directory, another store's artifact, or a record
+    written before `in_store` existed) is then looked for at the recorded path."""
     file = adapter_dir / BASE_FILE
     if not file.exists():
         raise InputError(
             f"{adapter_dir} is an adapter without {BASE_FILE}: cannot tell which base model it needs"
         )
-    record = json.loads(file.read_text())
+    try:
+        record = json.loads(file.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("path", record.get("hub_id")), str):
+        raise InputError(f"{file} is not a base model record (expected JSON with a path or a hub_id)")
     if "hub_id" in record:
         revision = record.get("revision")
         return f"{record['hub_id']}@{revision}" if revision else str(record["hub_id"])
-    candidates = [beside] if (beside := _artifact_beside(adapter_dir, record.get("ref"))) else []
-    candidates.append(Path(record["path"]))
-    found = next((c for c in candidates if c.is_dir()), None)
+    ref, recorded = record.get("ref"), Path(record["path"])
+    store = adapter_dir.resolve().parent.parent
+    found = _artifact_beside(adapter_dir, ref)
+    if found is None and ref and record.get("in_store"):
+        raise InputError(
+            f"{adapter_dir}: its base model {ref} is not in its store {store} (it was published there with "
+            "the adapter, and is read from the adapter's own store only)"
+        )
+    if found is None:
+        found = recorded if recorded.is_dir() else None
     if found is None:
         raise InputError(
-            f"{adapter_dir}: its base model {record.get('ref') or record['path']} is not found "
-            f"(looked in {', '.join(str(c) for c in candidates)})"
+            f"{adapter_dir}: its base model {ref or recorded} is not found (looked in "
+            f"{', '.join(str(p) for p in ([store / ref.replace(':', '/')] if ref else []) + [recorded])})"
         )
     expected = record.get("digest")
     if expected is not None and (actual := _content_digest(found)) != expected:
@@ -135,13 +150,23 @@ def base_of(adapter_dir: Path) -> Path | str:
 
 
 def _artifact_beside(adapter_dir: Path, ref: str | None) -> Path | None:
-    """The artifact `ref` (`name:vN`) in the store that holds `adapter_dir`, if it is there."""
-    if not ref:
+    """The artifact `ref` (`name:vN`) in the store that holds `adapter_dir`, if it is there and readable."""
+    if not ref or ref.count(":") != 1:
         return None
     name, version = ref.split(":")
     beside = adapter_dir.resolve().parent.parent / name / version
-    manifest = beside / MANIFEST
-    return beside if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == ref else None
+    try:
+        return beside if read_manifest(beside).get("ref") == ref else None
+    except ManifestError:
+        return None
+
+
+def _manifest_of(folder: Path) -> dict[str, Any]:
+    """An artifact's manifest, read by a stage (an unreadable one is the stage's bad input)."""
+    try:
+        return read_manifest(folder)
+    except ManifestError as err:
+        raise InputError(f"{folder}: {err}") from None
 
 
 _DIGESTS: dict[Path, tuple[Any, str]] = {}
@@ -370,9 +395,8 @@ def source_reference(source: Path | str) -> dict[str, Any]:
         repo, revision = split_revision(source)
         return {"hub_id": repo, **({"revision": revision} if revision else {})}
     record: dict[str, Any] = {"path": str(source.resolve())}
-    manifest = source / MANIFEST
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
+    if (source / MANIFEST).is_file():
+        m = _manifest_of(source)
         record.update(ref=m.get("ref"), digest=m.get("digest"), kind=m.get("kind"))
     if (source / BASE_FILE).is_file():
         record["base"] = json.loads((source / BASE_FILE).read_text())

@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from annotation.server import ArgillaServerError
+from common.digests import MANIFEST, ManifestError, read_manifest
 from common.outcomes import InputError
 from pipeline import tracking, workflow
+from pipeline.registry import POLICY_KINDS
 from pipeline.runner import Runner, StageFailed, StageResult
-from pipeline.store import Artifact, Store, StoreError
+from pipeline.store import Artifact, Corrupt, CorruptManifest, Store, StoreError
 
 EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 1, 2, 3
 
@@ -100,21 +102,33 @@ def _parser() -> argparse.ArgumentParser:
     lineage = verbs.add_parser("lineage", help="the chain of inputs back to the roots")
     lineage.add_argument("ref")
     lineage.set_defaults(handler=cmd_artifacts_lineage)
-    verify = verbs.add_parser("verify", help="recompute every digest; exit 1 on mismatch")
+    verify = verbs.add_parser(
+        "verify",
+        help="check the manifest's seal and recompute every digest; exit 1 on any change or a corrupt manifest",
+    )
     verify.add_argument("ref")
     verify.set_defaults(handler=cmd_artifacts_verify)
+    gc = verbs.add_parser(
+        "gc", help="list (or with --yes remove) staging folders of failed runs and stale lock files"
+    )
+    gc.add_argument("--yes", action="store_true", help="remove them (default: only list them)")
+    gc.set_defaults(handler=cmd_artifacts_gc)
 
     export = commands.add_parser(
         "export", help="write a policy or reward model as one merged Hugging Face model"
     )
     export.add_argument(
-        "ref", help="a policy or reward-model artifact (name:vN, name:latest) or a model/adapter directory"
+        "ref",
+        help="a policy or reward-model artifact (name:vN, name:latest) or a model/adapter directory "
+        "(a path: with a '/', or starting with '.' or '~')",
     )
     export.add_argument("--merged", required=True, type=Path, metavar="DIR", help="new directory to write")
     export.set_defaults(handler=cmd_export)
 
     score = commands.add_parser("score", help="score responses to a prompt with a reward model")
-    score.add_argument("ref", help="a reward-model artifact (name:vN, name:latest) or directory")
+    score.add_argument(
+        "ref", help="a reward-model artifact (name:vN, name:latest) or directory (./name, /path, ...)"
+    )
     score.add_argument("--prompt", required=True, help="the user's message")
     score.add_argument("--response", required=True, action="append", help="a response; repeat for several")
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -262,44 +276,52 @@ def _annotation_summary(info: Any, keep: bool) -> None:
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
-    artifacts = list(Store().all())
+    store = Store()
+    entries = list(store.entries())
     if args.json:
-        print(json.dumps([_brief(a) for a in artifacts], indent=2))
+        print(json.dumps([_brief(store, e) for e in entries], indent=2))
         return 0
     table = Table(show_edge=False)
     for column in ("artifact", "kind", "status", "stage", "created", "digest"):
         table.add_column(column)
-    for a in artifacts:
-        m = a.manifest
+    for row in (_brief(store, e) for e in entries):
         table.add_row(
-            a.ref, a.kind, m.get("status", "ok"), m["stage"]["name"], m.get("finished_at", ""), a.digest[:12]
+            row["ref"],
+            row.get("kind", "?"),
+            f"[red]{row['status']}: {'; '.join(row['problems'])}[/]" if "problems" in row else row["status"],
+            str(row.get("stage") or "-"),
+            str(row.get("created") or ""),
+            (row.get("digest") or "")[:12],
         )
-    console.print(table if artifacts else f"no artifacts in {Store().root}")
+    console.print(table if entries else f"no artifacts in {store.root}")
     return 0
 
 
 def cmd_artifacts_show(args: argparse.Namespace) -> int:
-    artifact = Store().get(args.ref)
+    store = Store()
+    artifact = store.get(args.ref)
     if args.json:
         print(json.dumps(artifact.manifest, indent=2))
         return 0
     m = artifact.manifest
+    stage = m.get("stage", {})
     console.print(f"[bold]{artifact.ref}[/]  {artifact.kind}  ({m.get('status', 'ok')})  {artifact.path}")
-    console.print(
-        f"stage {m['stage']['name']} ({m['stage']['kind']}) of workflow {m['stage']['workflow']}, run {m['stage']['run_id']}"
-    )
+    for problem in store.check_manifest(artifact):
+        console.print(f"[red]warning[/]: {problem}")
+    if stage:
+        console.print(
+            f"stage {stage.get('name')} ({stage.get('kind')}) of workflow {stage.get('workflow')}, run {stage.get('run_id')}"
+        )
     console.print(
         f"created {m.get('finished_at')} in {m.get('duration_s')} s · digest {artifact.digest} · cache key {m.get('cache_key', '')[:16]}"
     )
     for item in m.get("inputs", []):
-        console.print(f"  input {item['slot']}: {_input_label(item)}  ({item['digest'][:12]})")
+        console.print(f"  input {item.get('slot')}: {_input_label(item)}  ({str(item.get('digest'))[:12]})")
     console.print("config: " + json.dumps(m.get("config", {})))
     console.print("metrics: " + json.dumps(m.get("metrics", {})))
-    if m.get("wandb"):
-        console.print(f"W&B run: {m['wandb']['path']} ({m['wandb']['mode']})")
-    console.print(
-        f"{len(m.get('files', {}))} files, {sum(f['size'] for f in m.get('files', {}).values())} bytes"
-    )
+    if isinstance(m.get("wandb"), dict):
+        console.print(f"W&B run: {m['wandb'].get('path')} ({m['wandb'].get('mode')})")
+    console.print(f"{len(m['files'])} files, {sum(f['size'] for f in m['files'].values())} bytes")
     return 0
 
 
@@ -308,14 +330,16 @@ def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
     for depth, node in store.lineage(store.get(args.ref)):
         indent = "  " * depth + ("└─ " if depth else "")
         if isinstance(node, Artifact):
-            console.print(
-                f"{indent}{node.ref}  [dim]{node.kind} · stage {node.manifest['stage']['name']} · {node.digest[:12]}[/]"
-            )
+            stage = node.manifest.get("stage", {}).get("name", "-")
+            console.print(f"{indent}{node.ref}  [dim]{node.kind} · stage {stage} · {node.digest[:12]}[/]")
         else:
-            source = _input_label(node)
-            console.print(
-                f"{indent}{source}  [dim]{'missing from store' if node.get('missing') else 'external'} · {node['digest'][:12]}[/]"
-            )
+            if node.get("corrupt"):
+                where = f"corrupt manifest: {node['corrupt']}"
+            elif node.get("cycle"):
+                where = "cycle: an input of itself (an edited manifest)"
+            else:
+                where = "missing from store" if node.get("missing") else "external"
+            console.print(f"{indent}{_input_label(node)}  [dim]{where} · {str(node.get('digest'))[:12]}[/]")
     return 0
 
 
@@ -323,27 +347,75 @@ def _input_label(item: dict[str, Any]) -> str:
     """An input as a manifest records it: an artifact reference, a path, or a hub id at its commit."""
     if item.get("hub_id"):
         commit = item.get("commit")
-        return f"{item['hub_id']}@{commit[:12]}" if commit else item["hub_id"]
-    return item.get("ref") or item.get("path") or "?"
+        return f"{item['hub_id']}@{str(commit)[:12]}" if commit else str(item["hub_id"])
+    return str(item.get("ref") or item.get("path") or "?")
 
 
 def cmd_artifacts_verify(args: argparse.Namespace) -> int:
+    """Exit 1 when anything changed since publishing, or when the manifest cannot be read at all."""
     store = Store()
-    artifact = store.get(args.ref)
+    try:
+        artifact = store.get(args.ref)
+    except CorruptManifest as err:
+        errors.print(f"[red]{args.ref} FAILED verification[/]: {err}")
+        return EXIT_FAILED
     problems = store.verify(artifact)
     if problems:
         errors.print(f"[red]{artifact.ref} FAILED verification[/]:")
         for problem in problems:
             errors.print(f"  {problem}")
         return EXIT_FAILED
-    console.print(f"{artifact.ref}: ok ({len(artifact.manifest['files'])} files verified)")
+    note = (
+        ""
+        if artifact.sealed
+        else "; no manifest digest recorded (published before manifests were sealed): "
+        "edits of its manifest cannot be detected"
+    )
+    console.print(f"{artifact.ref}: ok ({len(artifact.manifest['files'])} files verified{note})")
     return 0
+
+
+def cmd_artifacts_gc(args: argparse.Namespace) -> int:
+    """Staging folders of failed runs and stale lock files: listed (dry run), or removed with --yes.
+    A folder whose lock a live process holds (a stage running there) is never removed."""
+    store = Store()
+    leftovers = store.leftovers()
+    if not leftovers:
+        console.print(f"nothing to remove in {store.root}")
+        return 0
+    if args.yes:
+        store.check_writable()
+    freed, kept = 0, 0
+    for item in leftovers:
+        label = ", ".join(_relative(p) for p in item.paths)
+        if item.in_use or (args.yes and not store.remove(item)):
+            console.print(f"{'kept':<12} {label}  [dim]in use by a running stage[/]")
+            kept += 1
+            continue
+        verb = "removed" if args.yes else "would remove"
+        console.print(f"{verb:<12} {label}  {_human(item.size)}  [dim]{item.description}[/]")
+        freed += item.size
+    done = "freed" if args.yes else "would free"
+    hint = "" if args.yes else " (dry run: rlhf artifacts gc --yes removes them)"
+    console.print(f"{done} {_human(freed)}; {kept} kept{hint}")
+    return 0
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+EXPORTABLE = (*POLICY_KINDS, "reward-model")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from policy.export import export_merged
 
-    source = _model_dir(args.ref)
+    source = model_argument(args.ref, EXPORTABLE, "export")
     with console.status(f"merging {args.ref}"):
         export_merged(source, args.merged)
     console.print(f"wrote {args.merged} (a complete model: loads with transformers alone)")
@@ -353,7 +425,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from reward.score import score_responses
 
-    scores = score_responses(_model_dir(args.ref), args.prompt, args.response)
+    scores = score_responses(model_argument(args.ref, ("reward-model",), "score"), args.prompt, args.response)
     if args.json:
         print(
             json.dumps(
@@ -366,15 +438,45 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_dir(ref: str) -> Path:
-    """A directory given as such, or a verified artifact's directory (refused when its files changed)."""
-    if Path(ref).is_dir():
-        return Path(ref)
-    store = Store()
-    artifact = store.get(ref)
+def looks_like_path(arg: str) -> bool:
+    """The one rule for a command-line argument that may be an artifact or a directory: a path looks like
+    one (has a '/', or starts with '.' or '~'); anything else is an artifact reference, even when a folder
+    of that name is in the working directory (reach it as ./name)."""
+    return "/" in arg or arg.startswith((".", "~"))
+
+
+def model_argument(arg: str, kinds: tuple[str, ...], command: str) -> Path:
+    """The directory an argument names (`looks_like_path`): a path as given, or an artifact's directory.
+    An artifact (or a directory that is one, holding a manifest) must be of one of `kinds` and intact."""
+    if looks_like_path(arg):
+        path = Path(arg).expanduser()
+        if not path.is_dir():
+            raise InputError(f"{command}: {arg} is not a directory")
+        if not (path / MANIFEST).is_file():
+            return path
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as err:
+            raise InputError(f"{command}: {arg}: {err}") from None
+        artifact = Artifact(str(manifest.get("name", path.name)), manifest.get("version", 0), path, manifest)
+        store = Store(path.parent.parent)
+    else:
+        store = Store()
+        try:
+            artifact = store.get(arg)
+        except StoreError as err:
+            if isinstance(err, CorruptManifest) or not Path(arg).is_dir():
+                raise
+            raise StoreError(
+                f"{err} (for the folder {arg} in the working directory, write ./{arg})"
+            ) from None
+    if artifact.kind not in kinds:
+        raise InputError(
+            f"{command}: {arg} is a {artifact.kind!r} artifact; {command} takes one of: {', '.join(kinds)}"
+        )
     problems = store.verify(artifact)
     if problems:
-        raise InputError(f"{artifact.ref} failed verification: " + "; ".join(problems[:3]))
+        raise InputError(f"{command}: {arg} failed verification: " + "; ".join(problems[:3]))
     return artifact.path
 
 
@@ -406,17 +508,22 @@ def cmd_annotation_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _brief(a: Artifact) -> dict[str, Any]:
-    m = a.manifest
+def _brief(store: Store, entry: Artifact | Corrupt) -> dict[str, Any]:
+    """A row of `rlhf artifacts list`: a corrupt manifest, or one edited since publishing, has the status
+    `corrupt` or `edited` and says why in `problems`."""
+    row: dict[str, Any] = {"ref": entry.ref, "name": entry.name, "version": entry.version}
+    if isinstance(entry, Corrupt):
+        return {**row, "status": "corrupt", "problems": [entry.reason], "path": str(entry.path)}
+    m = entry.manifest
+    if edited := store.check_manifest(entry):
+        row.update(problems=edited)
     return {
-        "ref": a.ref,
-        "name": a.name,
-        "version": a.version,
-        "kind": a.kind,
-        "status": m.get("status", "ok"),
-        "stage": m["stage"]["name"],
-        "path": str(a.path),
-        "digest": a.digest,
+        **row,
+        "kind": entry.kind,
+        "status": "edited" if edited else m.get("status", "ok"),
+        "stage": m.get("stage", {}).get("name"),
+        "path": str(entry.path),
+        "digest": entry.digest,
         "created": m.get("finished_at"),
     }
 

@@ -1,12 +1,15 @@
 """The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
 
 For every selected stage, in dependency order:
-1. resolve inputs to artifacts (verified: digests recomputed), local paths (digested) or hub ids
+1. resolve inputs to artifacts (verified: manifest seal checked, digests recomputed; a tampered or
+   corrupt artifact is refused as bad input, a `StoreError`), local paths (digested) or hub ids
    (pinned to the commit their revision names now);
 2. compute the cache key = hash(stage kind, resolved config, input digests);
 3. if every output already has an artifact with that key, report it cached (unless --force);
-4. otherwise run the stage in a staging directory kept per cache key (so a crashed run resumes
-   from its checkpoints), inside a W&B run, and publish each output atomically with its manifest.
+4. otherwise check that the store can be written (a read-only store is refused before any work), run
+   the stage in a staging directory kept per cache key (so a crashed run resumes from its
+   checkpoints), inside a W&B run, and publish each output atomically with its manifest. A file system
+   that refuses a write (full disk) fails the stage with one line; nothing half-written is published.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from common.outcomes import Waiting
 from common.sources import PACKAGE, resolve_commit, split_revision
 from pipeline import tracking
 from pipeline.distributed import Group
-from pipeline.store import Artifact, Store, StoreError
+from pipeline.store import WRITE_ERRNOS, Artifact, CorruptManifest, Store, StoreError, StoreWriteError
 from pipeline.workflow import Stage, Workflow
 
 SCRATCH = "scratch"
@@ -152,9 +155,11 @@ class Runner:
         if not self.group.main:
             return self._execute(stage, label, inputs, key, outputs)
 
-        lock = f".staging/{stage.artifact}-{key[:16]}.lock"
-        (self.store.root / ".staging").mkdir(parents=True, exist_ok=True)
-        with self.store.lock(lock):  # a second process running the same stage waits, then finds it cached
+        try:
+            self.store.check_writable()  # before any work: a read-only store is bad input (exit 2)
+        except StoreWriteError as err:
+            raise StoreWriteError(f"stage {stage.name} cannot run: {err}") from None
+        with self.store.staging_lock(stage.artifact, key):  # a second process waits, then finds it cached
             if self.group.size == 1 and may_skip and (cached := self._cached(outputs, key)):
                 self.done[stage.name] = cached
                 self.console.print(
@@ -215,6 +220,15 @@ class Runner:
             tracker.finish({"waiting": str(waiting)})
             self.console.print(f"{label}  [yellow]waiting[/]: {waiting}")
             return StageResult(stage.name, "waiting", seconds=seconds, message=str(waiting))
+        except OSError as err:
+            tracker.finish(failed=True)
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            where = f" ({err.filename})" if err.filename else ""
+            raise StageFailed(
+                f"{stage.name}: {err.strerror}{where} while writing to the store {self.store.root}; "
+                f"nothing was published (its staging folder {out_dir} is redone by the next run)"
+            ) from None
         except BaseException:
             tracker.finish(failed=True)
             raise
@@ -260,7 +274,11 @@ class Runner:
                 published[name] = unchanged  # same inputs, same result: no new version
                 reused += 1
                 continue
-            published[name] = artifact = self.store.publish(name, payload, {"kind": kind, **manifest})
+            try:
+                published[name] = artifact = self.store.publish(name, payload, {"kind": kind, **manifest})
+            except StoreWriteError as err:
+                tracker.finish(failed=True)
+                raise StageFailed(f"{stage.name}: {err}") from None
             tracker.publish(artifact)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -298,6 +316,8 @@ class Runner:
             elif ref.artifact is not None:
                 try:
                     artifact = self.store.get(ref.artifact)
+                except CorruptManifest as err:
+                    raise StoreError(f"{where}: {err}") from None
                 except StoreError as err:
                     raise StageFailed(f"{where}: {err}") from None
                 resolved.append(self._from_artifact(slot_name, artifact, slot.kinds, where))
@@ -334,6 +354,11 @@ class Runner:
     def _from_artifact(
         self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str
     ) -> ResolvedInput:
+        if artifact.path not in self._verified:  # first: its kind and status are read from the manifest
+            problems = self.store.verify(artifact)
+            if problems:  # a bad input, refused before any work
+                raise StoreError(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
+            self._verified.add(artifact.path)
         if artifact.kind not in kinds:
             raise StageFailed(
                 f"{where}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}"
@@ -343,11 +368,6 @@ class Runner:
                 f"{where}: {artifact.ref} was rejected ({artifact.manifest.get('status_reason')}); "
                 "use --allow-rejected to consume it anyway"
             )
-        if artifact.path not in self._verified:
-            problems = self.store.verify(artifact)
-            if problems:
-                raise StageFailed(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
-            self._verified.add(artifact.path)
         record = {
             "slot": slot,
             "ref": artifact.ref,

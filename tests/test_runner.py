@@ -133,7 +133,7 @@ def test_tampered_input_is_refused_and_verify_fails(workspace):
     assert verify.returncode == 1 and "model.safetensors: sha256" in verify.stderr
     tiny_workflow(workspace)
     result = rlhf("run", "tiny.yaml", cwd=workspace)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad input, refused before any work
     assert "pretrain:v1 fails verification" in result.stderr
     assert not (workspace / "artifacts" / "more").exists()
 
