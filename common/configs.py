@@ -10,9 +10,14 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 class StageConfig(BaseModel):
     """The base of every stage's config: unknown keys are errors, each field's docstring is its only
-    description, and a validated config does not change."""
+    description, and a validated config does not change. Values are taken as written, never converted
+    (strict): `steps: true` or `lr: "1e-4"` (a quoted string) is an error, not 1 or 0.0001 (the workflow
+    loader reads unquoted `1e-4` as a number); an integer is a valid float. Floats are finite: `.nan`
+    and `.inf` are errors."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True, allow_inf_nan=False
+    )
 
 
 class TokenizerSettings(StageConfig):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from annotation.server import ArgillaServerError
@@ -40,14 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
-    except workflow.WorkflowError as err:
-        errors.print(f"[red]error[/]: {err}")
-        return EXIT_USAGE
-    except (StoreError, InputError, ArgillaServerError) as err:
-        errors.print(f"[red]error[/]: {err}")
+    except (workflow.WorkflowError, StoreError, InputError, ArgillaServerError) as err:
+        errors.print(f"[red]error[/]: {escape(str(err))}")
         return EXIT_USAGE
     except StageFailed as err:
-        errors.print(f"[red]failed[/]: {err}")
+        errors.print(f"[red]failed[/]: {escape(str(err))}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]: nothing half-written was published; run again to resume")
@@ -171,9 +169,10 @@ def _set_option(command: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     wf = workflow.load(args.file, overrides=args.overrides)
+    Runner(wf, Store(), console=console).check(list(wf.stages.values()), full=False)  # artifact references
     given = f" (with --set {', '.join(args.overrides)})" if args.overrides else ""
     console.print(
-        f"{args.file}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}{given}"
+        f"{escape(str(args.file))}: ok — workflow {wf.name!r}, {len(wf.stages)} stages: {' -> '.join(wf.stages)}{given}"
     )
     return 0
 

@@ -1,6 +1,8 @@
 """The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
 
-For every selected stage, in dependency order:
+Before any stage runs, the inputs that no selected stage produces are resolved (`Runner.check`): an
+artifact reference the store does not have is a `WorkflowError` (exit 2) even when its stage comes last.
+Then for every selected stage, in dependency order:
 1. resolve inputs to artifacts (verified: manifest seal checked, digests recomputed; a tampered or
    corrupt artifact is refused as bad input, a `StoreError`), local paths (digested) or hub ids
    (pinned to the commit their revision names now);
@@ -31,12 +33,12 @@ from typing import Any, Literal
 from rich.console import Console
 
 from common.digests import content_digest, hash_tree, tree_digest
-from common.outcomes import Waiting
+from common.outcomes import InputError, Waiting
 from common.sources import PACKAGE, resolve_commit, split_revision
 from pipeline import tracking
 from pipeline.distributed import Group
 from pipeline.store import WRITE_ERRNOS, Artifact, CorruptManifest, Store, StoreError, StoreWriteError
-from pipeline.workflow import Stage, Workflow
+from pipeline.workflow import InputRef, Stage, Workflow
 
 SCRATCH = "scratch"
 REJECTED = "rejected"
@@ -93,12 +95,6 @@ def cache_key(stage: Stage, inputs: list[ResolvedInput]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def output_names(stage: Stage) -> dict[str, str]:
-    """Artifact name -> kind for each output of a stage."""
-    outputs = stage.spec.outputs(stage.config)
-    return {(f"{stage.artifact}.{name}" if name else stage.artifact): kind for name, kind in outputs.items()}
-
-
 class Runner:
     def __init__(
         self,
@@ -127,6 +123,7 @@ class Runner:
     def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
         """Run the selected stages. Stops at the first waiting stage; raises `StageFailed` on failure."""
         selected = self.workflow.select(until=until, only=only)
+        self.check(selected)
         results = []
         for index, stage in enumerate(selected, 1):
             label = f"[{index}/{len(selected)}] {stage.name}"
@@ -143,7 +140,7 @@ class Runner:
         label = label or stage.name
         inputs = self.resolve_inputs(stage)
         key = cache_key(stage, inputs)
-        outputs = output_names(stage)
+        outputs = stage.outputs()
 
         may_skip = not self.force and not stage.spec.always_run
         cached = self.group.share(self._cached(outputs, key) if may_skip and self.group.main else None)
@@ -299,40 +296,73 @@ class Runner:
 
     # --- inputs ------------------------------------------------------------------------------------
 
+    def check(self, selected: list[Stage], full: bool = True) -> None:
+        """Resolve, before any of the `selected` stages runs, each of their inputs that none of them
+        produces: an artifact reference (`sft:v3`, `sft:latest`) must name an artifact of a kind its slot
+        takes, or it is a `WorkflowError` naming the file, line and key (nothing has run). With `full`
+        (`rlhf run`), every such input is resolved as its stage will resolve it (verified, not rejected;
+        the artifacts of the stages `--only` skips; hub ids pinned), so a later stage's input cannot fail
+        after earlier stages trained; without it (`rlhf validate`) only the references are looked up."""
+        produced = {stage.name for stage in selected}
+        for stage in selected:
+            for slot_name, ref in stage.inputs.items():
+                if not full:
+                    if ref.artifact is not None:
+                        self.artifact(ref, stage.spec.inputs[slot_name.split(".", 1)[0]].kinds)
+                elif ref.stage not in produced and ref.path is None:
+                    try:
+                        self.resolve_input(stage, slot_name, ref)
+                    except InputError as err:  # a hub id that names no model
+                        raise ref.error(str(err)) from None
+
     def resolve_inputs(self, stage: Stage) -> list[ResolvedInput]:
-        resolved = []
-        for slot_name, ref in stage.inputs.items():
-            slot = stage.spec.inputs[slot_name.split(".", 1)[0]]  # "policies.sft" for a many-slot
-            where = f"{stage.name}.inputs.{slot_name}"
-            if ref.stage is not None:
-                candidates = self._artifacts_of(ref.stage)
-                matching = [a for a in candidates.values() if a.kind in slot.kinds]
-                if not matching:
-                    kinds = ", ".join(a.kind for a in candidates.values())
-                    raise StageFailed(
-                        f"{where}: stage {ref.stage} produces {kinds}, expected one of {', '.join(slot.kinds)}"
-                    )
-                resolved.append(self._from_artifact(slot_name, matching[0], slot.kinds, where))
-            elif ref.artifact is not None:
-                try:
-                    artifact = self.store.get(ref.artifact)
-                except CorruptManifest as err:
-                    raise StoreError(f"{where}: {err}") from None
-                except StoreError as err:
-                    raise StageFailed(f"{where}: {err}") from None
-                resolved.append(self._from_artifact(slot_name, artifact, slot.kinds, where))
-            elif ref.path is not None:
-                if not ref.path.exists():
-                    raise StageFailed(f"{where}: {ref.path} does not exist")
-                digest = content_digest(ref.path)
-                record = {"slot": slot_name, "path": str(ref.path), "digest": digest}
-                if ref.raw.startswith(PACKAGE):
-                    record["package"] = ref.raw.removeprefix(PACKAGE)
-                resolved.append(ResolvedInput(slot_name, ref.path, digest, record))
-            else:
-                assert ref.hub_id is not None
-                resolved.append(self._from_hub(slot_name, ref.hub_id))
-        return resolved
+        return [self.resolve_input(stage, slot_name, ref) for slot_name, ref in stage.inputs.items()]
+
+    def resolve_input(self, stage: Stage, slot_name: str, ref: InputRef) -> ResolvedInput:
+        """One input of `stage`: an upstream stage's artifact, an artifact reference, a local path or a
+        hub id, as the stage function receives it and the manifest records it."""
+        slot = stage.spec.inputs[slot_name.split(".", 1)[0]]  # "policies.sft" for a many-slot
+        where = f"{stage.name}.inputs.{slot_name}"
+        if ref.stage is not None:
+            candidates = self._artifacts_of(ref.stage)
+            matching = [a for a in candidates.values() if a.kind in slot.kinds]
+            if not matching:
+                kinds = ", ".join(a.kind for a in candidates.values())
+                raise StageFailed(
+                    f"{where}: stage {ref.stage} produces {kinds}, expected one of {', '.join(slot.kinds)}"
+                )
+            return self._from_artifact(slot_name, matching[0], slot.kinds, where)
+        if ref.artifact is not None:
+            return self._from_artifact(slot_name, self.artifact(ref, slot.kinds, where), slot.kinds, where)
+        if ref.path is not None:
+            if not ref.path.exists():
+                raise StageFailed(f"{where}: {ref.path} does not exist")
+            digest = content_digest(ref.path)
+            record = {"slot": slot_name, "path": str(ref.path), "digest": digest}
+            if ref.raw.startswith(PACKAGE):
+                record["package"] = ref.raw.removeprefix(PACKAGE)
+            return ResolvedInput(slot_name, ref.path, digest, record)
+        assert ref.hub_id is not None
+        return self._from_hub(slot_name, ref.hub_id)
+
+    def artifact(self, ref: InputRef, kinds: tuple[str, ...], where: str | None = None) -> Artifact:
+        """The artifact that a reference (`sft:v3`, `sft:latest`) names, of one of `kinds`; otherwise a
+        `WorkflowError` naming the reference's file, line and key. With `where` (the input is about to
+        be used), it is verified first: its kind is read from the manifest."""
+        assert ref.artifact is not None
+        try:
+            artifact = self.store.get(ref.artifact)
+        except CorruptManifest as err:
+            raise StoreError(f"{where or ref.raw}: {err}") from None
+        except StoreError as err:
+            raise ref.error(str(err)) from None
+        if where is not None:
+            self._verify(artifact, where)
+        if artifact.kind not in kinds:
+            raise ref.error(
+                f"{artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}"
+            )
+        return artifact
 
     def _from_hub(self, slot: str, hub_id: str) -> ResolvedInput:
         """A hub id pinned to the commit its revision names now (asked once per run): the stage gets
@@ -351,14 +381,20 @@ class Runner:
         }
         return ResolvedInput(slot, pinned, record["digest"], record)
 
+    def _verify(self, artifact: Artifact, where: str) -> None:
+        """Refuse a tampered or corrupt artifact as bad input, before any work (checked once per run)."""
+        if artifact.path not in self._verified:
+            problems = self.store.verify(artifact)
+            if problems:
+                raise StoreError(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
+            self._verified.add(artifact.path)
+
     def _from_artifact(
         self, slot: str, artifact: Artifact, kinds: tuple[str, ...], where: str
     ) -> ResolvedInput:
-        if artifact.path not in self._verified:  # first: its kind and status are read from the manifest
-            problems = self.store.verify(artifact)
-            if problems:  # a bad input, refused before any work
-                raise StoreError(f"{where}: {artifact.ref} fails verification: {'; '.join(problems[:5])}")
-            self._verified.add(artifact.path)
+        """An artifact as an input: verified first (its kind and status are read from the manifest), then
+        refused when of another kind or rejected (unless allowed)."""
+        self._verify(artifact, where)
         if artifact.kind not in kinds:
             raise StageFailed(
                 f"{where}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}"
@@ -385,7 +421,7 @@ class Runner:
             return self.done[stage_name]
         stage = self.workflow.stages[stage_name]
         key = cache_key(stage, self.resolve_inputs(stage))
-        found = self._cached(output_names(stage), key)
+        found = self._cached(stage.outputs(), key)
         if found is None:
             raise StageFailed(
                 f"stage {stage_name} has no artifact for its current config and inputs; "

@@ -32,6 +32,14 @@ A relative path given with `--set` is relative to the current directory.
 
 Every problem is reported as a `WorkflowError` that names the key path and its line (in the file
 that has it), or the `--set` argument that gave the value.
+
+A workflow file holds plain values only: strings, numbers (`1e-4` is a number, as in YAML 1.2), booleans,
+null, mappings and lists. Other YAML tags (`!!python/...`, `!!set`, `!custom`), merge keys, nesting
+deeper than `MAX_DEPTH` and aliases that expand to more than `MAX_ALIAS_VALUES` values are errors, so a
+hostile file fails at once. Stage configs take values as written (`common.configs.StageConfig` is strict).
+Inputs are checked here as far as the file can tell (stages exist and produce a kind the input takes,
+local paths exist); artifact references are looked up in the store by `Runner.check` before any stage
+runs.
 """
 
 from __future__ import annotations
@@ -59,12 +67,14 @@ WANDB_KEYS = {"project", "entity", "tags"}
 
 
 class WorkflowError(Exception):
-    """A problem with a workflow file, located by key path and line."""
+    """A problem with a workflow file, located by key path and line: one line of text, whatever the file
+    holds (a control character in a key or value is shown escaped)."""
 
     def __init__(self, file: str, line: int | None, key: str, message: str):
         self.file, self.line, self.key, self.message = file, line, key, message
         where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        text = f"{where}: {key}: {message}" if key else f"{where}: {message}"
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
 
 
 @dataclass(frozen=True)
@@ -85,9 +95,9 @@ def parse_override(arg: str) -> Override:
     if not sep or match is None or "" in match.group("rest").split("."):
         raise WorkflowError(f"--set {arg}", None, "", usage)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        value, _ = load_yaml(text, f"--set {arg}")
+    except WorkflowError as err:
+        problem = err.message.removeprefix("invalid YAML: ")
         raise WorkflowError(f"--set {arg}", None, key, f"invalid YAML value: {problem}") from None
     stage = match.group("stage")
     path = ("stages", stage, match.group("section"), *match.group("rest").split("."))
@@ -103,6 +113,11 @@ class InputRef:
     artifact: str | None = None
     path: Path | None = None
     hub_id: str | None = None
+    where: tuple[str, int | None, str] = field(default=("<workflow>", None, ""), compare=False)
+    """The file (or `--set` argument), line and key path that give this input: errors about it name them."""
+
+    def error(self, message: str) -> WorkflowError:
+        return WorkflowError(*self.where, message)
 
 
 @dataclass
@@ -122,6 +137,14 @@ class Stage:
 
     def upstream(self) -> list[str]:
         return [ref.stage for ref in self.inputs.values() if ref.stage]
+
+    def outputs(self) -> dict[str, str]:
+        """Artifact name -> kind for each output of this stage (a single output is named as the stage's
+        `artifact`, several are `artifact.output`)."""
+        outputs = self.spec.outputs(self.config)
+        return {
+            (f"{self.artifact}.{name}" if name else self.artifact): kind for name, kind in outputs.items()
+        }
 
 
 @dataclass
@@ -163,44 +186,126 @@ class Workflow:
 
 Path_ = tuple[Any, ...]
 
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists a workflow file may have (real ones nest a few levels)."""
+MAX_ALIAS_VALUES = 10_000
+"""Most values that YAML aliases (`*name`) may add by repeating what they point to: a file without
+aliases is as large as its text, while a few hundred bytes of nested aliases can expand to billions."""
+YAML = "tag:yaml.org,2002:"
+PLAIN_TAGS = {YAML + t for t in ("str", "int", "float", "bool", "null")}
 
-def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str) -> Any:
-    """Turn a composed YAML node into plain Python, recording the line of every key."""
-    lines.setdefault(path, node.start_mark.line + 1)
-    scalar = yaml.SafeLoader("").construct_object
-    if isinstance(node, yaml.MappingNode):
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded in nesting (its composer recurses once per level), and reading
+    `1e-4` and `1e4` as numbers (YAML 1.2 floats; YAML 1.1 needs `1.0e-4`), as people write them."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_Loader.add_implicit_resolver(
+    YAML + "float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class _Builder:
+    """Turns a composed YAML node into plain Python, recording the line of every key. Only plain values
+    are accepted (strings, numbers, booleans, null, mappings, lists): any other tag (`!!python/...`,
+    `!!set`, `!custom`) is an error, and so are aliases that expand too much or nest too deep."""
+
+    def __init__(self, file: str, loader: _Loader):
+        self.file = file
+        self.lines: dict[Path_, int] = {}
+        self.scalar = loader.construct_object
+        self.seen: set[int] = set()
+        self.inside: set[int] = set()
+        """The collections being built, outer to inner: an alias to one of them would never end."""
+        self.repeated = 0
+
+    def fail(self, node: yaml.Node, path: Path_, message: str) -> WorkflowError:
+        key = _dotted(path) if len(path) <= 8 else _dotted(path[:8]) + "..."
+        return WorkflowError(self.file, node.start_mark.line + 1, key, message)
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in self.seen:  # reached again through an alias
+            self.repeated += 1
+            if self.repeated > MAX_ALIAS_VALUES:
+                raise self.fail(node, path, f"YAML aliases expand to more than {MAX_ALIAS_VALUES} values")
+        self.seen.add(id(node))
+        if id(node) in self.inside:
+            raise self.fail(node, path, "a YAML alias refers to a mapping or list that contains it")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, path, f"nested deeper than {MAX_DEPTH} levels (through YAML aliases)")
+        if isinstance(node, yaml.CollectionNode):
+            self.inside.add(id(node))
+            try:
+                return self.collection(node, path)
+            finally:
+                self.inside.discard(id(node))
+        if node.tag == YAML + "timestamp":  # `2024-01-01` is the text as written, not a date object
+            return node.value
+        self.check_tag(node, path, *PLAIN_TAGS)
+        return self.scalar(node)
+
+    def collection(self, node: yaml.CollectionNode, path: Path_) -> Any:
+        if isinstance(node, yaml.SequenceNode):
+            self.check_tag(node, path, YAML + "seq")
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        self.check_tag(node, path, YAML + "map")
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key_node.tag == YAML + "merge":
+                raise self.fail(
+                    key_node, path, "YAML merge keys (<<) are not supported; use `defaults:` or `extends:`"
+                )
+            key = self.build(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)):
-                raise WorkflowError(
-                    file, key_node.start_mark.line + 1, _dotted(path), "mapping keys must be plain scalars"
-                )
+                raise WorkflowError(self.file, line, _dotted(path), "mapping keys must be plain scalars")
             if key in out:
-                raise WorkflowError(
-                    file, key_node.start_mark.line + 1, _dotted((*path, key)), "duplicate key"
-                )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, (*path, key), lines, file)
+                raise WorkflowError(self.file, line, _dotted((*path, key)), "duplicate key")
+            self.lines[(*path, key)] = line
+            out[key] = self.build(value_node, (*path, key))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines, file) for i, item in enumerate(node.value)]
-    return scalar(node)
+
+    def check_tag(self, node: yaml.Node, path: Path_, *allowed: str) -> None:
+        if node.tag not in allowed:
+            tag = node.tag.replace(YAML, "!!", 1)
+            raise self.fail(
+                node, path, f"unsupported YAML tag {tag}: a workflow holds plain values, mappings and lists"
+            )
 
 
 def load_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
+    """The plain value of a YAML document (None when empty) and the line of every key path in it."""
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
-        raise WorkflowError(file, line, "", f"invalid YAML: {err.problem or err.context}") from None
+        problem = ", ".join(part for part in (err.context, err.problem) if part)
+        raise WorkflowError(file, line, "", f"invalid YAML: {problem}") from None
     except yaml.YAMLError as err:
         raise WorkflowError(file, None, "", f"invalid YAML: {err}") from None
-    lines: dict[Path_, int] = {}
+    finally:
+        loader.dispose()
     if node is None:
-        return {}, lines
-    return _construct(node, (), lines, file), lines
+        return None, {}
+    builder = _Builder(file, loader)
+    return builder.build(node, ()), builder.lines
 
 
 def _dotted(path: Path_) -> str:
@@ -228,14 +333,18 @@ class _Checker:
             path = path[:-1]
         return self.lines.get(())
 
-    def fail(self, path: Path_, message: str) -> WorkflowError:
+    def locate(self, path: Path_) -> tuple[str, int | None, str]:
+        """The file and line that give the value at `path` (or the `--set` argument), and its key path."""
         given = self.override_at(path)
         if given is not None:
-            return WorkflowError(f"--set {given.arg}", None, _dotted(path), message)
+            return f"--set {given.arg}", None, _dotted(path)
+        return self.file, self.line(path), _dotted(path)
+
+    def fail(self, path: Path_, message: str) -> WorkflowError:
         below = [o.arg for o in self.overrides if o.path[: len(path)] == tuple(path)]
-        if below:
+        if below and self.override_at(path) is None:
             message += f" (with --set {', '.join(below)})"
-        return WorkflowError(self.file, self.line(path), _dotted(path), message)
+        return WorkflowError(*self.locate(path), message)
 
     def apply(self, stages: dict[str, Any], override: Override) -> None:
         """Set the value of one `--set` in the raw stages of this file (creating mappings on the way)."""
@@ -327,6 +436,7 @@ def parse(
                     f"no stage named {override.stage!r} (stages: {', '.join(stages)})",
                 )
     order = _topological_order(check, stages)
+    _check_kinds(stages)
     return Workflow(
         name=name,
         file=Path(file),
@@ -463,16 +573,14 @@ def _parse_stage(
         if slot.many:
             for label, item_path, item in _many(check, value, slot_path):
                 folder = Path.cwd() if check.override_at(item_path) else base_dir
-                inputs[f"{slot_name}.{label}"] = _parse_ref(
-                    check, item, slot, item_path, names - {name}, folder
-                )
+                inputs[f"{slot_name}.{label}"] = _parse_ref(check, item, slot, item_path, names, name, folder)
             continue
         if not isinstance(value, str):
             raise check.fail(
                 slot_path, f"expected a stage name or artifact reference, got {_type_name(value)}"
             )
         folder = Path.cwd() if check.override_at(slot_path) else base_dir
-        inputs[slot_name] = _parse_ref(check, value, slot, slot_path, names - {name}, folder)
+        inputs[slot_name] = _parse_ref(check, value, slot, slot_path, names, name, folder)
 
     artifact = body.get("artifact", name)
     if not isinstance(artifact, str) or not STAGE_NAME.match(artifact):
@@ -530,54 +638,105 @@ def _many(check: _Checker, value: Any, path: Path_) -> list[tuple[str, Path_, st
 
 
 def _parse_ref(
-    check: _Checker, value: str, slot: registry.Slot, path: Path_, stages: set[str], base_dir: Path
+    check: _Checker,
+    value: str,
+    slot: registry.Slot,
+    path: Path_,
+    stages: set[str],
+    own: str,
+    base_dir: Path,
 ) -> InputRef:
+    """What an input names: a stage of this workflow (`stages`, other than the stage itself, `own`), an
+    artifact reference, or (where the slot takes one) a file in a package, an existing local path or a
+    hub id. A value that looks like a path is never taken for a hub id: `data/x.jsonl` must exist."""
+    where = check.locate(path)
+    if value == own:
+        raise check.fail(path, f"stage {own!r} cannot take its own output as an input")
     if value in stages:
-        return InputRef(raw=value, stage=value)
+        return InputRef(raw=value, stage=value, where=where)
     if ARTIFACT_REF.match(value):
-        return InputRef(raw=value, artifact=value)
+        return InputRef(raw=value, artifact=value, where=where)
     if not slot.external:
+        looks = " (it looks like a path: this input takes no local files)" if _path_like(value) else ""
         raise check.fail(
             path,
-            f"no stage named {value!r} in this workflow, and not an artifact reference like 'name:v3' or 'name:latest'",
+            f"no stage named {value!r} in this workflow, and not an artifact reference like 'name:v3' or "
+            f"'name:latest'{looks}",
         )
     if value.startswith(PACKAGE):
         try:
-            return InputRef(raw=value, path=package_file(value))
+            return InputRef(raw=value, path=package_file(value), where=where)
         except InputError as err:
             raise check.fail(path, str(err)) from None
     local = Path(value).expanduser()
     local = local if local.is_absolute() else base_dir / local
     if local.exists():
-        return InputRef(raw=value, path=local.resolve())
-    if value.startswith((".", "/", "~")) or not HUB_ID.match(value):
+        return InputRef(raw=value, path=local.resolve(), where=where)
+    if _path_like(value):
+        raise check.fail(path, f"{value!r}: no such file or directory ({local})")
+    if not HUB_ID.match(value):
         raise check.fail(
             path,
             f"{value!r} is not a stage of this workflow, an artifact reference, an existing path, "
             "a hub id (org/name or org/name@revision) or package:<python package>/<file>",
         )
-    return InputRef(raw=value, hub_id=value)
+    return InputRef(raw=value, hub_id=value, where=where)
+
+
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".yaml", ".yml", ".gguf"}
+FILE_SUFFIXES |= {".safetensors", ".bin", ".pt", ".arrow", ".gz", ".zip", ".tar"}
+"""Endings that make a value with a `/` a file name rather than a hub id (`org/name`)."""
+
+
+def _path_like(value: str) -> bool:
+    """Written as a local path: starts with `.`, `/` or `~`, or has a path separator and a file ending."""
+    if value.startswith((".", "/", "~")) or "\\" in value:
+        return True
+    name = value.split("@", 1)[0]
+    return "/" in name and Path(name).suffix.lower() in FILE_SUFFIXES
 
 
 def _topological_order(check: _Checker, stages: dict[str, Stage]) -> list[str]:
+    """Stage names, each after the stages it takes inputs from (otherwise in file order). Depth first
+    with an explicit stack, so that a chain of thousands of stages needs no recursion."""
     order: list[str] = []
     state: dict[str, str] = {}
-
-    def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            cycle = [*trail[trail.index(name) :], name]
-            raise check.fail(("stages", name, "inputs"), f"dependency cycle: {' -> '.join(cycle)}")
-        state[name] = "visiting"
-        for upstream in stages[name].upstream():
-            visit(upstream, [*trail, name])
-        state[name] = "done"
-        order.append(name)
-
-    for name in stages:
-        visit(name, [])
+    for root in stages:
+        if root in state:
+            continue
+        state[root] = "visiting"
+        trail = [(root, iter(stages[root].upstream()))]
+        while trail:
+            name, pending = trail[-1]
+            upstream = next(pending, None)
+            if upstream is None:
+                trail.pop()
+                state[name] = "done"
+                order.append(name)
+            elif state.get(upstream) == "visiting":
+                names = [n for n, _ in trail]
+                cycle = [*names[names.index(upstream) :], upstream]
+                raise check.fail(("stages", upstream, "inputs"), f"dependency cycle: {' -> '.join(cycle)}")
+            elif upstream not in state:
+                state[upstream] = "visiting"
+                trail.append((upstream, iter(stages[upstream].upstream())))
     return order
+
+
+def _check_kinds(stages: dict[str, Stage]) -> None:
+    """Each input taken from a stage of this workflow gets an artifact kind its slot accepts (known from
+    the stages' configs), so a wrong wiring is refused before anything runs."""
+    for stage in stages.values():
+        for slot_name, ref in stage.inputs.items():
+            if ref.stage is None:
+                continue
+            slot = stage.spec.inputs[slot_name.split(".", 1)[0]]
+            produced = set(stages[ref.stage].outputs().values())
+            if not produced & set(slot.kinds):
+                raise ref.error(
+                    f"stage {ref.stage!r} produces {', '.join(sorted(produced))}, "
+                    f"expected one of {', '.join(slot.kinds)}"
+                )
 
 
 def load(
