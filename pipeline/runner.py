@@ -1,6 +1,7 @@
 """The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
 
-For every selected stage, in dependency order:
+First the local data files given to the selected stages are read and checked (`common.data`): a bad one
+is an input error before any stage runs. Then, for every selected stage, in dependency order:
 1. resolve inputs to artifacts (verified: digests recomputed), local paths (digested) or hub ids
    (pinned to the commit their revision names now);
 2. compute the cache key = hash(stage kind, resolved config, input digests);
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from common import data
 from common.digests import content_digest, hash_tree, tree_digest
 from common.outcomes import Waiting
 from common.sources import PACKAGE, resolve_commit, split_revision
@@ -124,6 +126,8 @@ class Runner:
     def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
         """Run the selected stages. Stops at the first waiting stage; raises `StageFailed` on failure."""
         selected = self.workflow.select(until=until, only=only)
+        for stage in selected:
+            check_data(stage)
         results = []
         for index, stage in enumerate(selected, 1):
             label = f"[{index}/{len(selected)}] {stage.name}"
@@ -373,6 +377,15 @@ class Runner:
             )
         self.done[stage_name] = found
         return found
+
+
+def check_data(stage: Stage) -> None:
+    """Read the local data files given to a stage as the stage will (`Slot.data`), so that a bad one is an
+    `InputError` in seconds, not after the stages before it have run."""
+    for slot_name, ref in stage.inputs.items():
+        kind = stage.spec.inputs[slot_name.split(".", 1)[0]].data
+        if kind is not None and ref.path is not None:
+            data.check(kind, ref.path, f"stages.{stage.name}.inputs.{slot_name}")
 
 
 def stage_config(stage: Stage, allow_rejected: bool) -> Any:
