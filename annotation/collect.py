@@ -36,10 +36,10 @@ from annotation import argilla_dataset as layout
 from annotation import preferences, server, simulate
 from annotation.argilla_dataset import Api
 from annotation.configs import CollectConfig
+from common.data import PREFERENCES_FILE, write_jsonl
 from common.outcomes import InputError, Waiting
 
 RANKINGS_FILE = "rankings.jsonl"
-PREFERENCES_FILE = "preferences.jsonl"
 SUMMARY_FILE = "summary.json"
 STATUSES = ("submitted", "discarded")
 TABLE_PAIRS = 200
@@ -317,7 +317,5 @@ def _text(side: Any) -> str:
 
 def _write(folder: Path, name: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / name).open("w", encoding="utf-8") as file:
-        for row in rows:
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(folder / name, rows)
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

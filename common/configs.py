@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StageConfig(BaseModel):
@@ -65,3 +65,13 @@ class PrecisionSettings(StageConfig):
     float32 (SmolLM2-135M on 2 CPU cores: a LoRA training step 1.7-1.9x, generation 1.8x), and log
     probabilities differ by up to ~0.1 nats a token. `float32` never uses bf16. `auto` is bfloat16 on a
     CUDA GPU that supports it and float32 on a CPU, where the demo's 1M-parameter model gains nothing."""
+
+
+class PreferenceSettings(StageConfig):
+    """Settings of the stages that train on preference pairs (the reward stage, DPO)."""
+
+    min_distinct_fraction: float = Field(0.5, ge=0, le=1)
+    """A pair whose chosen and rejected responses are the same teaches nothing: it is dropped and counted
+    (`pairs_dropped_identical` in the metrics). When fewer than this fraction of the pairs is left (or
+    none), the data is taken for broken (e.g. duplicate candidates ranked apart) and the stage stops before
+    loading any model."""

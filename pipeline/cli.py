@@ -1,6 +1,6 @@
 """The `rlhf` command.
 
-Exit status: 0 done, 1 a stage failed or was rejected, 2 bad usage or an invalid workflow file,
+Exit status: 0 done, 1 a stage failed or was rejected, 2 bad usage, an invalid workflow file or bad data,
 3 waiting for annotations (run again later to continue).
 """
 
@@ -23,7 +23,7 @@ from common.digests import MANIFEST, ManifestError, read_manifest
 from common.outcomes import InputError
 from pipeline import tracking, workflow
 from pipeline.registry import POLICY_KINDS
-from pipeline.runner import Runner, StageFailed, StageResult
+from pipeline.runner import Runner, StageFailed, StageResult, check_data
 from pipeline.store import Artifact, Corrupt, CorruptManifest, Store, StoreError
 
 EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 1, 2, 3
@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check a workflow file without running anything")
+    validate = commands.add_parser(
+        "validate", help="check a workflow file and the data files it names, without running anything"
+    )
     validate.add_argument("file", type=Path)
     _set_option(validate)
     validate.set_defaults(handler=cmd_validate)
@@ -169,6 +171,8 @@ def _set_option(command: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     wf = workflow.load(args.file, overrides=args.overrides)
+    for stage in wf.stages.values():
+        check_data(stage)
     Runner(wf, Store(), console=console).check(list(wf.stages.values()), full=False)  # artifact references
     given = f" (with --set {', '.join(args.overrides)})" if args.overrides else ""
     console.print(

@@ -46,6 +46,9 @@ class Slot:
     many: bool = False
     """Takes several inputs, as a list or a mapping label -> reference; the stage receives a dict
     label -> path (a list is labelled by its references, e.g. `sft`, `dpo:v2`)."""
+    data: str | None = None
+    """The data format of the slot (`sft`, `prompts`, `preferences` or `texts`, read by `common.data`): a
+    local file or folder given here is read and checked before any stage of the run starts."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ STAGES: dict[str, StageKind] = {
                     "a text data set (JSONL/Parquet with a `text` column); omit for the demo corpus",
                     required=False,
                     external=True,
+                    data="texts",
                 ),
             },
             outputs=_single("base-model"),
@@ -135,6 +139,7 @@ STAGES: dict[str, StageKind] = {
                     "SFT data (JSONL, Parquet or a saved `datasets` dir); omit for the task's SFT examples",
                     required=False,
                     external=True,
+                    data="sft",
                 ),
             },
             outputs=lambda config: {"": "merged-model" if config.method in ("freeze", "full") else "adapter"},
@@ -153,6 +158,7 @@ STAGES: dict[str, StageKind] = {
                     "prompts (JSONL/Parquet with a `prompt` column); omit for the task's prompts (`split`)",
                     required=False,
                     external=True,
+                    data="prompts",
                 ),
             },
             outputs=_single("samples"),
@@ -167,7 +173,9 @@ STAGES: dict[str, StageKind] = {
                 "policy": Slot(
                     POLICY_KINDS, "the SFT policy to optimize; also the frozen reference", external=True
                 ),
-                "preferences": Slot(("preferences",), "prompt/chosen/rejected pairs", external=True),
+                "preferences": Slot(
+                    ("preferences",), "prompt/chosen/rejected pairs", external=True, data="preferences"
+                ),
             },
             outputs=_publish,
             doc="Direct preference optimization on the comparisons (TRL DPOTrainer).",
@@ -187,6 +195,7 @@ STAGES: dict[str, StageKind] = {
                     "prompts (JSONL/Parquet with a `prompt` column); omit for the task's train prompts",
                     required=False,
                     external=True,
+                    data="prompts",
                 ),
             },
             outputs=_single("policy"),
@@ -207,7 +216,11 @@ STAGES: dict[str, StageKind] = {
                     required=False,
                 ),
                 "prompts": Slot(
-                    ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
+                    ("dataset",),
+                    "prompts; omit for the task's train prompts",
+                    required=False,
+                    external=True,
+                    data="prompts",
                 ),
             },
             outputs=_publish,
@@ -228,7 +241,11 @@ STAGES: dict[str, StageKind] = {
                     required=False,
                 ),
                 "prompts": Slot(
-                    ("dataset",), "prompts; omit for the task's train prompts", required=False, external=True
+                    ("dataset",),
+                    "prompts; omit for the task's train prompts",
+                    required=False,
+                    external=True,
+                    data="prompts",
                 ),
             },
             outputs=_publish,
@@ -259,6 +276,7 @@ STAGES: dict[str, StageKind] = {
                     "held-out prompts; omit for the task's held-out split",
                     required=False,
                     external=True,
+                    data="prompts",
                 ),
             },
             outputs=_single("eval-report"),
@@ -291,6 +309,7 @@ STAGES: dict[str, StageKind] = {
                     ("preferences",),
                     "preference pairs (prompt/chosen/rejected JSONL): collect's output or a local file",
                     external=True,
+                    data="preferences",
                 ),
                 "model": Slot(
                     POLICY_KINDS,

@@ -1,8 +1,9 @@
 """The runner: resolve each stage's inputs, skip it when cached, run it, seal its outputs as artifacts.
 
-Before any stage runs, the inputs that no selected stage produces are resolved (`Runner.check`): an
-artifact reference the store does not have is a `WorkflowError` (exit 2) even when its stage comes last.
-Then for every selected stage, in dependency order:
+First the local data files given to the selected stages are read and checked (`common.data`), then
+the inputs that no selected stage produces are resolved (`Runner.check`): a bad data file or an artifact
+reference the store does not have is an input error (exit 2) before any stage runs, even when its stage
+comes last. Then for every selected stage, in dependency order:
 1. resolve inputs to artifacts (verified: manifest seal checked, digests recomputed; a tampered or
    corrupt artifact is refused as bad input, a `StoreError`), local paths (digested) or hub ids
    (pinned to the commit their revision names now);
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from common import data
 from common.digests import content_digest, hash_tree, tree_digest
 from common.outcomes import InputError, Waiting
 from common.sources import PACKAGE, resolve_commit, split_revision
@@ -123,6 +125,8 @@ class Runner:
     def run(self, until: str | None = None, only: str | None = None) -> list[StageResult]:
         """Run the selected stages. Stops at the first waiting stage; raises `StageFailed` on failure."""
         selected = self.workflow.select(until=until, only=only)
+        for stage in selected:
+            check_data(stage)
         self.check(selected)
         results = []
         for index, stage in enumerate(selected, 1):
@@ -429,6 +433,15 @@ class Runner:
             )
         self.done[stage_name] = found
         return found
+
+
+def check_data(stage: Stage) -> None:
+    """Read the local data files given to a stage as the stage will (`Slot.data`), so that a bad one is an
+    `InputError` in seconds, not after the stages before it have run."""
+    for slot_name, ref in stage.inputs.items():
+        kind = stage.spec.inputs[slot_name.split(".", 1)[0]].data
+        if kind is not None and ref.path is not None:
+            data.check(kind, ref.path, f"stages.{stage.name}.inputs.{slot_name}")
 
 
 def stage_config(stage: Stage, allow_rejected: bool) -> Any:

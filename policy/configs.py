@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import PrecisionSettings, PublishSettings, StageConfig, TokenizerSettings
+from common.configs import (
+    PrecisionSettings,
+    PreferenceSettings,
+    PublishSettings,
+    StageConfig,
+    TokenizerSettings,
+)
 from tasks import UsesTask
 
 
@@ -283,7 +289,7 @@ class PolicyTuningConfig(PrecisionSettings, PublishSettings, TaskCheck):
         return self
 
 
-class DPOConfig(PolicyTuningConfig):
+class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     """Direct preference optimization on TRL's `DPOTrainer`, from the SFT policy (also the frozen reference)
     on prompt/chosen/rejected pairs. The demo (about 1,400 pairs ranked by simulated annotators) runs it
     for 5 epochs at lr 1e-3 in about a minute on 2 CPU cores; see `workflows/demo.yaml` for its figures."""

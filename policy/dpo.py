@@ -5,8 +5,9 @@ frozen reference; `preferences`, a directory with `preferences.jsonl` (or a JSON
 explicit-prompt format: `prompt`, `chosen`, `rejected`, either all plain strings or all lists of
 `{role, content}` messages (conversational: the prompt's turns, then one assistant turn each); any other
 field (`prompt_id`, `agreement`, `votes`, the task's fields such as `answer`) is carried along and
-ignored by training. With a task that can judge the pairs' prompts, the metrics end with its held-out
-pass rate (`task_eval`).
+ignored by training. `common.data.load_preferences` reads them: pairs whose chosen and rejected responses
+are the same are dropped and counted. With a task that can judge the pairs' prompts, the metrics end with
+its held-out pass rate (`task_eval`).
 
 An SFT adapter is merged into its base and a new LoRA adapter is trained on the merged weights, so the
 reference (the same model with the adapter disabled) is exactly the SFT policy; the result is published
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 import tasks
+from common.data import load_preferences
 from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.training import count_parameters, last_checkpoint
@@ -34,11 +36,6 @@ from policy.configs import DPOConfig
 
 SCRATCH = "scratch"
 """The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
-PREFERENCES_FILE = "preferences.jsonl"
-FORMAT = (
-    "one JSON object per line with `prompt`, `chosen` and `rejected`: all three strings (plain), or all three "
-    "lists of {role, content} messages (conversational: the prompt's turns, then the response's assistant turn)"
-)
 
 
 def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -49,8 +46,8 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     task = tasks.load(config.task) if config.task is not None else None
     if config.task_eval and task is None:
         raise InputError("dpo: task_eval needs a task (the workflow's top-level `task:` or this stage's)")
-    rows, data_format = load_preferences(inputs["preferences"])
-    all_pairs = len(rows)
+    preferences = load_preferences(inputs["preferences"], "dpo", config.min_distinct_fraction)
+    rows, data_format = preferences.rows, preferences.format
     if config.pairs == "best_vs_rest":
         rows = best_vs_rest(rows)
     if not rows:
@@ -84,7 +81,8 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         **training_metrics(trainer),
         "train_loss": result.training_loss,
         "pairs": len(rows),
-        "pairs_given": all_pairs,
+        "pairs_given": preferences.given,
+        "pairs_dropped_identical": preferences.dropped_identical,
         "prompts": len({json.dumps(row["prompt"], sort_keys=True) for row in rows}),
         "data_format": data_format,
         "method": config.method,
@@ -102,35 +100,6 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 # --- check ---
 
 
-def load_preferences(source: Path | str) -> tuple[list[dict[str, Any]], str]:
-    """The preference rows and their format, `conversational` or `plain`."""
-    if isinstance(source, str):
-        raise InputError(f"dpo: preferences must be a local directory or JSONL file, got {source!r}")
-    file = source / PREFERENCES_FILE if source.is_dir() else source
-    if not file.is_file():
-        raise InputError(f"dpo: no preference data at {file}; expected {PREFERENCES_FILE} in the directory")
-    rows, formats = [], set()
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"dpo: {where} is not JSON ({err})") from None
-        kind = row_format(row) if isinstance(row, dict) else None
-        if kind is None:
-            found = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise InputError(f"dpo: {where} is not a preference pair (found {found}); expected {FORMAT}")
-        formats.add(kind)
-        if len(formats) > 1:
-            raise InputError(f"dpo: {where} is {kind}, earlier rows are not; one data set has one format")
-        rows.append(row)
-    if not rows:
-        raise InputError(f"dpo: {file} holds no preference pairs")
-    return rows, formats.pop()
-
-
 def best_vs_rest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per prompt, the pairs whose chosen response is the best one: chosen in some pair of the prompt and
     rejected in none. A prompt whose preferences name no such response (a cycle) gives no pairs."""
@@ -142,19 +111,6 @@ def best_vs_rest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rejected = {json.dumps(row["rejected"], sort_keys=True) for row in pairs}
         kept += [row for row in pairs if json.dumps(row["chosen"], sort_keys=True) not in rejected]
     return kept
-
-
-def row_format(row: dict[str, Any]) -> str | None:
-    values = [row.get(key) for key in ("prompt", "chosen", "rejected")]
-    if all(isinstance(v, str) for v in values):
-        return "plain"
-    messages = all(
-        isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in v)
-        for v in values
-    )
-    if messages and all(m["role"] == "assistant" for key in ("chosen", "rejected") for m in row[key]):
-        return "conversational"
-    return None
 
 
 def check_tokenizer(tokenizer: Any, data_format: str, example: dict[str, Any]) -> None:

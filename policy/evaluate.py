@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 import tasks
+from common.data import load_prompts
 from common.models import (
     compute_dtype,
     load_causal_lm,
@@ -149,14 +150,11 @@ def load_records(
 ) -> tuple[list[dict[str, Any]], Any]:
     """The prompts (`{"id", "prompt", ...fields}`), the first `num_prompts` of them, and where they came from:
     the `prompts` input, or else the task's `split`. With a task, every prompt must be one it can judge."""
-    from policy.sample import load_prompts, task_records
+    from policy.sample import task_records
 
     if prompts is None:
         return task_records(task, config.split, config.num_prompts, "evaluate")
-    try:
-        records = load_prompts(prompts, config.num_prompts)
-    except InputError as err:
-        raise InputError("evaluate: " + str(err).removeprefix("sample: ")) from None
+    records = load_prompts(prompts, "evaluate", config.num_prompts)
     if task is not None:
         check_judgeable(task, records, f"the prompts in {prompts}", "evaluate")
     return records, source_reference(prompts)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import tasks
+from common.data import load_prompts
 from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
 from common.outcomes import InputError
 from common.reward_model import (
@@ -171,16 +172,13 @@ def prompt_rows(
     """Training rows `{"prompt", "task_record"?}`: a prompt as chat messages when the policy has a chat
     template (TRL renders it with the template and opens the assistant turn), else as plain text; the
     prompt's record (JSON) when the task can judge it. With `reward: task` every prompt must be judgeable."""
-    from policy.sample import load_prompts, task_records
+    from policy.sample import task_records
 
     chat = bool(tokenizer.chat_template)
     if prompts is None:
         records, _ = task_records(task, "train", config.num_prompts, stage)
     else:
-        try:
-            records = load_prompts(prompts, config.num_prompts)
-        except InputError as err:
-            raise InputError(f"{stage}: " + str(err).removeprefix("sample: ")) from None
+        records = load_prompts(prompts, stage, config.num_prompts)
     if config.reward == "task":
         from policy.evaluate import check_judgeable
 

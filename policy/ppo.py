@@ -60,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tasks
+from common.data import load_prompts
 from common.models import (
     base_of,
     compute_dtype,
@@ -93,6 +94,8 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 
     # Check: everything that can be told without loading weights
     policy_source, reward_source = inputs["policy"], inputs["reward"]
+    task = tasks.load(config.task) if config.task is not None else None
+    records = prompt_records(config, inputs.get("prompts"), task)
     if not isinstance(reward_source, Path):
         raise InputError(f"ppo: the reward model must be a local directory, got {reward_source!r}")
     check_reward_status(reward_source, config.allow_rejected_reward, "ppo")
@@ -104,8 +107,6 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         reward=f"the reward model {reward_source}",
     )
     check_policy_source(policy_source)
-    task = tasks.load(config.task) if config.task is not None else None
-    records = prompt_records(config, inputs.get("prompts"), task)
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], config.prompt_format)
 
     # Load
@@ -263,26 +264,10 @@ def prompt_records(
 
     if prompts is None:
         return task_records(task, "train", config.num_prompts, "ppo")[0]
-    records = load_prompts(prompts, config.num_prompts)
+    records = load_prompts(prompts, "ppo", config.num_prompts)
     if task is not None:
         check_judgeable(task, records, f"the prompts in {prompts}", "ppo")
     return records
-
-
-def load_prompts(source: Path | str, limit: int | None) -> list[dict[str, Any]]:
-    """The first `limit` rows of a prompts file (JSONL or Parquet with a `prompt` column)."""
-    from policy.sample import read_rows
-
-    rows = read_rows(source)
-    if not rows or "prompt" not in rows[0]:
-        found = sorted(rows[0]) if rows else "no rows"
-        raise InputError(
-            f"ppo: the prompts {source} need a `prompt` column (a string or a list of chat messages); found {found}"
-        )
-    rows = rows[:limit]
-    if missing := [i for i, row in enumerate(rows) if not row.get("prompt")]:
-        raise InputError(f"ppo: rows {missing[:10]} of {source} have no prompt")
-    return rows
 
 
 def make_accelerator(config: PPOConfig) -> Any:

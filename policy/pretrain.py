@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tasks
+from common.data import load_texts
 from common.models import pick_device
 from common.outcomes import InputError
 from common.sources import split_revision
@@ -47,7 +48,11 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     task = tasks.load(config.task) if config.task is not None else None
     if task is None and "data" not in inputs:
         task = tasks.load({"name": "arithmetic"})  # the demo corpus is the arithmetic task's
-    texts = load_texts(inputs["data"], config.text_column) if "data" in inputs else demo_corpus(config, task)
+    texts = (
+        load_texts(inputs["data"], config.text_column, "pretrain")
+        if "data" in inputs
+        else demo_corpus(config, task)
+    )
     torch.manual_seed(config.seed)
     if "model" in inputs:
         name, revision = split_revision(inputs["model"])
@@ -106,28 +111,6 @@ def demo_corpus(config: PretrainConfig, task: tasks.Task | None) -> list[str]:
     return arithmetic.pretraining_corpus(
         task.max_operand, noise=config.corpus_noise, copies=config.corpus_copies, seed=config.seed
     )
-
-
-def load_texts(data: Path | str, column: str) -> list[str]:
-    """Texts from a JSONL/Parquet file, a folder of them, a saved `datasets` folder, or a hub data set."""
-    import datasets
-
-    if isinstance(data, str):
-        dataset = datasets.load_dataset(data, split="train")
-    elif (data / "dataset_info.json").exists() or (data / "state.json").exists():
-        dataset = datasets.load_from_disk(str(data))
-    else:
-        files = sorted(data.rglob("*")) if data.is_dir() else [data]
-        files = [f for f in files if f.suffix in (".jsonl", ".json", ".parquet")]
-        if not files:
-            raise InputError(f"pretrain: no .jsonl, .json or .parquet file in {data}")
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["train"]
-    if column not in dataset.column_names:
-        raise InputError(f"pretrain: data {data} has no column {column!r} (columns: {dataset.column_names})")
-    return [text for text in dataset[column] if text]
 
 
 def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

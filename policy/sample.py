@@ -19,16 +19,15 @@ Reads top to bottom: load, check, generate, save, measure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import tasks
+from common.data import load_prompts, write_jsonl
 from common.models import (
     compute_dtype,
     load_causal_lm,
@@ -60,9 +59,13 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     task = tasks.load(config.task) if config.task is not None else None
     if "prompts" in inputs:
         records, source = (
-            load_prompts(inputs["prompts"], config.num_prompts),
+            load_prompts(inputs["prompts"], "sample", config.num_prompts),
             source_reference(inputs["prompts"]),
         )
+        if reserved := [c for c in RESERVED_COLUMNS if any(c in record for record in records)]:
+            raise InputError(
+                f"sample: the prompts in {inputs['prompts']} have columns {reserved}, which this stage writes"
+            )
         if task is not None:
             from policy.evaluate import check_judgeable
 
@@ -130,96 +133,6 @@ def task_records(
     return task.prompts(split)[:limit], {"task": task.describe(), "split": split}  # type: ignore[arg-type]
 
 
-def load_prompts(source: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first `limit` rows of a prompts file, each with an `id` (given, or derived from the prompt)."""
-    rows = read_rows(source)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    expected = (
-        "a JSONL or Parquet file (or a folder of them) with a `prompt` column (a string or a list "
-        "of chat messages), an optional `id` column and any other columns to carry through"
-    )
-    if "prompt" not in columns:
-        raise InputError(
-            f"sample: the prompts in {source} have no `prompt` column (columns found: "
-            f"{columns}); expected {expected}"
-        )
-    if reserved := [c for c in RESERVED_COLUMNS if c in columns]:
-        raise InputError(f"sample: the prompts in {source} have columns {reserved}, which this stage writes")
-    if limit is not None and len(rows) > limit:
-        print(f"sample: using the first {limit} of the {len(rows)} prompts in {source} (num_prompts)")
-        rows = rows[:limit]
-    if missing := [i for i, row in enumerate(rows) if not row.get("prompt")]:
-        raise InputError(f"sample: rows {missing[:10]} of {source} have no prompt")
-    records = [
-        {"id": row.get("id") if row.get("id") is not None else prompt_id(row["prompt"]), **row}
-        for row in rows
-    ]
-    counts = Counter(json.dumps(record["id"]) for record in records)
-    if duplicated := sorted(i for i, n in counts.items() if n > 1):
-        raise InputError(
-            f"sample: the prompts in {source} repeat ids (or, without ids, prompts): {duplicated[:5]}"
-        )
-    if not records:
-        raise InputError(f"sample: {source} has no prompts")
-    return records
-
-
-def read_rows(source: Path | str) -> list[dict[str, Any]]:
-    """Rows of a JSONL/JSON-lines or Parquet file, a folder of them, a saved `datasets` folder or a hub data set."""
-    import datasets
-
-    if isinstance(source, str):
-        return datasets.load_dataset(source, split="train").to_list()
-    if not source.exists():
-        raise InputError(
-            f"sample: prompts {source} do not exist; expected a JSONL or Parquet file with a `prompt` column"
-        )
-    if source.is_dir() and ((source / "dataset_info.json").exists() or (source / "state.json").exists()):
-        dataset = datasets.load_from_disk(str(source))
-        return (dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset).to_list()
-    files = (
-        sorted(
-            p
-            for p in source.rglob("*")
-            if p.suffix in (".jsonl", ".json", ".parquet") and p.name != "manifest.json"
-        )
-        if source.is_dir()
-        else [source]
-    )
-    if not files:
-        raise InputError(f"sample: no .jsonl or .parquet file in {source}")
-    rows: list[dict[str, Any]] = []
-    for file in files:
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows += pq.read_table(file).to_pylist()
-        elif file.suffix in (".jsonl", ".json"):
-            rows += read_json_lines(file)
-        else:
-            raise InputError(f"sample: cannot read prompts from {file}; expected a .jsonl or .parquet file")
-    return rows
-
-
-def read_json_lines(file: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"sample: {file} line {number} is not JSON: {err}") from None
-            if not isinstance(row, dict):
-                raise InputError(f"sample: {file} line {number} is not a JSON object")
-            rows.append(row)
-    return rows
-
-
-def prompt_id(prompt: Any) -> str:
-    """An id derived from the prompt's content."""
-    return "p-" + hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]
-
-
 # --- check ---
 
 
@@ -259,12 +172,6 @@ def to_sample(record: dict[str, Any], candidates: list[str], duplicates: str) ->
     if duplicates == "mark":
         sample["duplicate_of"] = marks
     return {**sample, **{key: value for key, value in record.items() if key not in sample}}
-
-
-def write_jsonl(file: Path, rows: list[dict[str, Any]]) -> None:
-    with file.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
 def generation_record(

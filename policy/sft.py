@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset
 
 import tasks
+from common.data import Row, load_sft, sft_examples
 from common.models import (
     compute_dtype,
     has_generation_markers,
@@ -45,15 +46,6 @@ from policy.configs import SFTConfig
 SCRATCH = "scratch"
 """The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 ADAPTER_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
-FORMATS = (
-    "prompt/completion: `prompt` and `completion` columns, both strings (plain) or both lists of "
-    "{role, content} messages (conversational)",
-    "messages: a `messages` column of lists of {role, content} messages",
-    "text: a `text` column of strings (trained on every token)",
-)
-"""The data formats accepted, as error messages list them."""
-NOT_DATA = {"manifest.json", "base.json", "dataset_info.json", "state.json"}
-"""JSON files found beside data files (an artifact's manifest, ...) that are not data."""
 
 
 def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -214,9 +206,7 @@ def with_assistant_masks(dataset: Dataset, tokenizer: Any) -> Dataset:
 
 
 def load_data(data: Path | str | None, task: tasks.Task | None) -> tuple[Dataset, str]:
-    """The SFT data and its format; the task's SFT examples when `data` is None."""
-    import datasets
-
+    """The SFT data (`common.data.load_sft`) and its format; the task's SFT examples when `data` is None."""
     if data is None and task is None:
         raise InputError(
             "sft: no `data` input and no task to take SFT examples from; give data, or a task (the workflow's "
@@ -224,68 +214,11 @@ def load_data(data: Path | str | None, task: tasks.Task | None) -> tuple[Dataset
         )
     if data is None:
         assert task is not None
-        dataset = Dataset.from_list(task.sft_examples())
-    elif isinstance(data, str):
-        dataset = datasets.load_dataset(data, split="train")
-    elif not data.exists():
-        raise InputError(
-            f"sft: data {data} does not exist; expected a JSONL or Parquet file, a folder of them, "
-            "or a folder written by `datasets.Dataset.save_to_disk`"
-        )
-    elif data.is_dir() and any((data / name).exists() for name in ("state.json", "dataset_dict.json")):
-        dataset = datasets.load_from_disk(str(data))
+        rows = [Row(f"task {task.name} example {n}", e) for n, e in enumerate(task.sft_examples(), 1)]
+        examples, data_format = sft_examples(rows, "sft")
     else:
-        candidates = sorted(data.rglob("*")) if data.is_dir() else [data]
-        files = [
-            f for f in candidates if f.suffix in (".jsonl", ".json", ".parquet") and f.name not in NOT_DATA
-        ]
-        if not files:
-            raise InputError(
-                f"sft: no .jsonl, .json or .parquet file in {data}; expected a JSONL or Parquet file, "
-                "a folder of them, or a folder written by `datasets.Dataset.save_to_disk`"
-            )
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        files = [f for f in files if (f.suffix == ".parquet") == (builder == "parquet")]
-        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    data_format = detect_format(dataset, data)
-    columns = {"prompt/completion": ["prompt", "completion"], "messages": ["messages"], "text": ["text"]}
-    return dataset.select_columns(columns[data_format.split(" ")[0]]), data_format
-
-
-def detect_format(dataset: Dataset, source: Any) -> str:
-    """`prompt/completion`, `messages` or `text`, followed by `(conversational)` or `(plain)`."""
-    columns = dataset.column_names
-    found = None
-    if len(dataset) > 0:
-        example = dataset[0]
-        if "prompt" in columns and "completion" in columns:
-            kinds = {_kind(example["prompt"]), _kind(example["completion"])}
-            found = f"prompt/completion ({kinds.pop()})" if len(kinds) == 1 and None not in kinds else None
-        elif "messages" in columns and _kind(example["messages"]) == "conversational":
-            found = "messages (conversational)"
-        elif "text" in columns and _kind(example["text"]) == "plain":
-            found = "text (plain)"
-    if found is None:
-        what = "an empty data set" if len(dataset) == 0 else f"columns {columns}"
-        raise InputError(
-            f"sft: data {source or '(demo)'} fits none of the accepted formats; found {what}. Accepted:\n- "
-            + "\n- ".join(FORMATS)
-        )
-    return found
-
-
-def _kind(value: Any) -> str | None:
-    if isinstance(value, str):
-        return "plain"
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
-    ):
-        return "conversational"
-    return None
+        examples, data_format = load_sft(data, "sft")
+    return Dataset.from_list(examples), data_format
 
 
 def split(dataset: Dataset, config: SFTConfig) -> tuple[Dataset, Dataset | None]:

@@ -7,11 +7,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configs import PrecisionSettings, PublishSettings, TokenizerSettings
+from common.configs import PrecisionSettings, PreferenceSettings, PublishSettings, TokenizerSettings
 from tasks import UsesTask
 
 
-class RewardConfig(TokenizerSettings, PrecisionSettings, PublishSettings, UsesTask):
+class RewardConfig(TokenizerSettings, PrecisionSettings, PublishSettings, PreferenceSettings, UsesTask):
     """A reward model trained on preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss), measured
     on a held-out split by prompt and gated on its held-out pairwise accuracy. On the demo the 4-layer
     model alone stays near 0.65 held-out accuracy however long it trains (it knows which digit should

@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from common.data import PREFERENCES_FILE, write_jsonl
 from tasks import arithmetic
 
 
@@ -115,9 +116,7 @@ def demo_pairs(
 def write_preferences(rows: list[dict[str, Any]], out_dir: Path, **settings: Any) -> Path:
     """A preferences directory: `preferences.jsonl` and `summary.json` (counts and the settings)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "preferences.jsonl").open("w") as file:
-        for row in rows:
-            file.write(json.dumps(row) + "\n")
+    write_jsonl(out_dir / PREFERENCES_FILE, rows)
     summary = {
         "pairs": len(rows),
         "prompts": len({row["prompt_id"] for row in rows}),

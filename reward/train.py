@@ -2,7 +2,8 @@
 
 Inputs: `preferences` (a directory holding `preferences.jsonl`, or a JSONL file, in TRL's explicit-prompt
 preference format: `prompt`, `chosen`, `rejected`, conversational or plain, with optional `prompt_id` and
-`agreement`) and `model` (a model directory, a PEFT adapter directory, which is merged into its base
+`agreement`; read by `common.data.load_preferences`, which drops pairs whose chosen and rejected responses
+are the same) and `model` (a model directory, a PEFT adapter directory, which is merged into its base
 first, or a hub id). The model gets a score head (`common.reward_model.sequence_classifier`, one label)
 and is trained with TRL's `RewardTrainer` (Bradley-Terry loss), with LoRA by default.
 
@@ -24,7 +25,6 @@ Reads top to bottom: check, load, train, save, measure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import tasks
+from common.data import load_preferences
 from common.models import (
     load_tokenizer,
     pick_device,
@@ -60,14 +61,8 @@ from reward.configs import RewardConfig
 
 SCRATCH = "scratch"
 """The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
-PREFERENCES_FILE = "preferences.jsonl"
 EVAL_FILE = "eval.json"
 HELD_OUT_FILE = "held_out.jsonl"
-FORMAT = (
-    "one JSON object per line with `prompt`, `chosen` and `rejected`: all three strings (plain), or all "
-    "three lists of {role, content} messages (conversational: the prompt's turns, then the response's "
-    "assistant turn); optional `prompt_id` (pairs of one prompt share it) and `agreement` (0..1)"
-)
 
 
 def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
@@ -75,7 +70,8 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
 
     # Check: everything that can be told without loading the model
     device = pick_device(config.device)
-    rows, data_format = load_preferences(inputs["preferences"])
+    preferences = load_preferences(inputs["preferences"], "reward", config.min_distinct_fraction)
+    rows, data_format = preferences.rows, preferences.format
     source = inputs["model"]
     tokenizer = load_tokenizer(source, config.pad_token)
     check_tokenizer(tokenizer, data_format)
@@ -140,6 +136,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "train_pairs": len(train_rows),
         "train_prompts": len({r["prompt_id"] for r in train_rows}),
         "pairs_too_long": train_too_long + held_out_too_long,
+        "pairs_dropped_identical": preferences.dropped_identical,
         "data_format": data_format,
         "text_format": "chat" if tokenizer.chat_template else "plain",
         "tokenizer": tokenizer_summary(tokenizer),
@@ -166,59 +163,6 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
 
 
 # --- check ---
-
-
-def load_preferences(source: Path | str) -> tuple[list[dict[str, Any]], str]:
-    """The preference rows and their format (`conversational` or `plain`), each row with a `prompt_id`
-    (derived from the prompt when the data has none)."""
-    if isinstance(source, str):
-        raise InputError(f"reward: preferences must be a local directory or JSONL file, got {source!r}")
-    file = source / PREFERENCES_FILE if source.is_dir() else source
-    if not file.is_file():
-        raise InputError(
-            f"reward: no preference data at {file}; expected {PREFERENCES_FILE} in the directory"
-        )
-    rows = []
-    formats = set()
-    with file.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"reward: {where} is not JSON ({err})") from None
-            kind = row_format(row) if isinstance(row, dict) else None
-            if kind is None:
-                found = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise InputError(
-                    f"reward: {where} is not a preference pair (found {found}); expected {FORMAT}"
-                )
-            formats.add(kind)
-            if len(formats) > 1:
-                raise InputError(
-                    f"reward: {where} is {kind}, earlier rows are not; one data set has one format"
-                )
-            if row.get("prompt_id") is None:
-                digest = hashlib.sha256(json.dumps(row["prompt"], sort_keys=True).encode()).hexdigest()
-                row["prompt_id"] = "prompt-" + digest[:12]
-            rows.append(row)
-    if not rows:
-        raise InputError(f"reward: {file} holds no preference pairs")
-    return rows, formats.pop()
-
-
-def row_format(row: dict[str, Any]) -> str | None:
-    values = [row.get(key) for key in ("prompt", "chosen", "rejected")]
-    if all(isinstance(v, str) for v in values):
-        return "plain"
-    if all(
-        isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in v)
-        for v in values
-    ):
-        return "conversational"
-    return None
 
 
 def check_tokenizer(tokenizer: Any, data_format: str) -> None:

@@ -154,18 +154,41 @@ def test_plain_preferences_for_a_chat_policy_are_refused(sft_adapter, tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"prompt": "p", "chosen": "a"}', "not a preference pair"),
-        ("not json", "is not JSON"),
+        (
+            '{"prompt": "p", "chosen": "a"}',
+            r"line 1: no `rejected` column \(found columns \['prompt', 'chosen'\]\)",
+        ),
+        ("not json", "line 1: not valid JSON"),
         (
             '{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}',
-            "not a preference",
+            "line 1: `chosen` is a list; the prompt is a string, so the responses must be too",
         ),
     ],
 )
-def test_malformed_preferences_are_clear_errors(line, message, tmp_path):
+def test_malformed_preferences_are_clear_errors_before_the_policy_loads(line, message, tmp_path):
     (tmp_path / "preferences.jsonl").write_text(line + "\n")
-    with pytest.raises(InputError, match=message):
-        dpo.load_preferences(tmp_path)
+    inputs = {"policy": tmp_path / "no-policy", "preferences": tmp_path}
+    with pytest.raises(InputError, match="^dpo: .*preferences.jsonl " + message):
+        dpo.run(DPOConfig(**FAST), inputs, tmp_path / "out")
+
+
+def test_pairs_with_identical_responses_are_dropped_counted_and_bounded(sft_adapter, tmp_path):
+    rows = pairs(4)
+    same = [{**row, "rejected": row["chosen"]} for row in rows[:3]]
+    preferences = write_pairs(tmp_path / "preferences", rows + same)
+    metrics = dpo.run(
+        DPOConfig(**FAST, pairs="all"), {"policy": sft_adapter, "preferences": preferences}, tmp_path / "out"
+    )
+    assert metrics["pairs_dropped_identical"] == 3
+    assert metrics["pairs_given"] == len(rows) + 3 and metrics["pairs"] == len(rows)
+    with pytest.raises(
+        InputError, match=r"3 of the 15 pairs have the same chosen and rejected.*min_distinct_fraction"
+    ):
+        dpo.run(
+            DPOConfig(**FAST, min_distinct_fraction=0.9),
+            {"policy": sft_adapter, "preferences": preferences},
+            tmp_path / "out2",
+        )
 
 
 def test_config_checks_loss_weights_and_method_settings():

@@ -205,7 +205,7 @@ def test_prompts_from_a_file_are_chat_messages_for_a_chat_policy(tmp_path):
         not in online_rl.prompt_rows(GRPOConfig(), file, tiny_policies.tokenizer(), "grpo", None)[0]
     )
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(InputError, match=r"^grpo: the prompts in .* have no `prompt` column"):
+    with pytest.raises(InputError, match=r"^grpo: .*bad\.jsonl line 1: no `prompt` column"):
         online_rl.prompt_rows(GRPOConfig(), tmp_path / "bad.jsonl", tiny_policies.tokenizer(), "grpo", task)
     demo = online_rl.prompt_rows(GRPOConfig(num_prompts=5), None, tiny_policies.tokenizer(), "grpo", task)
     records = arithmetic.train_prompts()[:5]

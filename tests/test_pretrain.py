@@ -273,7 +273,9 @@ def test_a_missing_text_column_is_a_clear_error(trained, tmp_path):
     out_dir, _ = trained
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(InputError, match="no column 'text'"):
+    with pytest.raises(
+        InputError, match=r"data\.jsonl line 1: no `text` column \(found columns \['content'\]\)"
+    ):
         pretrain.run(PretrainConfig(**TINY), {"model": out_dir, "data": data}, tmp_path / "out")
 
 

@@ -307,19 +307,30 @@ def test_preference_file_problems_are_clear(tmp_path):
     file = tmp_path / "prefs.jsonl"
     file.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(
-        InputError, match=r"prefs\.jsonl:1 is not a preference pair \(found \['chosen', 'prompt'\]\)"
+        InputError,
+        match=r"prefs\.jsonl line 1: no `rejected` column \(found columns \['prompt', 'chosen'\]\)",
     ):
-        train.load_preferences(file)
+        train.run(RewardConfig(**TINY), {"preferences": file, "model": tmp_path / "no-model"}, tmp_path)
     file.write_text(
         json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
         + "\n"
         + json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"})
         + "\n"
     )
-    with pytest.raises(InputError, match=r"prefs\.jsonl:2 is not a preference pair"):
-        train.load_preferences(file)
-    with pytest.raises(InputError, match="no preference data"):
-        train.load_preferences(tmp_path / "missing")
+    with pytest.raises(
+        InputError, match=r"prefs\.jsonl line 2: `chosen` is a string; expected a list of assistant"
+    ):
+        train.run(RewardConfig(**TINY), {"preferences": file, "model": tmp_path / "no-model"}, tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        train.run(RewardConfig(**TINY), {"preferences": tmp_path / "missing", "model": tmp_path}, tmp_path)
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path, tiny_model):
+    rows = easy_pairs(prompts=8)
+    same = [{**row, "chosen": row["rejected"]} for row in rows[:2]]
+    metrics, _ = train_stage(tmp_path, tiny_model, rows + same, epochs=1)
+    assert metrics["pairs_dropped_identical"] == 2
+    assert metrics["train_pairs"] + metrics["held_out_pairs"] == len(rows)
 
 
 def test_conversational_data_needs_a_chat_template(tmp_path, tiny_model):

@@ -219,12 +219,14 @@ def test_without_prompts_or_task_or_with_prompts_the_task_cannot_judge_it_is_an_
 def test_prompts_without_a_prompt_column_or_missing_are_input_errors(base_dir, tmp_path):
     file = tmp_path / "bad.jsonl"
     file.write_text(json.dumps({"question": "What is 1 + 1?", "reference": 2}) + "\n")
-    with pytest.raises(InputError, match=r"no `prompt` column.*\['question', 'reference'\]"):
+    with pytest.raises(
+        InputError, match=r"bad\.jsonl line 1: no `prompt` column.*\['question', 'reference'\]"
+    ):
         sample.run(SampleConfig(**TINY), {"policy": base_dir, "prompts": file}, tmp_path)
-    with pytest.raises(InputError, match=r"do not exist.*`prompt` column"):
+    with pytest.raises(InputError, match=r"absent\.jsonl does not exist.*`prompt` column"):
         sample.run(SampleConfig(**TINY), {"policy": base_dir, "prompts": tmp_path / "absent.jsonl"}, tmp_path)
     file.write_text(json.dumps({"prompt": "a", "id": 1}) + "\n" + json.dumps({"prompt": "b", "id": 1}) + "\n")
-    with pytest.raises(InputError, match="repeat ids"):
+    with pytest.raises(InputError, match=r"bad\.jsonl line 2: repeats the id 1 of .*bad\.jsonl line 1"):
         sample.run(SampleConfig(**TINY), {"policy": base_dir, "prompts": file}, tmp_path)
 
 

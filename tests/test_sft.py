@@ -153,12 +153,16 @@ def test_mixed_plain_and_conversational_columns_are_rejected(tmp_path):
     path.write_text(
         json.dumps({"prompt": "What is 1 + 2?", "completion": [{"role": "assistant", "content": "3"}]}) + "\n"
     )
-    with pytest.raises(InputError, match="fits none of the accepted formats"):
+    with pytest.raises(
+        InputError, match=r"mixed\.jsonl line 1: `completion` is a list; the prompt is a string"
+    ):
         sft.run(SFTConfig(), {"model": tmp_path / "no-model", "data": path}, tmp_path)
 
 
 def test_missing_data_says_what_was_expected(tmp_path):
-    with pytest.raises(InputError, match=r"does not exist; expected a JSONL or Parquet file"):
+    with pytest.raises(
+        InputError, match=r"missing\.jsonl does not exist; expected a JSONL, JSON or Parquet file"
+    ):
         sft.run(SFTConfig(), {"model": tmp_path / "no-model", "data": tmp_path / "missing.jsonl"}, tmp_path)
 
 
