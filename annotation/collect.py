@@ -38,6 +38,7 @@ from annotation.argilla_dataset import Api
 from annotation.configs import CollectConfig
 from common.data import PREFERENCES_FILE, write_jsonl
 from common.outcomes import InputError, Waiting
+from common.training import Table, log_to_wandb, wandb_run
 
 RANKINGS_FILE = "rankings.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -256,11 +257,7 @@ def correct_chosen_fraction(rows: list[dict[str, Any]], task: tasks.Task | None)
 def log_tables(rows: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> None:
     """W&B tables, when the runner opened a run: `preferences` (the first `TABLE_PAIRS` pairs) and
     `rankings` (the first `TABLE_PAIRS` ranked records: mean ranks, consensus best, agreement)."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is None:
+    if wandb_run() is None:
         return
     pairs = [
         [
@@ -287,14 +284,13 @@ def log_tables(rows: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> N
         ]
         for record in agreement[:TABLE_PAIRS]
     ]
-    wandb.run.log(
+    log_to_wandb(
         {
-            "preferences": wandb.Table(
-                columns=["prompt_id", "prompt", "chosen", "rejected", "agreement", "votes", "simulated"],
-                data=pairs,
+            "preferences": Table(
+                ["prompt_id", "prompt", "chosen", "rejected", "agreement", "votes", "simulated"], pairs
             ),
-            "rankings": wandb.Table(
-                columns=[
+            "rankings": Table(
+                [
                     "record_id",
                     "prompt",
                     "rankings",
@@ -304,7 +300,7 @@ def log_tables(rows: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> N
                     "mean_ranks",
                     "consensus_best",
                 ],
-                data=ranked,
+                ranked,
             ),
         }
     )

@@ -116,7 +116,7 @@ def kendall_w(rankings: Sequence[Sequence[int]]) -> float | None:
     m, n = len(rankings), len(rankings[0]) if rankings else 0
     if m < 2 or n < 2:
         return None
-    fractional = [_fractional_ranks(r) for r in rankings]
+    fractional = [fractional_ranks(r) for r in rankings]
     totals = [sum(r[i] for r in fractional) for i in range(n)]
     average = sum(totals) / n
     s = sum((total - average) ** 2 for total in totals)
@@ -136,8 +136,9 @@ def _group_sizes(ranks: Sequence[int]) -> list[int]:
     return list(counts.values())
 
 
-def _fractional_ranks(ranks: Sequence[int]) -> list[float]:
-    """Ranks 1..n with tied candidates sharing the mean of the positions they span ([1, 2, 2] -> [1, 2.5, 2.5])."""
+def fractional_ranks(ranks: Sequence[float]) -> list[float]:
+    """Ranks 1..n of the values, ascending, with ties sharing the mean of the positions they span
+    ([1, 2, 2] -> [1, 2.5, 2.5]): Kendall's W here, and Pearson on them is Spearman's rho."""
     order = sorted(range(len(ranks)), key=lambda i: ranks[i])
     result = [0.0] * len(ranks)
     position = 0

@@ -4,7 +4,7 @@ Each bot is an account `bot-N` (role annotator, named "Simulated annotator N (bo
 person in the web UI: it asks for its pending queue (`POST /api/v1/me/datasets/{id}/records/search`, the
 UI's query) and answers each record (`POST /api/v1/records/{id}/responses`, the UI's submit/discard
 call; or, with `bulk`, `POST /api/v1/me/responses/bulk`, the UI's bulk mode). Its ranking is the task's
-(`task_ranks`: by `Task.preference`, the verdict or a finer grading of it) perturbed by seeded adjacent
+(`tasks.ranks`: by `Task.preference`, the verdict or a finer grading of it) perturbed by seeded adjacent
 swaps; its comment says it is simulated, and collect marks its rankings `simulated`. A record the task
 cannot judge (it lacks the fields the verdict needs) is an error, not a random ranking.
 
@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import tasks
 from annotation import argilla_dataset as layout
 from annotation import server
 from annotation.argilla_dataset import Api
@@ -54,28 +55,6 @@ def is_simulated(username: str) -> bool:
 # --- the ranking a bot gives ---
 
 
-def task_ranks(task: Task, record: dict[str, Any], candidates: list[str]) -> list[int]:
-    """The task's ranks (1 = best): candidates by `Task.preference`, best first; equal values tie. (On the
-    arithmetic task: right answers first, then wrong ones by distance to the answer, no answer last.)"""
-    keys = [-task.preference(record, text) for text in candidates]
-    levels = sorted(set(keys))
-    return [levels.index(key) + 1 for key in keys]
-
-
-def simulated_ranks(
-    task: Task, record: dict[str, Any], candidates: list[str], noise: float, rng: random.Random
-) -> list[int]:
-    """A bot's ranks: the task's with each adjacent pair of rank levels swapped with probability `noise`
-    (one pass, best to worst)."""
-    truth = task_ranks(task, record, candidates)
-    levels = list(range(1, max(truth) + 1))
-    for position in range(len(levels) - 1):
-        if rng.random() < noise:
-            levels[position], levels[position + 1] = levels[position + 1], levels[position]
-    new_rank = {level: position + 1 for position, level in enumerate(levels)}
-    return [new_rank[rank] for rank in truth]
-
-
 def check_judgeable(task: Task | None, records: list[dict[str, Any]]) -> Task:
     """The task, when it can judge every record of a batch; else a `TaskError` naming the first record it
     cannot judge (simulated annotators never rank at random)."""
@@ -102,7 +81,7 @@ def bot_answer(
     if rng.random() < config.discard:
         values = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
         return {"status": "discarded", "values": values} if values else {"status": "discarded"}
-    ranks = simulated_ranks(task, record, record["candidates"], config.noise, rng)
+    ranks = tasks.simulated_ranks(task, record, record["candidates"], config.noise, rng)
     last = max(ranks) + 1  # placeholder slots go last, tied
     ranking = [{"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last} for i in range(slots)]
     values: dict[str, Any] = {layout.RANKING: {"value": ranking}}

@@ -147,7 +147,7 @@ def add_rankings(info, batch: dict, records: list[dict], logins, share: float) -
         users = {user["username"]: user["id"] for user in api.users()}
         items = []
         for record in records[: int(len(records) * share)]:
-            ranks = simulate.task_ranks(ARITHMETIC, record, record["candidates"])
+            ranks = tasks.ranks(ARITHMETIC, record, record["candidates"])
             last = max(ranks) + 1
             value = [
                 {"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last}

@@ -3,7 +3,7 @@ validating a workflow imports this module."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,7 +55,18 @@ class PublishSettings(StageConfig):
         return self
 
 
-class PrecisionSettings(StageConfig):
+class DeviceSettings(StageConfig):
+    """Where a stage that runs a model computes."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run: `auto` picks CUDA when available. Under `accelerate launch` the launcher decides."""
+    cpu_threads: int = Field(0, ge=0)
+    """Torch threads when running on the CPU; 0 takes every CPU this process may run on. On a busy
+    machine fewer is faster: torch's waiting threads spin, so more threads than free cores slow a run
+    down several times (starting the process with `OMP_WAIT_POLICY=PASSIVE` avoids that)."""
+
+
+class PrecisionSettings(DeviceSettings):
     """Settings of stages that run a model forward (train, generate or score)."""
 
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -75,3 +86,58 @@ class PreferenceSettings(StageConfig):
     (`pairs_dropped_identical` in the metrics). When fewer than this fraction of the pairs is left (or
     none), the data is taken for broken (e.g. duplicate candidates ranked apart) and the stage stops before
     loading any model."""
+
+
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+class LoraSettings(StageConfig):
+    """The LoRA adapter of the stages that train one (SFT, reward, DPO, RLOO, GRPO). A LoRA setting given
+    with a `method` that trains no LoRA is an error, not something to ignore."""
+
+    lora_methods: ClassVar[tuple[str, ...]] = ("lora",)
+    """The values of the stage's `method` that train a LoRA adapter."""
+
+    lora_r: int = Field(16, ge=1)
+    """Rank of the update matrices."""
+    lora_alpha: float = Field(32, gt=0)
+    """Scaling numerator; the update is scaled by `lora_alpha / lora_r`."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """The modules that get an adapter: `all-linear` (every linear layer of the transformer blocks, not
+    the output head nor a reward model's score head, which is trained in full) or a list of module names
+    such as `[q_proj, v_proj]`."""
+
+    @model_validator(mode="after")
+    def _lora_settings_need_lora(self) -> LoraSettings:
+        method = getattr(self, "method", self.lora_methods[0])
+        wrong = [
+            name for name in LORA_FIELDS if name in self.model_fields_set and method not in self.lora_methods
+        ]
+        if wrong:
+            raise ValueError(
+                f"method {method!r} does not use {', '.join(wrong)} (for {'/'.join(self.lora_methods)})"
+            )
+        return self
+
+
+class TrainerSettings(DeviceSettings):
+    """The optimizer, checkpoint and logging settings of the stages trained by a Hugging Face / TRL
+    trainer (SFT, reward, DPO, RLOO, GRPO); `common.training.trainer_arguments` turns them into the
+    trainer's arguments."""
+
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Fraction of the optimizer steps spent warming the learning rate up linearly (then cosine decay to 0)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 20-30% slower (worth it for large
+    models only)."""
+    logging_steps: int = Field(10, ge=1)
+    """Optimizer steps between loss reports (progress bar and W&B)."""
+    save_steps: int = Field(100, ge=1)
+    """Optimizer steps between checkpoints (under the stage's `scratch/`, the last two only, dropped when
+    the stage finishes): a rerun after a crash resumes from the last one."""

@@ -320,7 +320,7 @@ def merged_causal_lm(source: Path | str, dtype: torch.dtype | None = None) -> An
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype or "auto")
     assert isinstance(source, Path)
     check_mergeable(source, "serve it as an adapter on its base")
-    model = _adapter_on_its_base(source, None, trainable=False).merge_and_unload()
+    model = merge_adapter(_adapter_on_its_base(source, None, trainable=False))
     return model.to(dtype) if dtype is not None else model
 
 
@@ -331,18 +331,34 @@ def _adapter_on_its_base(adapter: Path, dtype: torch.dtype | None, trainable: bo
     return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
 
 
-UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
-"""PEFT types that add virtual tokens at inference instead of changing weights: nothing to merge."""
-
-
 def check_mergeable(adapter: Path, hint: str) -> None:
-    """Raise `InputError` (ending with `hint`) when the adapter cannot be merged into its base weights."""
-    peft_type = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("peft_type", "")
-    if peft_type in UNMERGEABLE:
+    """Raise `InputError` (ending with `hint`) when the adapter cannot be merged into its base weights:
+    prompt learning (prompt, prefix and p-tuning) adds virtual tokens at inference instead of changing
+    weights. PEFT's own `is_prompt_learning` decides, here and in `merge_adapter`."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    if config.is_prompt_learning:
         raise InputError(
-            f"{adapter} is a {peft_type.lower()} adapter, which adds virtual tokens at inference rather than "
-            f"changing weights, so it cannot be merged; {hint}"
+            f"{adapter} is a {str(config.peft_type).split('.')[-1].lower()} adapter, which adds virtual tokens "
+            f"at inference rather than changing weights, so it cannot be merged; {hint}"
         )
+
+
+def merge_adapter(model: Any) -> Any:
+    """The one adapter merge: a `PeftModel` whose adapter can be folded into the base weights (LoRA, DoRA,
+    IA3, ...; not prompt learning, not on a quantized base) merged and unwrapped; anything else returned
+    as it is."""
+    from peft import PeftModel
+
+    if (
+        isinstance(model, PeftModel)
+        and not model.peft_config[model.active_adapter].is_prompt_learning
+        and not getattr(model.get_base_model(), "is_quantized", False)
+        and hasattr(model.base_model, "merge_and_unload")
+    ):
+        return model.merge_and_unload()
+    return model
 
 
 def _align_special_tokens(model: Any, tokenizer: Any) -> None:
@@ -363,10 +379,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def set_threads() -> None:
-    """On CPU, use the cores this process may run on (torch's default can oversubscribe small machines)."""
+def set_threads(threads: int = 0) -> None:
+    """On CPU, use `threads` torch threads, or (0) the cores this process may run on (torch's default
+    can oversubscribe small machines). See `common.configs.DeviceSettings.cpu_threads`."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | None = None) -> None:
@@ -408,15 +425,7 @@ def merged_for_inference(model: Any, dtype: torch.dtype | None = None) -> Any:
     unwrapped, for faster generation; anything else (prompt learning, a quantized base, a plain model)
     is returned unmerged. Then cast to `dtype` when given (after merging, so that the adapter is folded
     in at the loaded precision). Only for a frozen model that is not saved afterwards."""
-    from peft import PeftModel
-
-    if (
-        isinstance(model, PeftModel)
-        and not model.peft_config[model.active_adapter].is_prompt_learning
-        and not getattr(model.get_base_model(), "is_quantized", False)
-        and hasattr(model.base_model, "merge_and_unload")
-    ):
-        model = model.merge_and_unload()
+    model = merge_adapter(model)
     if dtype is not None and not getattr(model, "is_quantized", False):
         model = model.to(dtype)
     return model

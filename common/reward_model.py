@@ -33,6 +33,7 @@ from common.models import (
     check_mergeable,
     is_adapter,
     load_tokenizer,
+    merge_adapter,
     merged_causal_lm,
     tokenizer_fingerprint,
 )
@@ -137,7 +138,7 @@ def adapter_reward_model(path: Path, what: str, dtype: torch.dtype | str) -> Any
             f"{what} has no trained score head: {', '.join(missing)} missing from its adapter weights (they "
             "would be randomly initialised)"
         )
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = merge_adapter(PeftModel.from_pretrained(model, str(path)))
     return model if dtype == "auto" else model.to(dtype)
 
 

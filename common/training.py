@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,68 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def final_train_loss(trainer: Any, mean_loss: float) -> float:
-    """The last logged training loss (a mean over the last `logging_steps` steps), else the mean loss."""
+    """`train_loss` in every training stage's metrics, one meaning: the last logged training loss, a mean
+    over the last `logging_steps` optimizer steps (what training ended at, not its average over the run,
+    which the early steps dominate); the run's mean loss when nothing was logged."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses[-1] if losses else mean_loss
+
+
+def trainer_arguments(config: Any, device: Any, scratch: Path) -> dict[str, Any]:
+    """The arguments every Hugging Face / TRL trainer of the pipeline shares (SFT, reward, DPO, RLOO,
+    GRPO), from a config with `common.configs.TrainerSettings`, `seed`, `lr`, `batch_size` and either
+    `steps` or `epochs`; each stage adds its trainer's own. Checkpoints go to `scratch` every `save_steps`
+    (the last two kept: the last one may be half-written when the process is killed)."""
+    from common.models import trainer_precision  # imports torch
+
+    length = {"max_steps": config.steps} if hasattr(config, "steps") else {"num_train_epochs": config.epochs}
+    return {
+        "output_dir": str(scratch),
+        "seed": config.seed,
+        **length,
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.lr,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": config.warmup_ratio,  # below 1: a fraction of the steps
+        "weight_decay": config.weight_decay,
+        "activation_checkpointing": config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
+        **trainer_precision(config.precision, device),  # TRL defaults to bf16 everywhere
+        "logging_steps": config.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,
+        "report_to": ["wandb"] if wandb_run() is not None else "none",
+        "disable_tqdm": False,
+    }
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows for a W&B table (see `log_to_wandb`)."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def log_to_wandb(values: dict[str, Any], step: int | None = None) -> None:
+    """The one way stages log to W&B: numbers as they are, a `Table` as a W&B table, a `Path` as an
+    image. Nothing happens when the runner opened no W&B run in this process (a stage run outside the
+    runner, a process other than the main one); callers that build large tables check `wandb_run()` first."""
+    run = wandb_run()
+    if run is None:
+        return
+    import wandb
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Table):
+            return wandb.Table(columns=value.columns, data=value.rows)
+        if isinstance(value, Path):
+            return wandb.Image(str(value))
+        return value
+
+    data = {key: convert(value) for key, value in values.items()}
+    run.log(data) if step is None else run.log(data, step=step)
 
 
 def wandb_run() -> Any:

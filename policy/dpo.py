@@ -28,9 +28,9 @@ import torch
 
 import tasks
 from common.data import load_preferences
-from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
+from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
-from common.training import count_parameters, last_checkpoint
+from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy import tuning
 from policy.configs import DPOConfig
 
@@ -53,7 +53,7 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     if not rows:
         raise InputError("dpo: no preference pair is left after keeping the best-versus-rest pairs")
     check_tokenizer(load_tokenizer(inputs["policy"]), data_format, rows[0])
-    set_threads()
+    set_threads(config.cpu_threads)
 
     # Load: the SFT policy's complete weights (an adapter merged into its base)
     scratch = out_dir / SCRATCH
@@ -79,7 +79,7 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     return {
         **measured,
         **training_metrics(trainer),
-        "train_loss": result.training_loss,
+        "train_loss": final_train_loss(trainer, result.training_loss),
         "pairs": len(rows),
         "pairs_given": preferences.given,
         "pairs_dropped_identical": preferences.dropped_identical,
@@ -175,28 +175,12 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any
     from trl import DPOConfig as TRLConfig
 
     return TRLConfig(
-        output_dir=str(scratch),
-        seed=config.seed,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
-        weight_decay=config.weight_decay,
+        **trainer_arguments(config, device, scratch),
         beta=config.beta,
         loss_type=list(config.loss_type),
         loss_weights=config.loss_weights,
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
-        activation_checkpointing=config.gradient_checkpointing,  # TRL's default is on
-        **trainer_precision(config.precision, device),
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,  # the last one may be half-written when the process is killed
-        report_to=tuning.report_to(),
-        disable_tqdm=False,
     )
 
 

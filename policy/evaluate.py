@@ -58,6 +58,7 @@ from common.models import (
     tokenizer_fingerprint,
 )
 from common.outcomes import InputError
+from common.training import Table, log_to_wandb, wandb_run
 from policy.configs import EvaluateConfig
 from policy.generation import Completion, Sampling, encode_prompts, left_pad, sample_candidates
 from tasks import Task, pass_rate
@@ -89,7 +90,7 @@ class PolicyResult:
 
 def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    set_threads()
+    set_threads(config.cpu_threads)
     device = pick_device(config.device)
 
     # Load and check
@@ -122,7 +123,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     write_responses(out_dir / RESPONSES_FILE, records, results)
     (out_dir / MARKDOWN_FILE).write_text(markdown(report))
     figure = chart(report, out_dir / CHART_FILE)
-    log_to_wandb(records, results, out_dir / CHART_FILE)
+    log_responses(records, results, out_dir / CHART_FILE)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -515,12 +516,9 @@ def chart(report: dict[str, Any], file: Path) -> Any:
     return figure
 
 
-def log_to_wandb(records: list[dict[str, Any]], results: dict[str, PolicyResult], chart_file: Path) -> None:
+def log_responses(records: list[dict[str, Any]], results: dict[str, PolicyResult], chart_file: Path) -> None:
     """Greedy responses side by side (prompt, per policy: response and the task's verdict) and the chart."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
+    if wandb_run() is None:
         return
     judged = all(result.verdicts_greedy is not None for result in results.values())
     columns = ["prompt"]
@@ -536,9 +534,7 @@ def log_to_wandb(records: list[dict[str, Any]], results: dict[str, PolicyResult]
                 assert result.verdicts_greedy is not None
                 row.append(result.verdicts_greedy[index])
         rows.append(row)
-    wandb.run.log(
-        {"responses": wandb.Table(columns=columns, data=rows), "chart": wandb.Image(str(chart_file))}
-    )
+    log_to_wandb({"responses": Table(columns, rows), "chart": chart_file})
 
 
 # --- for other stages: the task's pass rate at the end of training ---

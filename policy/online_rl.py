@@ -36,7 +36,7 @@ import torch
 
 import tasks
 from common.data import load_prompts
-from common.models import load_tokenizer, pick_device, set_threads, trainer_precision
+from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
 from common.reward_model import (
     check_reward_status,
@@ -45,7 +45,7 @@ from common.reward_model import (
     response_text,
     score_batch,
 )
-from common.training import count_parameters, last_checkpoint
+from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
 from tasks import Task
@@ -89,7 +89,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         reward = RewardModel(
             reward_model, reward_tokenizer, config.reward_batch_size, judged, config.max_new_tokens
         )
-    set_threads()
+    set_threads(config.cpu_threads)
 
     # Load: the SFT policy's complete weights (an adapter merged into its base)
     scratch = out_dir / SCRATCH
@@ -127,7 +127,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     return {
         **measured,
         **training_metrics(trainer),
-        "train_loss": result.training_loss,
+        "train_loss": final_train_loss(trainer, result.training_loss),
         "prompts": len(rows),
         "method": config.method,
         "publish": config.publish,
@@ -274,15 +274,7 @@ def trainer_and_args(
 ) -> tuple[type, Any]:
     """TRL's trainer class and its arguments: the settings both share, then each one's own."""
     common = {
-        "output_dir": str(scratch),
-        "seed": config.seed,
-        "max_steps": config.steps,
-        "per_device_train_batch_size": config.batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "learning_rate": config.lr,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": config.warmup_ratio,  # below 1: a fraction of the steps
-        "weight_decay": config.weight_decay,
+        **trainer_arguments(config, device, scratch),
         "num_generations": config.num_generations,
         "max_completion_length": config.max_new_tokens,
         "temperature": config.temperature,
@@ -291,14 +283,6 @@ def trainer_and_args(
         "beta": config.kl_coef,  # explicit: GRPO's default 0 would drop the KL term
         "num_iterations": config.num_iterations,
         "epsilon": config.epsilon,
-        "activation_checkpointing": config.gradient_checkpointing,  # TRL's default is on
-        **trainer_precision(config.precision, device),
-        "logging_steps": config.logging_steps,
-        "save_strategy": "steps",
-        "save_steps": config.save_steps,
-        "save_total_limit": 2,
-        "report_to": tuning.report_to(),
-        "disable_tqdm": False,
     }
     if stage == "rloo":
         from trl import RLOOConfig as TRLRLOOConfig

@@ -49,7 +49,6 @@ import functools
 import json
 import random
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.reward_model import check_reward_status, check_tokenizers_match, load_reward_model, score_batch
-from common.training import last_checkpoint
+from common.training import Table, last_checkpoint, log_to_wandb, wandb_run
 from policy import ppo_math
 from policy.configs import PPOConfig
 from policy.generation import Completion, Sampling, derive_seed, encode_prompts, generate, left_pad, stop_ids
@@ -111,7 +110,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 
     # Load
     accelerator = make_accelerator(config)
-    set_threads()
+    set_threads(config.cpu_threads)
     device = accelerator.device
     dtype = compute_dtype(config.precision, device)
     torch.manual_seed(config.seed)
@@ -715,9 +714,7 @@ def update_metrics(
 
 def log_update(metrics: dict[str, float], update: int, bar: Any) -> None:
     """To W&B (when the runner opened a run in this process) and the progress bar."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.run.log({f"ppo/{key}": value for key, value in metrics.items()} | {"ppo/update": update})
+    log_to_wandb({f"ppo/{key}": value for key, value in metrics.items()} | {"ppo/update": update})
     postfix = {"reward": metrics["reward"], "kl": metrics["kl"], "eos": metrics["eos_rate"]}
     if "pass_rate" in metrics:
         postfix["pass"] = metrics["pass_rate"]
@@ -727,8 +724,7 @@ def log_update(metrics: dict[str, float], update: int, bar: Any) -> None:
 
 def log_rollouts(rollouts: Rollouts) -> None:
     """A W&B table of the last update's rollouts (prompt, response, score, ...), when a run is open."""
-    wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
+    if wandb_run() is None:
         return
     columns = ["prompt", "response", "score", "finished"] + (["verdict"] if rollouts.verdicts else [])
     rows = [
@@ -749,7 +745,7 @@ def log_rollouts(rollouts: Rollouts) -> None:
             )
         )
     ]
-    wandb.run.log({"ppo/rollouts": wandb.Table(columns=columns, data=rows)})
+    log_to_wandb({"ppo/rollouts": Table(columns, rows)})
 
 
 # --- checkpoints ---

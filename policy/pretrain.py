@@ -13,7 +13,6 @@ Reads top to bottom: load, check, train, save, measure.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 import tasks
 from common.data import load_texts
-from common.models import pick_device
+from common.models import pick_device, set_threads
 from common.outcomes import InputError
 from common.sources import split_revision
-from common.training import wandb_run
+from common.training import log_to_wandb
 from policy.configs import PretrainConfig
 from policy.demo_model import build_model, train_tokenizer
 from tasks import arithmetic
@@ -41,8 +40,7 @@ LOG_EVERY = 20
 def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     device = pick_device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.cpu_threads or len(os.sched_getaffinity(0)))
+    set_threads(config.cpu_threads)
 
     # Load
     task = tasks.load(config.task) if config.task is not None else None
@@ -181,7 +179,6 @@ def train(
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
-    run = wandb_run()
     model.train()
     recent: list[float] = []
     started = time.perf_counter()
@@ -199,8 +196,7 @@ def train(
         if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
             mean_loss = sum(recent) / len(recent)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
-            if run is not None:
-                run.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+            log_to_wandb({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
     progress.close()
     model.eval()
     seconds = time.perf_counter() - started

@@ -38,6 +38,7 @@ from common.models import (
     tokenizer_fingerprint,
 )
 from common.outcomes import InputError
+from common.training import Table, log_to_wandb, wandb_run
 from policy.configs import SampleConfig
 from policy.generation import Completion, Sampling, encode_prompts, sample_candidates, uses_chat_template
 from tasks import Task
@@ -52,7 +53,7 @@ TABLE_PROMPTS = 200
 
 def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    set_threads()
+    set_threads(config.cpu_threads)
     device = pick_device(config.device)
 
     # Load
@@ -229,11 +230,7 @@ def measure(
 
 def log_table(samples: list[dict[str, Any]], task: Task | None) -> None:
     """A W&B table of the candidates of the first `TABLE_PROMPTS` prompts, when the runner opened a run."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is None:
+    if wandb_run() is None:
         return
     columns = ["prompt_id", "prompt", "candidate_index", "candidate"] + (["verdict"] if task else [])
     rows = []
@@ -242,4 +239,4 @@ def log_table(samples: list[dict[str, Any]], task: Task | None) -> None:
         for index, text in enumerate(sample["candidates"]):
             verdict = [task.judge(sample, text)] if task else []
             rows.append([str(sample["id"]), prompt, index, text, *verdict])
-    wandb.run.log({"samples": wandb.Table(columns=columns, data=rows)})
+    log_to_wandb({"samples": Table(columns, rows)})

@@ -36,11 +36,10 @@ from common.models import (
     save_model,
     set_threads,
     tokenizer_summary,
-    trainer_precision,
 )
 from common.outcomes import InputError
 from common.sources import split_revision
-from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
+from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy.configs import SFTConfig
 
 SCRATCH = "scratch"
@@ -70,7 +69,7 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     if masking.startswith("assistant turns (found"):
         train_set = with_assistant_masks(train_set, tokenizer)
         eval_set = with_assistant_masks(eval_set, tokenizer) if eval_set is not None else None
-    set_threads()
+    set_threads(config.cpu_threads)
 
     # Load
     memory = PeakMemory(device)
@@ -307,29 +306,13 @@ def training_args(config: SFTConfig, masking: str, device: torch.device, scratch
     from trl import SFTConfig as TRLConfig
 
     return TRLConfig(
-        output_dir=str(scratch),
-        seed=config.seed,
-        max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
+        **trainer_arguments(config, device, scratch),
         per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
-        weight_decay=config.weight_decay,
         max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,
         assistant_only_loss=masking.startswith("assistant turns (the chat template"),
-        activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        **trainer_precision(config.precision, device),
         eval_strategy="no",  # the eval loss is measured once, at the end
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,  # the last one may be half-written when the process is killed
         include_num_input_tokens_seen="non_padding",
-        report_to=["wandb"] if wandb_run() is not None else "none",
-        disable_tqdm=False,
     )
 
 

@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.models import compute_dtype, is_adapter, load_tokenizer, save_model, source_reference
+from common.models import (
+    compute_dtype,
+    is_adapter,
+    load_tokenizer,
+    merge_adapter,
+    save_model,
+    source_reference,
+)
 from common.outcomes import InputError
 from common.sources import split_revision
 
@@ -91,24 +97,14 @@ def lora_config(config: Any) -> Any:
     )
 
 
-def report_to() -> list[str] | str:
-    """`["wandb"]` when the runner opened a W&B run in this process, else `"none"`."""
-    wandb = sys.modules.get("wandb")
-    return ["wandb"] if wandb is not None and wandb.run is not None else "none"
-
-
 def publish(
     model: Any, tokenizer: Any, out_dir: Path, config: Any, stage: str, inputs: dict[str, Any]
 ) -> Any:
     """Write the trained policy as `config.publish` asks (see the module docstring) and `policy.json`;
     returns the trained model with any adapter merged in, for measuring (the same numbers either way)."""
-    from peft import PeftModel
-
     if config.publish == "adapter":
         save_model(model, tokenizer, out_dir, base=inputs["policy"])
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.eval()
+    model = merge_adapter(model).eval()
     if config.publish == "merged":
         save_model(model, tokenizer, out_dir)
     record = lineage(stage, config, inputs)

@@ -4,8 +4,9 @@ For development, tests and benchmarks of the reward stage without a policy or an
 demo train prompt ("What is 7 + 12?") it makes K distinct candidates: usually the correct answer
 ("7 + 12 = 19"), plus wrong ones that are mostly near misses (off by 1 or 2, a wrong operand restated,
 digits swapped, off by ten) and sometimes unparseable ("7 + 12 =", "7 + 12 = 19 19"). Each annotator ranks
-them like the simulated annotators of `annotation/simulate.py` (correct first, then by distance to the
-answer, unparseable last; adjacent rank levels swapped with probability `noise`), and the pairs a majority
+them as the simulated annotators of `annotation/simulate.py` do (`tasks.simulated_ranks` on the
+arithmetic task: correct first, then by distance to the answer, unparseable last; adjacent rank levels
+swapped with probability `noise`), and the pairs a majority
 agrees on become rows in TRL's prompt/chosen/rejected format, with `agreement` and `votes`.
 
 Pure Python. `python -m reward.demo_preferences OUT_DIR [--prompts N] [--flip F]` writes a preferences
@@ -17,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
 
+import tasks
 from common.data import PREFERENCES_FILE, write_jsonl
 from tasks import arithmetic
 
@@ -44,25 +45,6 @@ def candidates(a: int, b: int, k: int, correct: bool, rng: random.Random) -> lis
     return chosen
 
 
-def distance(response: str, answer: int) -> float:
-    """0 for a correct response, the distance of a wrong answer, infinity when there is no answer."""
-    parsed = arithmetic.parse_answer(response)
-    return math.inf if parsed is None else abs(parsed - answer)
-
-
-def annotator_ranks(responses: list[str], answer: int, noise: float, rng: random.Random) -> list[int]:
-    """Ranks (1 = best) by distance to the answer, equal distances tied, with each adjacent pair of rank
-    levels swapped with probability `noise` (one pass, best to worst)."""
-    keys = [distance(r, answer) for r in responses]
-    levels = sorted(set(keys))
-    order = list(range(len(levels)))
-    for position in range(len(order) - 1):
-        if rng.random() < noise:
-            order[position], order[position + 1] = order[position + 1], order[position]
-    rank_of_level = {level: position + 1 for position, level in enumerate(order)}
-    return [rank_of_level[levels.index(key)] for key in keys]
-
-
 def demo_pairs(
     prompts: int = 500,
     k: int = 4,
@@ -78,10 +60,11 @@ def demo_pairs(
     chosen and rejected are swapped (1/2 makes the labels random)."""
     rng = random.Random(seed)
     rows = []
+    task = arithmetic.ArithmeticTask(max_operand=max_operand)
     for record in arithmetic.train_prompts(max_operand)[:prompts]:
         a, b, answer = record["a"], record["b"], record["answer"]
         responses = candidates(a, b, k, rng.random() < correct_rate, rng)
-        rankings = [annotator_ranks(responses, answer, noise, rng) for _ in range(annotators)]
+        rankings = [tasks.simulated_ranks(task, record, responses, noise, rng) for _ in range(annotators)]
         for i, j in itertools.combinations(range(len(responses)), 2):
             i_votes = sum(r[i] < r[j] for r in rankings)
             j_votes = sum(r[j] < r[i] for r in rankings)

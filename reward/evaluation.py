@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from statistics import fmean, pstdev
 from typing import Any
 
+from annotation.preferences import fractional_ranks
 from common.reward_model import response_text
 from reward.configs import RewardConfig
 from tasks import Task
@@ -81,7 +82,7 @@ def length_bias(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "length_unit": "response tokens",
         "length_pearson": pearson(rewards, lengths),
-        "length_spearman": pearson(ranks(rewards), ranks(lengths)),
+        "length_spearman": pearson(fractional_ranks(rewards), fractional_ranks(lengths)),
         "length_responses": len(responses),
         "accuracy_longer_lost": pairwise(longer_lost)["accuracy"],
         "pairs_longer_lost": len(longer_lost),
@@ -159,21 +160,6 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     if sxx == 0 or syy == 0:
         return None
     return sxy / math.sqrt(sxx * syy)
-
-
-def ranks(values: Sequence[float]) -> list[float]:
-    """Ranks from 1, ties given their average rank (so Pearson on ranks is Spearman's rho)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    result = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            result[order[position]] = (start + end) / 2 + 1
-        start = end + 1
-    return result
 
 
 def _softplus(x: float) -> float:

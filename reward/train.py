@@ -38,12 +38,12 @@ import tasks
 from common.data import load_preferences
 from common.models import (
     load_tokenizer,
+    merge_adapter,
     pick_device,
     set_threads,
     source_reference,
     tokenizer_fingerprint,
     tokenizer_summary,
-    trainer_precision,
     write_base_reference,
 )
 from common.outcomes import InputError
@@ -55,7 +55,15 @@ from common.reward_model import (
     sequence_classifier,
     set_pad_token,
 )
-from common.training import count_parameters, final_train_loss, last_checkpoint, wandb_run
+from common.training import (
+    Table,
+    count_parameters,
+    final_train_loss,
+    last_checkpoint,
+    log_to_wandb,
+    trainer_arguments,
+    wandb_run,
+)
 from reward import evaluation
 from reward.configs import RewardConfig
 
@@ -83,7 +91,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
             f"reward: no pairs left to {'train on' if not train_rows else 'evaluate'} after leaving out the "
             f"pairs longer than max_length {config.max_length} tokens"
         )
-    set_threads()
+    set_threads(config.cpu_threads)
 
     # Load
     model = load_model(source, config, tokenizer)
@@ -155,7 +163,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     metrics["gate"] = "rejected" if rejected else "passed"
     worst = evaluation.worst(scored, config.worst_pairs)
     write_evaluation(out_dir, metrics, worst, scored, config)
-    log_to_wandb(metrics, worst)
+    log_evaluation(metrics, worst)
     metrics["duration_seconds"] = time.perf_counter() - started
     if rejected:
         metrics = {"rejected": rejected, **metrics}
@@ -306,26 +314,10 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> 
     from trl import RewardConfig as TRLRewardConfig
 
     return TRLRewardConfig(
-        output_dir=str(scratch),
-        seed=config.seed,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,  # below 1: a fraction of the steps
-        weight_decay=config.weight_decay,
+        **trainer_arguments(config, device, scratch),
         center_rewards_coefficient=config.center_rewards_coefficient,
         max_length=None,  # pairs over max_length were left out, and counted, before
-        activation_checkpointing=config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
-        **trainer_precision(config.precision, device),  # TRL defaults to bf16 everywhere
         eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,  # the last one may be half-written when the process is killed
-        report_to=["wandb"] if wandb_run() is not None else "none",
-        disable_tqdm=False,
     )
 
 
@@ -340,7 +332,7 @@ def merged(
         return model.eval(), None
     sample = [ids for row in rows[:64] for ids in (row["chosen_ids"], row["rejected_ids"])]
     before = score_ids(model, sample, tokenizer.pad_token_id, config.eval_batch_size)
-    model = model.merge_and_unload().eval()
+    model = merge_adapter(model).eval()
     after = score_ids(model, sample, tokenizer.pad_token_id, config.eval_batch_size)
     return model, max(abs(a - b) for a, b in zip(before, after, strict=True))
 
@@ -408,13 +400,10 @@ def write_evaluation(
             file.write(json.dumps(row) + "\n")
 
 
-def log_to_wandb(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
+def log_evaluation(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
     """The evaluation under `eval/`, and a table of the worst-misranked held-out pairs."""
-    run = wandb_run()
-    if run is None:
+    if wandb_run() is None:
         return
-    import wandb
-
     flat = {
         f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -422,9 +411,8 @@ def log_to_wandb(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
         if values["accuracy"] is not None:
             flat[f"eval/accuracy_agreement_{bucket}"] = values["accuracy"]
     columns = ["prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "margin", "agreement"]
-    table = wandb.Table(columns=columns)
-    for pair in worst:
-        table.add_data(
+    rows = [
+        [
             response_text(pair["prompt"]),
             response_text(pair["chosen"]),
             response_text(pair["rejected"]),
@@ -432,5 +420,7 @@ def log_to_wandb(metrics: dict[str, Any], worst: list[dict[str, Any]]) -> None:
             pair["reward_rejected"],
             pair["margin"],
             pair["agreement"],
-        )
-    run.log({**flat, "eval/worst_pairs": table})
+        ]
+        for pair in worst
+    ]
+    log_to_wandb({**flat, "eval/worst_pairs": Table(columns, rows)})

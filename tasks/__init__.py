@@ -3,8 +3,9 @@
 A task supplies prompts, split into `train` and `held_out`, and a verdict on a response to one of them:
 1.0 for a pass, 0.0 for a fail, or a score in between. One task definition serves
 
-- the simulated annotators (`annotation/simulate.py`): they rank candidates by `Task.preference` (the
-  verdict, or a finer grading of it) plus noise;
+- the simulated annotators (`annotation/simulate.py`) and the demo preference pairs
+  (`reward/demo_preferences.py`): they rank candidates by `Task.preference` (the verdict, or a finer
+  grading of it) plus noise (`ranks`, `simulated_ranks` here);
 - `evaluate` and the end-of-stage checks of SFT, DPO, RLOO and GRPO: the pass rate, greedy and sampled
   (`pass_rate` here, measured on a model by `policy.evaluate.task_pass_rates`);
 - RLOO and GRPO with `reward: task`: the verdict is the reward;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import random
 import re
 from typing import Any, Literal
 
@@ -96,6 +98,28 @@ class Task:
                 f"{', '.join(missing)} (prompts for this task must carry them)"
             )
         return self.verdict(record, response) if finished else 0.0
+
+
+def ranks(task: Task, record: dict[str, Any], candidates: list[str]) -> list[int]:
+    """The task's ranks (1 = best): candidates by `Task.preference`, best first; equal values tie. (On the
+    arithmetic task: right answers first, then wrong ones by distance to the answer, no answer last.)"""
+    keys = [-task.preference(record, text) for text in candidates]
+    levels = sorted(set(keys))
+    return [levels.index(key) + 1 for key in keys]
+
+
+def simulated_ranks(
+    task: Task, record: dict[str, Any], candidates: list[str], noise: float, rng: random.Random
+) -> list[int]:
+    """A bot's ranks: the task's with each adjacent pair of rank levels swapped with probability `noise`
+    (one pass, best to worst)."""
+    truth = ranks(task, record, candidates)
+    levels = list(range(1, max(truth) + 1))
+    for position in range(len(levels) - 1):
+        if rng.random() < noise:
+            levels[position], levels[position + 1] = levels[position + 1], levels[position]
+    new_rank = {level: position + 1 for position, level in enumerate(levels)}
+    return [new_rank[rank] for rank in truth]
 
 
 def pass_rate(verdicts: list[float]) -> float:

@@ -383,8 +383,8 @@ def test_the_runner_waits_then_publishes_once(argilla, workspace):
 def test_arithmetic_ranks_correct_first_then_by_distance_unparseable_last():
     candidates = ["2 + 3 = 7", "2 + 3 = 5", "five", "2 + 3 = 4", "5", "2 + 3 = 6"]
     record = {"prompt": "What is 2 + 3?", "answer": 5}
-    assert simulate.task_ranks(TASK, record, candidates) == [3, 1, 4, 2, 1, 2]
-    assert simulate.task_ranks(TASK, {"prompt": "What is 2 + 3?"}, candidates) == [3, 1, 4, 2, 1, 2]
+    assert tasks.ranks(TASK, record, candidates) == [3, 1, 4, 2, 1, 2]
+    assert tasks.ranks(TASK, {"prompt": "What is 2 + 3?"}, candidates) == [3, 1, 4, 2, 1, 2]
 
 
 def test_instructions_ranks_by_the_verdict():
@@ -396,21 +396,19 @@ def test_instructions_ranks_by_the_verdict():
         "Bees make honey and wax daily.",
         "Bees, honey.",
     ]
-    assert simulate.task_ranks(task, record, candidates) == [3, 1, 2, 2]  # both, one of two, none
+    assert tasks.ranks(task, record, candidates) == [3, 1, 2, 2]  # both, one of two, none
 
 
 def test_noise_swaps_adjacent_levels_and_is_seeded():
     candidates = ["1 + 1 = 2", "1 + 1 = 3", "1 + 1 = 5"]
     record = {"record_id": "r", "prompt": "What is 1 + 1?", "candidates": candidates}
-    assert simulate.simulated_ranks(TASK, record, candidates, 0.0, random.Random(0)) == [1, 2, 3]
-    assert simulate.simulated_ranks(TASK, record, candidates, 1.0, random.Random(0)) == [
+    assert tasks.simulated_ranks(TASK, record, candidates, 0.0, random.Random(0)) == [1, 2, 3]
+    assert tasks.simulated_ranks(TASK, record, candidates, 1.0, random.Random(0)) == [
         3,
         1,
         2,
     ]  # best bubbles down
-    draws = {
-        tuple(simulate.simulated_ranks(TASK, record, candidates, 0.5, random.Random(s))) for s in range(50)
-    }
+    draws = {tuple(tasks.simulated_ranks(TASK, record, candidates, 0.5, random.Random(s))) for s in range(50)}
     assert len(draws) > 1 and (1, 2, 3) in draws
     config = SimulatedAnnotators(noise=0.5, seed=1)
     assert simulate.bot_answer("bot-1", record, 4, config, True, TASK) == simulate.bot_answer(

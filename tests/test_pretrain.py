@@ -279,17 +279,22 @@ def test_a_missing_text_column_is_a_clear_error(trained, tmp_path):
         pretrain.run(PretrainConfig(**TINY), {"model": out_dir, "data": data}, tmp_path / "out")
 
 
-def test_logs_loss_and_lr_to_an_open_wandb_run(monkeypatch, tmp_path):
-    logged = []
+def test_logs_loss_and_lr_to_an_open_wandb_run(tmp_path):
+    """A real offline W&B run, opened as the runner opens one, read back from its file."""
+    import wandb
 
-    class FakeRun:
-        def log(self, values, step=None):
-            logged.append((step, values))
+    from tests.wandb_offline import records, run_files
 
-    monkeypatch.setattr(pretrain, "wandb_run", lambda: FakeRun())
-    pretrain.run(PretrainConfig(**TINY), {}, tmp_path)
-    assert [step for step, _ in logged] == [20, 40]
-    assert all({"train/loss", "train/lr"} <= set(values) for _, values in logged)
+    run = wandb.init(dir=tmp_path, project="pretrain-test", mode="offline")
+    try:
+        (tmp_path / "out").mkdir()
+        pretrain.run(PretrainConfig(**TINY), {}, tmp_path / "out")
+    finally:
+        run.finish()
+    history = [r.history for f in run_files(tmp_path / "wandb") for r in records(f) if r.HasField("history")]
+    assert [h.step.num for h in history] == [20, 40]
+    for h in history:
+        assert {"train/loss", "train/lr"} <= {i.nested_key[0] if i.nested_key else i.key for i in h.item}
 
 
 @pytest.mark.slow

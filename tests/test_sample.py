@@ -231,25 +231,24 @@ def test_prompts_without_a_prompt_column_or_missing_are_input_errors(base_dir, t
 
 
 def test_a_samples_table_goes_to_the_open_wandb_run(base_dir, tmp_path, monkeypatch):
+    """A real offline W&B run, opened as the runner opens one: the table is read back from its file."""
     import wandb
 
-    class Run:
-        def __init__(self):
-            self.logged = []
+    from tests.wandb_offline import records, run_files
 
-        def log(self, data):
-            self.logged.append(data)
-
-    monkeypatch.setattr(wandb, "run", run := Run())
     monkeypatch.setattr(sample, "TABLE_PROMPTS", 2)
-    samples, _, _ = run_stage(tmp_path, "s", {"policy": base_dir})
-    [logged] = run.logged
-    table = logged["samples"]
-    assert isinstance(table, wandb.Table)
-    assert table.columns == ["prompt_id", "prompt", "candidate_index", "candidate", "verdict"]
+    run = wandb.init(dir=tmp_path, project="sample-test", mode="offline")
+    try:
+        samples, _, _ = run_stage(tmp_path, "s", {"policy": base_dir})
+    finally:
+        run.finish()
+    [table_file] = (tmp_path / "wandb").rglob("samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["prompt_id", "prompt", "candidate_index", "candidate", "verdict"]
     expected = [[s["id"], s["prompt"], i, c] for s in samples[:2] for i, c in enumerate(s["candidates"])]
-    assert [row[:4] for row in table.data] == expected
-    assert all(row[4] == 0.0 for row in table.data)  # random tokens never add up
+    assert [row[:4] for row in table["data"]] == expected
+    assert all(row[4] == 0.0 for row in table["data"])  # random tokens never add up
+    assert any(r.HasField("history") for f in run_files(tmp_path / "wandb") for r in records(f))
 
 
 # --- generation helpers ---
