@@ -190,14 +190,12 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any
 def training_metrics(trainer: Any) -> dict[str, Any]:
     """The implicit-reward accuracy and margin, and the log-probabilities of chosen and rejected responses,
     at the first and the last logging step (means over `logging_steps` steps)."""
-    metrics: dict[str, Any] = {}
-    for key, name in (
-        ("rewards/accuracies", "reward_accuracy"),
-        ("rewards/margins", "reward_margin"),
-        ("logps/chosen", "logp_chosen"),
-        ("logps/rejected", "logp_rejected"),
-    ):
-        values = tuning.logged(trainer, key)
-        if values:
-            metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
-    return metrics
+    return tuning.first_and_last(
+        trainer,
+        {
+            "rewards/accuracies": "reward_accuracy",
+            "rewards/margins": "reward_margin",
+            "logps/chosen": "logp_chosen",
+            "logps/rejected": "logp_rejected",
+        },
+    )

@@ -305,14 +305,12 @@ def trainer_and_args(
 def training_metrics(trainer: Any) -> dict[str, Any]:
     """Reward, KL, completion length and the completions' pass rate at the first and last logging step (each
     a mean over `logging_steps` steps)."""
-    metrics: dict[str, Any] = {}
-    for key, name in (
-        ("reward", "reward"),
-        ("kl", "kl"),
-        ("completions/mean_length", "completion_length"),
-        ("pass_rate", "train_pass_rate"),
-    ):
-        values = tuning.logged(trainer, key)
-        if values:
-            metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
-    return metrics
+    return tuning.first_and_last(
+        trainer,
+        {
+            "reward": "reward",
+            "kl": "kl",
+            "completions/mean_length": "completion_length",
+            "pass_rate": "train_pass_rate",
+        },
+    )

@@ -133,6 +133,12 @@ def lineage(stage: str, config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def logged(trainer: Any, key: str) -> list[float]:
-    """The values of `key` in the trainer's log history, in order."""
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
+def first_and_last(trainer: Any, names: dict[str, str]) -> dict[str, float]:
+    """For each logged `key -> name`: `name_first` and `name_last`, the values of `key` at the first and the
+    last logging step of the trainer's log history (each a mean over `logging_steps` steps)."""
+    metrics: dict[str, float] = {}
+    for key, name in names.items():
+        values = [entry[key] for entry in trainer.state.log_history if key in entry]
+        if values:
+            metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
+    return metrics

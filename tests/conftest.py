@@ -56,3 +56,16 @@ def embedded_argilla(workspace, monkeypatch):
     monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     yield home
     server.stop(home)
+
+
+def module_argilla(tmp_path_factory, annotators: int):
+    """A real embedded Argilla server for a test module (use from a module-scoped fixture); fails the
+    tests, without a traceback, when its environment is missing."""
+    from annotation import server
+
+    try:
+        server.server_python()
+    except server.ArgillaServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    with server.temporary_server(annotators=annotators, home=tmp_path_factory.mktemp("argilla")) as info:
+        yield info

@@ -21,7 +21,7 @@ from annotation.configs import AnnotateConfig, CollectConfig, SimulatedAnnotator
 from common.outcomes import InputError, Waiting
 from pipeline.store import Store
 from tasks import TaskError, arithmetic
-from tests.conftest import rlhf
+from tests.conftest import module_argilla, rlhf
 
 TASK = tasks.load({"name": "arithmetic"})
 
@@ -30,12 +30,7 @@ TASK = tasks.load({"name": "arithmetic"})
 
 @pytest.fixture(scope="module")
 def argilla(tmp_path_factory):
-    try:
-        server.server_python()
-    except server.ArgillaServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    with server.temporary_server(annotators=2, home=tmp_path_factory.mktemp("argilla")) as info:
-        yield info
+    yield from module_argilla(tmp_path_factory, annotators=2)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import pytest
 from annotation import argilla_dataset as layout
 from annotation import collect, push, server
 from annotation.configs import AnnotateConfig, CollectConfig
+from tests.conftest import module_argilla
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -34,12 +35,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def argilla(tmp_path_factory):
-    try:
-        server.server_python()
-    except server.ArgillaServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    with server.temporary_server(annotators=1, home=tmp_path_factory.mktemp("argilla")) as info:
-        yield info
+    yield from module_argilla(tmp_path_factory, annotators=1)
 
 
 @pytest.fixture
