@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from annotation.server import ArgillaServerError
 from common import data
 from common.digests import content_digest, hash_tree, tree_digest
 from common.outcomes import InputError, Waiting
@@ -230,6 +231,9 @@ class Runner:
                 f"{stage.name}: {err.strerror}{where} while writing to the store {self.store.root}; "
                 f"nothing was published (its staging folder {out_dir} is redone by the next run)"
             ) from None
+        except ArgillaServerError as err:  # lost (or never reached) once the stage started: the stage failed
+            tracker.finish(failed=True)
+            raise StageFailed(f"{stage.name}: {err}") from None
         except BaseException:
             tracker.finish(failed=True)
             raise
