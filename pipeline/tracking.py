@@ -48,6 +48,7 @@ def redact(value: Any) -> Any:
 
 
 def _redact_urls(text: str) -> str:
+    """`text` with the credentials of every URL in it hidden (a URL may sit inside a message or a list)."""
     text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
     return URL_PARAMETER.sub(
         lambda m: f"{m['name']}{REDACTED}" if SECRET_KEY.search(m["name"][1:-1]) else m[0], text
