@@ -23,6 +23,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 # A script's folder comes first on sys.path: drop it so that the other annotation modules (written for the
@@ -34,6 +35,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
 def load_search_engine() -> types.ModuleType:
     """Import annotation/sql_search.py by path: registers the SQLite search engine (and imports argilla_server)."""
     spec = importlib.util.spec_from_file_location("rlhf_sql_search", HERE / "sql_search.py")
+    assert spec is not None and spec.loader is not None  # a .py file path always has a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -278,12 +280,11 @@ def run_worker(credentials_path: Path) -> None:
 
     import_tmp = tempfile.mkdtemp(prefix="worker-import-")
     tempfile.tempdir = import_tmp
-    copytree, shutil.copytree = shutil.copytree, empty_copy
     try:
-        load_search_engine()
-        from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
+        with mock.patch.object(shutil, "copytree", empty_copy):
+            load_search_engine()
+            from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
     finally:
-        shutil.copytree = copytree
         tempfile.tempdir = None
         shutil.rmtree(import_tmp, ignore_errors=True)
     use_valkey_password(json.loads(credentials_path.read_text()))

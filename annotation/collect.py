@@ -199,8 +199,8 @@ def candidate_ranks(values: dict[str, Any], k: int) -> list[int] | None:
     """The ranks of the record's k candidates (placeholder slots dropped), or None without a full ranking."""
     answer = (values.get(layout.RANKING) or {}).get("value") or []
     by_slot = {item["value"]: item.get("rank") for item in answer}
-    ranks = [by_slot.get(layout.slot(i)) for i in range(k)]
-    return ranks if all(isinstance(rank, int) for rank in ranks) else None
+    ranks = [rank for i in range(k) if isinstance(rank := by_slot.get(layout.slot(i)), int)]
+    return ranks if len(ranks) == k else None
 
 
 # --- check ---

@@ -199,7 +199,8 @@ def to_preferences(
 
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
-    agreements, concordances = [], []
+    agreements: list[float] = []
+    concordances: list[float] = []
     for record in records:
         responses = by_record.get(record["record_id"], [])
         submitted = [r for r in responses if is_ranking(r)]
@@ -228,7 +229,8 @@ def to_preferences(
             counts["ties"] += tied_pairs(r)
         if len(submitted) >= 2:
             counts["records_multi_annotated"] += 1
-            agreements.append(pairwise_agreement(ranks))
+            if (a := pairwise_agreement(ranks)) is not None:  # None when the record has one candidate
+                agreements.append(a)
             if (w := kendall_w(ranks)) is not None:
                 concordances.append(w)
 

@@ -354,6 +354,7 @@ def _valkey_command(python: Path, home: Path, port: int) -> list[str]:
 def _send_valkey_password(valkey: subprocess.Popen, credentials: _Credentials) -> None:
     """Valkey reads `requirepass` from its stdin at start-up, so the password is in no file but credentials.json
     and in no process listing."""
+    assert valkey.stdin is not None  # _spawn opens Valkey's stdin as a pipe
     with contextlib.suppress(BrokenPipeError):  # it exited at once: _wait_for_redis shows its log
         valkey.stdin.write(f"requirepass {credentials['valkey_password']}\n".encode())
     with contextlib.suppress(BrokenPipeError):

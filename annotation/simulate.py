@@ -79,8 +79,8 @@ def bot_answer(
     rng = random.Random(f"{config.seed}:{bot}:{record['record_id']}")
     label = f"Simulated annotator {bot} (bot)"
     if rng.random() < config.discard:
-        values = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
-        return {"status": "discarded", "values": values} if values else {"status": "discarded"}
+        note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
+        return {"status": "discarded", "values": note} if note else {"status": "discarded"}
     ranks = tasks.simulated_ranks(task, record, record["candidates"], config.noise, rng)
     last = max(ranks) + 1  # placeholder slots go last, tied
     ranking = [{"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last} for i in range(slots)]

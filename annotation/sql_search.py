@@ -471,7 +471,11 @@ class SQLiteSearchEngine(SearchEngine):
         """Exact cosine similarity over the dataset's vectors (brute force; fine for local datasets)."""
         if bool(value) == bool(record):
             raise ValueError("Must provide either vector value or record to compute the similarity search")
-        target = value or record.vector_value_by_vector_settings(vector_settings)
+        if value:
+            target = value
+        else:
+            assert record is not None  # the check above: exactly one of value and record is given
+            target = record.vector_value_by_vector_settings(vector_settings)
         if not target:
             raise ValueError("Cannot find a vector value to apply with provided info")
 

@@ -18,13 +18,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from common.digests import MANIFEST, ManifestError, content_digest, read_manifest
 from common.outcomes import InputError
 from common.sources import split_revision
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BASE_FILE = "base.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -399,7 +402,9 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | Non
     if isinstance(model, PeftModel):
         if base is None:
             raise ValueError("saving an adapter needs its base model, for base.json")
-        model.get_base_model().generation_config.save_pretrained(out_dir)
+        # peft types the base model as any torch Module; an adapter's base is a transformers model
+        base_model = cast("PreTrainedModel", model.get_base_model())
+        base_model.generation_config.save_pretrained(out_dir)
         write_base_reference(out_dir, base)
 
 

@@ -165,7 +165,10 @@ def sequence_classifier(source: Path | str, dtype: torch.dtype | str = "auto") -
                     f"{source}: transformers has no sequence classifier for {config.model_type} models, so no "
                     "reward model can be built on it"
                 )
-            model, loading = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].from_pretrained(
+            # transformers types the mapping's values as tuples, and from_pretrained as returning the model
+            # alone; each value is a model class, whose from_pretrained returns (model, loading info) here
+            classifier: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+            model, loading = classifier.from_pretrained(
                 None,
                 config=config,
                 state_dict=causal.state_dict(),

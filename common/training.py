@@ -85,7 +85,7 @@ def log_to_wandb(values: dict[str, Any], step: int | None = None) -> None:
 
     def convert(value: Any) -> Any:
         if isinstance(value, Table):
-            return wandb.Table(columns=value.columns, data=value.rows)
+            return wandb.Table(columns=list(value.columns), data=value.rows)  # wandb's list[str | int]
         if isinstance(value, Path):
             return wandb.Image(str(value))
         return value

@@ -17,19 +17,42 @@ from typing import Any
 from pipeline.store import MANIFEST, Artifact
 
 SECRET_KEY = re.compile(
-    r"(api[_-]?key|password|passwd|secret|credential|^token$|(access|auth|bearer|refresh|session|hf|hub|api)[_-]?token$)",
+    r"(api[_-]?key|access[_-]?key|private[_-]?key|password|passwd|passphrase|secret|credential|authori[sz]ation"
+    r"|^auth$|cookie|^token$|(access|auth|bearer|id|refresh|session|hf|hub|api)[_-]?token$)",
     re.IGNORECASE,
 )
 """Keys whose values are secrets. Deliberately not every key with "token" in it (`max_new_tokens`)."""
 
+REDACTED = "<redacted>"
+
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^\s/?#]+@", re.IGNORECASE)
+"""The `user:password@` of a URL (`redis://:password@host`, `https://user:token@host`): up to its last `@`,
+so a password with a raw `@` in it is hidden whole."""
+
+URL_PARAMETER = re.compile(r"(?P<name>[?&;][^=&#\s]+=)(?P<value>[^&#\s]*)")
+"""A query parameter of a URL (`?api_key=...`); its value is hidden when its name is a `SECRET_KEY`."""
+
 
 def redact(value: Any) -> Any:
-    """Drop every mapping entry whose key looks like a secret, recursively."""
+    """A copy of `value` with secrets replaced by `<redacted>`, recursively: the value of every mapping entry
+    whose key looks like a secret (`SECRET_KEY`), and in every string the credentials of a URL (its
+    `user:password@` and secret query parameters). The input is left as it was."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [redact(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, str):
+        return _redact_urls(value)
     return value
+
+
+def _redact_urls(text: str) -> str:
+    """`text` with the credentials of every URL in it hidden (a URL may sit inside a message or a list)."""
+    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return URL_PARAMETER.sub(
+        lambda m: f"{m['name']}{REDACTED}" if SECRET_KEY.search(m["name"][1:-1]) else m[0], text
+    )
 
 
 def runs_root() -> Path:

@@ -123,9 +123,10 @@ def load_gguf(file: Path, config: ModelConfig) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError) as err:
         raise InputError(f"model: {file} cannot be loaded by transformers: {_first_line(err)}") from None
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model.to(DTYPES[config.dtype]), tokenizer
+    if (quantizer := getattr(model, "hf_quantizer", None)) is not None:
+        quantizer.remove_quantization_config(model)
+    # transformers wraps `to` in functools.wraps, which mypy reads as an unbound function
+    return model.to(DTYPES[config.dtype]), tokenizer  # type: ignore[arg-type]
 
 
 def gguf_info(file: Path) -> dict[str, Any]:

@@ -230,7 +230,8 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     beta: float = Field(0.1, gt=0)
     """Strength of the implicit KL constraint to the reference (SFT) policy: higher stays closer. For `ipo`
     it is the regularization parameter tau."""
-    loss_type: list[DPOLoss] = Field(default_factory=lambda: ["sigmoid", "sft"], min_length=1)
+    # mypy cannot give the lambda pydantic's expected type (a union of factories), so it infers list[str]
+    loss_type: list[DPOLoss] = Field(default_factory=lambda: ["sigmoid", "sft"], min_length=1)  # type: ignore[arg-type]
     """TRL's loss terms, summed with `loss_weights`: `sigmoid` is DPO; `sft` is the negative log-likelihood
     of the chosen responses (`[sigmoid, sft]` is RPO, TRL's former `rpo_alpha`); others: `hinge`, `ipo`,
     `exo_pair`, `nca_pair`, `robust`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`,

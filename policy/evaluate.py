@@ -376,12 +376,13 @@ def build_report(
             values["win_rate"] = win_rates(result, base, config.win_rate_by)
         entry: dict[str, Any] = {"source": source_reference(result.source)}
         for name in METRICS:
-            if values.get(name) is not None:
-                entry[name] = estimate(values[name], indices, config.confidence)
+            if (value := values.get(name)) is not None:
+                entry[name] = estimate(value, indices, config.confidence)
         if label != baseline:
             for name, metric in zip(IMPROVEMENTS, ("pass_rate_sampled", "pass_rate_greedy"), strict=True):
-                if values.get(metric) is not None and base.per_prompt.get(metric) is not None:
-                    difference = values[metric] - base.per_prompt[metric]
+                ours, theirs = values.get(metric), base.per_prompt.get(metric)
+                if ours is not None and theirs is not None:
+                    difference = ours - theirs
                     entry[name] = estimate(difference, indices, config.confidence)
         policies[label] = entry
         per_prompt[label] = {name: value.tolist() for name, value in values.items() if value is not None}
@@ -557,13 +558,24 @@ def task_pass_rates(
     was_training = model.training
     model.eval()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], prompt_format)  # type: ignore[arg-type]
-    kwargs = {"seed": seed, "batch_size": batch_size}
     budget = task.max_new_tokens
     greedy = sample_candidates(
-        model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=budget), **kwargs
+        model,
+        tokenizer,
+        prompt_ids,
+        1,
+        Sampling(0.0, max_new_tokens=budget),
+        seed=seed,
+        batch_size=batch_size,
     )
     sampled = sample_candidates(
-        model, tokenizer, prompt_ids, samples, Sampling(1.0, max_new_tokens=budget), **kwargs
+        model,
+        tokenizer,
+        prompt_ids,
+        samples,
+        Sampling(1.0, max_new_tokens=budget),
+        seed=seed,
+        batch_size=batch_size,
     )
     model.train(was_training)
     return {

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -159,7 +159,8 @@ class SeededSampler(LogitsProcessor):
         # The first token whose cumulative probability exceeds the target: never one of probability 0.
         tokens = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
         chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter_(1, tokens, 0.0)
+        # LogitsProcessor declares the legacy FloatTensor; tensor operations are typed as returning Tensor
+        return cast(torch.FloatTensor, chosen.scatter_(1, tokens, 0.0))
 
 
 # --- generation ---

@@ -132,7 +132,8 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
 
     # Resume
     scratch = out_dir / SCRATCH
-    moments, history = ppo_math.RunningMoments(), []
+    moments = ppo_math.RunningMoments()
+    history: list[dict] = []
     start = 0
     checkpoint = last_checkpoint(scratch, STATE_FILE)
     if checkpoint is not None:
@@ -298,7 +299,7 @@ def load_policy(
         lora = LoraConfig(
             task_type="CAUSAL_LM",
             r=config.lora_r,
-            lora_alpha=config.lora_alpha,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
             lora_dropout=0.0,
             target_modules=config.target_modules,
         )

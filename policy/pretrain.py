@@ -17,11 +17,17 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import tasks
 from common.data import load_texts
@@ -52,6 +58,7 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
         else demo_corpus(config, task)
     )
     torch.manual_seed(config.seed)
+    model: PreTrainedModel
     if "model" in inputs:
         name, revision = split_revision(inputs["model"])
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
@@ -67,7 +74,7 @@ def run(config: PretrainConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     check(config, model, tokenizer, documents)
 
     # Train
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` in functools.wraps, which mypy misreads
     stats = train(model, documents, config, device)
 
     # Save
@@ -136,7 +143,8 @@ def check(
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:
         problems.append(f"seq_len {config.seq_len} exceeds the model's {max_positions} positions")
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    embeddings = cast(torch.nn.Embedding, model.get_input_embeddings())  # transformers types it as any Module
+    if len(tokenizer) > embeddings.num_embeddings:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens, more than the model's embeddings")
     if tokenizer.eos_token_id is None:
         problems.append("the tokenizer has no eos token, so documents cannot be separated")
@@ -223,6 +231,7 @@ def plain_pass_rate(
     is the generated first line. (Chat policies are measured by `policy.evaluate.task_pass_rates`.)"""
     if not records:
         return 0.0
+    assert isinstance(model, GenerationMixin)  # a causal LM generates (PreTrainedModel alone does not)
     batch_size = 64 if tokenizer.pad_token_id is not None else 1
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     verdicts: list[float] = []

@@ -285,7 +285,7 @@ def peft_config(config: SFTConfig) -> Any:
         return peft.LoraConfig(
             task_type=task,
             r=config.lora_r,
-            lora_alpha=config.lora_alpha,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
             lora_dropout=config.lora_dropout,
             target_modules=config.target_modules,
             use_dora=config.method == "dora",

@@ -299,7 +299,7 @@ def peft_config(config: RewardConfig, model: Any) -> Any:
     return peft.LoraConfig(
         task_type="SEQ_CLS",
         r=config.lora_r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         exclude_modules=rf"({'|'.join(re.escape(name) for name in added)})\..*" if added else None,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -44,6 +47,23 @@ def rlhf(
     )
 
 
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, message: str | Callable[[], str], interval: float = 0.1
+) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; raise AssertionError(`message`)
+    (a callable is called then, e.g. to show a log) when `timeout` seconds pass first. Tests wait on a
+    condition with a bound like this, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)
+    return result
+
+
 @pytest.fixture
 def embedded_argilla(workspace, monkeypatch):
     """The home of the embedded Argilla server for a test that runs annotation through `rlhf` (no external
@@ -58,6 +78,16 @@ def embedded_argilla(workspace, monkeypatch):
     server.stop(home)
 
 
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory) -> Path:
+    """An 'SFT policy' laid out like the sft stage's output: a LoRA adapter on a tiny random base (one per
+    test module)."""
+    from tests import tiny_policies  # torch and transformers: only for the tests that use it
+
+    base = tiny_policies.random_model(tmp_path_factory.mktemp("base"))
+    return tiny_policies.lora_adapter(base, tmp_path_factory.mktemp("sft"))
+
+
 def module_argilla(tmp_path_factory, annotators: int):
     """A real embedded Argilla server for a test module (use from a module-scoped fixture); fails the
     tests, without a traceback, when its environment is missing."""
@@ -67,5 +97,8 @@ def module_argilla(tmp_path_factory, annotators: int):
         server.server_python()
     except server.ArgillaServerError as error:
         pytest.fail(str(error), pytrace=False)
-    with server.temporary_server(annotators=annotators, home=tmp_path_factory.mktemp("argilla")) as info:
+    # a state folder that serve creates
+    with server.temporary_server(
+        annotators=annotators, home=tmp_path_factory.mktemp("argilla") / "home"
+    ) as info:
         yield info

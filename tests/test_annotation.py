@@ -6,9 +6,9 @@ samples (a distinct digest gives a distinct dataset). The conversion tests at th
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
-import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from annotation.configs import AnnotateConfig, CollectConfig, SimulatedAnnotator
 from common.outcomes import InputError, Waiting
 from pipeline.store import Store
 from tasks import TaskError, arithmetic
-from tests.conftest import module_argilla, rlhf
+from tests.conftest import module_argilla, rlhf, wait_until
 
 TASK = tasks.load({"name": "arithmetic"})
 
@@ -328,15 +328,18 @@ def test_bots_rank_in_the_background_while_collect_polls(argilla, tmp_path):
     with pytest.raises(Waiting, match="0/6"):
         run_collect(tmp_path / "batch", tmp_path / "early", min_records=6)
     bots = simulate.rank_in_background(tmp_path / "batch", SimulatedAnnotators(annotators=2))
+    attempts = itertools.count()
+
+    def collected() -> dict | None:
+        try:
+            return run_collect(tmp_path / "batch", tmp_path / f"poll-{next(attempts)}", min_records=6)
+        except Waiting:
+            return None
+
     try:
-        for attempt in range(120):
-            try:
-                metrics = run_collect(tmp_path / "batch", tmp_path / f"poll-{attempt}", min_records=6)
-                break
-            except Waiting:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the background bots did not rank the batch within a minute")
+        metrics = wait_until(
+            collected, 60, "the background bots did not rank the batch within a minute", interval=0.5
+        )
     finally:
         counts = bots.stop()
     assert metrics["records_ranked"] == 6 and counts["rankings"] == 6

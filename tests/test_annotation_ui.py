@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from annotation import argilla_dataset as layout
 from annotation import collect, push, server
 from annotation.configs import AnnotateConfig, CollectConfig
-from tests.conftest import module_argilla
+from tests.conftest import module_argilla, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -105,13 +104,12 @@ def test_a_ranking_made_in_the_web_ui_is_collected_exactly(argilla, browser_page
         k = len(record["candidates"])
         # The last candidate is the best (dragged into box 1); the others tie in box 2 (keyboard: focus
         # an item, type its box number); placeholder slots go to the last box.
-        page.locator(f"#{layout.slot(k - 1)}").drag_to(page.locator(".draggable__slot-box").nth(0))
-        for index in range(batch["slots"]):
-            if index == k - 1:
-                continue
-            page.locator(f"#{layout.slot(index)}").focus()
-            page.keyboard.press("2" if index < k else str(batch["slots"]))
-            time.sleep(0.3)  # the UI moves the item after a short debounce
+        boxes = page.locator(".draggable__slot-box")
+        page.locator(f"#{layout.slot(k - 1)}").drag_to(boxes.nth(0))
+        unranked = [index for index in range(batch["slots"]) if index != k - 1]
+        for index, following in zip(unranked, [*unranked[1:], None], strict=True):
+            box = 2 if index < k else batch["slots"]
+            rank_with_keyboard(page, layout.slot(index), box, layout.slot(following) if following else None)
         page.get_by_role("button", name="Submit").click()
         wait_for_responses(argilla, batch["dataset"]["id"], count=1)
     except Exception as error:
@@ -137,11 +135,26 @@ def test_a_ranking_made_in_the_web_ui_is_collected_exactly(argilla, browser_page
     assert result["records_ranked"] == 1 and result["ties"] == (k - 1) * (k - 2) // 2
 
 
+def rank_with_keyboard(page, card: str, box: int, following: str | None) -> None:
+    """Focus `card`, type its box number and wait until the card is in that box. The UI reads digits typed
+    within 300 ms of each other as one number (boxes 2 then 2 would be box 22), then resets and focuses
+    the first unranked card: with a `following` card to rank, wait for that reset too."""
+    page.locator(f"#{card}").focus()
+    page.keyboard.press(str(box))
+    in_box = page.locator(".draggable__slot-box").nth(box - 1).locator(f"#{card}")
+    wait_until(lambda: in_box.count() == 1, 10, f"{card} did not move to box {box}")
+    if following is not None:
+        wait_until(
+            lambda: page.evaluate("document.activeElement && document.activeElement.id") == following,
+            10,
+            f"the UI did not move the focus to {following} after ranking {card}",
+        )
+
+
 def wait_for_responses(info: server.ServerInfo, dataset_id: str, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
     with layout.Api(info.connection()) as api:
-        while time.monotonic() < deadline:
-            if sum(len(r["responses"]) for r in api.records(dataset_id)) >= count:
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"the server has no submitted response after {timeout:.0f} s")
+        wait_until(
+            lambda: sum(len(r["responses"]) for r in api.records(dataset_id)) >= count,
+            timeout,
+            f"the server has no submitted response after {timeout:.0f} s",
+        )

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import stat
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from annotation import server
 from pipeline import cli
-from tests.conftest import rlhf
+from tests.conftest import module_argilla, rlhf, wait_until
 
 K = 3  # candidate responses per prompt
 N_RECORDS = 12
@@ -38,13 +37,7 @@ def _status_filter(status: str) -> dict:
 
 @pytest.fixture(scope="module")
 def argilla_server(tmp_path_factory):
-    try:
-        server.server_python()
-    except server.ArgillaServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    # a state folder that serve creates
-    with server.temporary_server(annotators=2, home=tmp_path_factory.mktemp("argilla") / "home") as info:
-        yield info
+    yield from module_argilla(tmp_path_factory, annotators=2)
 
 
 @pytest.fixture(scope="module")
@@ -469,10 +462,13 @@ def test_the_worker_runs_argilla_jobs_through_the_protected_valkey(argilla_serve
         assert owner.get(f"/api/v1/records/{record_id}").json()["status"] == "completed"
         two_needed = {"distribution": {"strategy": "overlap", "min_submitted": 2}}
         assert owner.patch(f"/api/v1/datasets/{dataset_id}", json=two_needed).status_code == 200
-        deadline = time.monotonic() + 60
-        while (status := owner.get(f"/api/v1/records/{record_id}").json()["status"]) != "pending":
-            assert time.monotonic() < deadline, f"the worker did not update the record ({status})"
-            time.sleep(0.1)
+
+        def status() -> str:
+            return owner.get(f"/api/v1/records/{record_id}").json()["status"]
+
+        wait_until(
+            lambda: status() == "pending", 60, lambda: f"the worker did not update the record ({status()})"
+        )
 
 
 def test_an_annotator_reads_only_their_own_response_to_a_record(argilla_server):
@@ -570,10 +566,8 @@ def test_serve_recovers_from_a_crashed_server(argilla_server):
     before = server.status(argilla_server.home)
     assert before is not None
     os.killpg(before.pids["server"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while server.status(argilla_server.home) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.status(argilla_server.home) is None  # half running is not running
+    # Half running is not running: without its server process, the worker and Valkey are no server.
+    wait_until(lambda: server.status(argilla_server.home) is None, 10, "a half-running server still counts")
 
     port = int(before.url.rsplit(":", 1)[1])
     after = server.serve(argilla_server.home, port=port, annotators=2, quiet=True)

@@ -20,13 +20,6 @@ from tests import tiny_policies
 FAST = {"epochs": 1, "batch_size": 8, "logging_steps": 1, "lora_r": 4, "task_eval": False, "device": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def sft_adapter(tmp_path_factory) -> Path:
-    """An 'SFT policy' laid out like the sft stage's output: a LoRA adapter on a tiny random base."""
-    base = tiny_policies.random_model(tmp_path_factory.mktemp("base"))
-    return tiny_policies.lora_adapter(base, tmp_path_factory.mktemp("sft"))
-
-
 def pairs(records: int = 16) -> list[dict]:
     """Per demo prompt: correct > off by one, and off by one > off by ten (a pair whose chosen is wrong)."""
     rows = []

@@ -41,12 +41,6 @@ RUNS = {"rloo": online_rl.run_rloo, "grpo": online_rl.run_grpo}
 
 
 @pytest.fixture(scope="module")
-def sft_adapter(tmp_path_factory) -> Path:
-    base = tiny_policies.random_model(tmp_path_factory.mktemp("base"))
-    return tiny_policies.lora_adapter(base, tmp_path_factory.mktemp("sft"))
-
-
-@pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory) -> Path:
     return tiny_policies.reward_model(tmp_path_factory.mktemp("reward"))
 

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +26,7 @@ from policy import ppo, ppo_math
 from policy.configs import PPOConfig
 from policy.demo_model import build_model, train_tokenizer
 from tasks import arithmetic
-from tests.conftest import REPO, rlhf
+from tests.conftest import REPO, rlhf, wait_until
 
 FAST = {
     "updates": 2,
@@ -355,11 +354,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny, workspace):
         stderr=subprocess.DEVNULL,
     )
     staging = workspace / "artifacts" / ".staging"
-    deadline = time.monotonic() + 300
-    while not list(staging.glob("ppo-*/scratch/checkpoint-*")):
+
+    def checkpointed() -> list[Path]:
         assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
-        time.sleep(0.05)
+        return list(staging.glob("ppo-*/scratch/checkpoint-*"))
+
+    wait_until(checkpointed, 300, "no checkpoint within 5 minutes", interval=0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (workspace / "artifacts" / "ppo").exists()  # nothing was published

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import IO
 
 from pipeline.store import Store
-from tests.conftest import rlhf
+from tests.conftest import rlhf, wait_until
 from tests.wandb_offline import run_files, summarize
 
 TINY = "{steps: %d, batch_size: 4, seq_len: 32, layers: 1, hidden_size: 32, intermediate_size: 64, heads: 2, vocab_size: 96, eval_prompts: 4, warmup_steps: 1, seed: %d}"
@@ -152,31 +152,29 @@ def test_artifacts_commands(workspace):
     assert missing.returncode == 2 and "no artifact named 'nothing'" in missing.stderr
 
 
-def _start(workspace: Path) -> subprocess.Popen:
+def _start(workspace: Path, output: IO[str] | int = subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "tiny.yaml"],
         cwd=workspace,
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
         env=os.environ.copy(),
     )
 
 
-def _wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 def test_kill_9_mid_stage_leaves_no_visible_version_and_rerun_completes(workspace):
     tiny_workflow(workspace, steps=400, second=False)
-    process = _start(workspace)
-    staging = workspace / "artifacts" / ".staging"
-    _wait_for(lambda: staging.exists() and any(p.is_dir() for p in staging.iterdir()))
-    time.sleep(3)
-    assert process.poll() is None, "the stage finished before it could be killed"
+    log = workspace / "run.log"
+    with log.open("w") as output:
+        process = _start(workspace, output)
+
+    def training() -> bool:
+        assert process.poll() is None, f"the stage finished before it could be killed:\n{log.read_text()}"
+        return "loss=" in log.read_text()  # the progress bar shows the loss from step 20 of 400
+
+    wait_until(training, 120, lambda: f"the stage reported no loss within 2 minutes:\n{log.read_text()}")
+    assert any((workspace / "artifacts" / ".staging").glob("pretrain-*/"))  # it runs in its staging folder
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
 

@@ -8,15 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from annotation import server, simulate
 from annotation.configs import SimulatedAnnotators
+from common.training import TRAINER_STATE
 from pipeline.store import Store
 from tests import tiny_policies
+from tests.conftest import module_argilla, wait_until
 from tests.test_annotation import make_samples
 
 pytestmark = pytest.mark.slow
@@ -38,8 +39,7 @@ stages:
 
 @pytest.fixture(scope="module")
 def argilla(tmp_path_factory):
-    with server.temporary_server(annotators=1, home=tmp_path_factory.mktemp("argilla")) as info:
-        yield info
+    yield from module_argilla(tmp_path_factory, annotators=1)
 
 
 def serve(workspace: Path, log: Path, argilla_home: Path) -> subprocess.Popen:
@@ -54,11 +54,10 @@ def serve(workspace: Path, log: Path, argilla_home: Path) -> subprocess.Popen:
 
 
 def wait_for(condition, what: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
+    """`wait_until` with the end of the service's log in the failure message."""
+    wait_until(
+        condition, timeout, lambda: f"timed out waiting for {what}; service log:\n{log.read_text()[-4000:]}"
+    )
 
 
 def test_serve_triggers_the_reward_model_and_stops_cleanly_on_sigterm(argilla, workspace):
@@ -79,7 +78,9 @@ def test_serve_triggers_the_reward_model_and_stops_cleanly_on_sigterm(argilla, w
             store.get("annotate:v1").path, SimulatedAnnotators(annotators=1), server.connect(argilla.home)
         )
         staging = store.root / ".staging"
-        wait_for(lambda: any(staging.glob("reward-*/scratch/checkpoint-*")), "reward training", log)
+        # a complete checkpoint (its trainer state written last), the one the next run resumes from
+        checkpoint = f"reward-*/scratch/checkpoint-*/{TRAINER_STATE}"
+        wait_for(lambda: any(staging.glob(checkpoint)), "a reward checkpoint", log)
         bots.stop()
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=60) in (0, 130)

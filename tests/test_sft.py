@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from policy.configs import SFTConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.export import export_merged
 from tasks import arithmetic
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 32, 64
 FAST = {"steps": 4, "batch_size": 4, "eval_examples": 4, "task_eval": False, "logging_steps": 2}
@@ -368,11 +367,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, base, data):
         command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     staging = workspace / "artifacts" / ".staging"
-    deadline = time.monotonic() + 300
-    while not list(staging.glob("sft-*/scratch/checkpoint-*/trainer_state.json")):
+
+    def checkpointed() -> list[Path]:
         assert first.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
-        time.sleep(0.05)
+        return list(staging.glob("sft-*/scratch/checkpoint-*/trainer_state.json"))
+
+    wait_until(checkpointed, 300, "no checkpoint within 5 minutes", interval=0.05)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert not (workspace / "artifacts" / "sft").exists(), (
