@@ -3,7 +3,7 @@ validating a workflow imports this module."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -120,6 +120,22 @@ class LoraSettings(StageConfig):
                 f"method {method!r} does not use {', '.join(wrong)} (for {'/'.join(self.lora_methods)})"
             )
         return self
+
+
+def lora_config(settings: Any, task_type: str = "CAUSAL_LM", **extra: Any) -> Any:
+    """PEFT's `LoraConfig` for a stage's LoRA settings (`LoraSettings`, or PPO's own: no dropout there):
+    the one place they become an adapter. `extra`: the stage's own options (`use_dora`, the reward
+    model's `modules_to_save`, ...)."""
+    import peft
+
+    return peft.LoraConfig(
+        task_type=task_type,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
+        lora_dropout=getattr(settings, "lora_dropout", 0.0),
+        target_modules=settings.target_modules,
+        **extra,
+    )
 
 
 class TrainerSettings(DeviceSettings):

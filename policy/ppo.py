@@ -59,6 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tasks
+from common.configs import lora_config
 from common.data import load_prompts
 from common.models import (
     base_of,
@@ -286,7 +287,7 @@ def load_policy(
 
     An SFT adapter is trained further, and a frozen copy of it is loaded beside it as the reference;
     a full model gets a fresh LoRA adapter, and the reference is the model with the adapter disabled."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if is_adapter(source):
         assert isinstance(source, Path)
@@ -296,14 +297,7 @@ def load_policy(
         base = base_of(source)
     else:
         model, _ = load_causal_lm(source, device=device, dtype=dtype)
-        lora = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
-            lora_dropout=0.0,
-            target_modules=config.target_modules,
-        )
-        policy = get_peft_model(model, lora)
+        policy = get_peft_model(model, lora_config(config))
         base = source
     policy.eval()  # no dropout: pi / pi_old is exactly 1 before an update's first step
     return policy, base

@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset
 
 import tasks
+from common.configs import lora_config
 from common.data import Row, load_sft, sft_examples
 from common.models import (
     compute_dtype,
@@ -282,14 +283,7 @@ def peft_config(config: SFTConfig) -> Any:
 
     task = "CAUSAL_LM"
     if config.method in ("lora", "dora", "qlora"):
-        return peft.LoraConfig(
-            task_type=task,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
-            use_dora=config.method == "dora",
-        )
+        return lora_config(config, task, use_dora=config.method == "dora")
     if config.method == "ia3":
         return peft.IA3Config(task_type=task)
     if config.method == "prompt_tuning":

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from common import configs
 from common.models import (
     compute_dtype,
     is_adapter,
@@ -86,15 +87,7 @@ def lora_config(config: Any) -> Any:
     """The new adapter's PEFT configuration (`method: lora`), or None (`full`)."""
     if config.method != "lora":
         return None
-    import peft
-
-    return peft.LoraConfig(
-        task_type="CAUSAL_LM",
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-    )
+    return configs.lora_config(config)
 
 
 def publish(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import tasks
+from common.configs import lora_config
 from common.data import load_preferences
 from common.models import (
     load_tokenizer,
@@ -293,15 +294,10 @@ def peft_config(config: RewardConfig, model: Any) -> Any:
     in full, as are the added blocks (LoRA goes on the model's own blocks only); None for `full`."""
     if config.method != "lora":
         return None
-    import peft
-
     added = added_blocks(model, config.added_layers)
-    return peft.LoraConfig(
-        task_type="SEQ_CLS",
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it takes a float
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+    return lora_config(
+        config,
+        "SEQ_CLS",
         exclude_modules=rf"({'|'.join(re.escape(name) for name in added)})\..*" if added else None,
         modules_to_save=added or None,
     )
