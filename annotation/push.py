@@ -32,9 +32,9 @@ from annotation import argilla_dataset as layout
 from annotation import server, simulate
 from annotation.argilla_dataset import Api
 from annotation.configs import AnnotateConfig
+from common.data import SAMPLES_FILE
 from common.outcomes import InputError
 
-SAMPLES_FILE = "samples.jsonl"
 GENERATION_FILE = "generation.json"
 BATCH_FILE = layout.BATCH_FILE
 RECORDS_FILE = layout.RECORDS_FILE

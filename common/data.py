@@ -38,6 +38,8 @@ NOT_DATA = {
 """JSON files found beside data files (an artifact's manifest, a data set's metadata) that are not data."""
 SAVED_DATASET = ("dataset_info.json", "state.json", "dataset_dict.json")
 """Files that mark a folder written by `datasets.save_to_disk`."""
+SAMPLES_FILE = "samples.jsonl"
+"""The `sample` stage's hand-off: one line per prompt with its candidates."""
 PREFERENCES_FILE = "preferences.jsonl"
 """The file of a preferences folder (collect's output); a folder without it is read like any other."""
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SCRATCH = "scratch"
+"""The folder inside a stage's staging directory for its checkpoints: kept when a run is interrupted (the
+next run resumes from it), removed before the artifact is published."""
+
 TRAINER_STATE = "trainer_state.json"
 """The file a Hugging Face trainer writes last into a checkpoint: its presence marks a complete one."""
 

@@ -38,12 +38,12 @@ from common import data
 from common.digests import content_digest, hash_tree, tree_digest
 from common.outcomes import InputError, Waiting
 from common.sources import PACKAGE, resolve_commit, split_revision
+from common.training import SCRATCH
 from pipeline import tracking
 from pipeline.distributed import Group
 from pipeline.store import WRITE_ERRNOS, Artifact, CorruptManifest, Store, StoreError, StoreWriteError
 from pipeline.workflow import InputRef, Stage, Workflow
 
-SCRATCH = "scratch"
 REJECTED = "rejected"
 """A stage returns `{"rejected": "reason", ...}` in its metrics to publish its output marked rejected."""
 LIBRARIES = (

@@ -45,6 +45,7 @@ from common.digests import (
     seal_problems,
     tree_digest,
 )
+from common.training import SCRATCH
 
 REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)(?::(?P<version>v[0-9]+|latest))?$")
 STAGING = ".staging"
@@ -378,7 +379,7 @@ class Store:
                     lock=there[1],
                     size=sum(_size(p) for p in there if p is not None),
                     in_use=_locked(lock),
-                    checkpoints=(folder / "scratch").is_dir(),
+                    checkpoints=(folder / SCRATCH).is_dir(),
                 )
             )
         return out

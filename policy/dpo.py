@@ -30,12 +30,9 @@ import tasks
 from common.data import load_preferences
 from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
-from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy import tuning
 from policy.configs import DPOConfig
-
-SCRATCH = "scratch"
-"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 
 
 def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:

@@ -45,13 +45,10 @@ from common.reward_model import (
     response_text,
     score_batch,
 )
-from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
 from tasks import Task
-
-SCRATCH = "scratch"
-"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 
 
 def run_rloo(config: RLOOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict[str, Any]:

@@ -74,13 +74,11 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.reward_model import check_reward_status, check_tokenizers_match, load_reward_model, score_batch
-from common.training import Table, last_checkpoint, log_to_wandb, wandb_run
+from common.training import SCRATCH, Table, last_checkpoint, log_to_wandb, wandb_run
 from policy import ppo_math
 from policy.configs import PPOConfig
 from policy.generation import Completion, Sampling, derive_seed, encode_prompts, generate, left_pad, stop_ids
 
-SCRATCH = "scratch"
-"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 POLICY, REFERENCE = "default", "reference"
 """Adapter names: the one trained, and the frozen copy of the SFT adapter that is the KL reference."""
 STATE_FILE = "ppo_state.json"

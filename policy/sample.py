@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import tasks
-from common.data import load_prompts, write_jsonl
+from common.data import SAMPLES_FILE, load_prompts, write_jsonl
 from common.models import (
     compute_dtype,
     load_causal_lm,
@@ -43,7 +43,6 @@ from policy.configs import SampleConfig
 from policy.generation import Completion, Sampling, encode_prompts, sample_candidates, uses_chat_template
 from tasks import Task
 
-SAMPLES_FILE = "samples.jsonl"
 GENERATION_FILE = "generation.json"
 RESERVED_COLUMNS = ("candidates", "duplicate_of")
 """Written by this stage, so a prompts file may not have them."""

@@ -40,11 +40,9 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.sources import split_revision
-from common.training import count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
 from policy.configs import SFTConfig
 
-SCRATCH = "scratch"
-"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 ADAPTER_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
 
 

@@ -57,6 +57,7 @@ from common.reward_model import (
     set_pad_token,
 )
 from common.training import (
+    SCRATCH,
     Table,
     count_parameters,
     final_train_loss,
@@ -68,8 +69,6 @@ from common.training import (
 from reward import evaluation
 from reward.configs import RewardConfig
 
-SCRATCH = "scratch"
-"""The runner drops `out_dir/scratch/` when the stage finishes and keeps it across a crash."""
 EVAL_FILE = "eval.json"
 HELD_OUT_FILE = "held_out.jsonl"
 
