@@ -15,7 +15,8 @@ records when it was collected):
 - `preferences/`: `preferences.jsonl` in TRL's prompt/chosen/rejected format (conversational when the
   policy has a chat template), with `prompt_id`, `record_id`, candidate indices, `agreement`, `votes`,
   the prompt's fields (the task's, such as `answer`) and `simulated`; and `summary.json` (counts per
-  policy, agreement statistics, and with a task `correct_chosen_fraction`).
+  policy, agreement statistics, and with a task `correct_chosen_fraction`). With a `previous` input (the
+  pairs of earlier rounds) those pairs come first, then this batch's (`pairs_previous`, `pairs_this_batch`).
 
 Reads top to bottom: load, read, convert and check, save, measure.
 """
@@ -36,7 +37,7 @@ from annotation import argilla_dataset as layout
 from annotation import preferences, server, simulate
 from annotation.argilla_dataset import Api
 from annotation.configs import CollectConfig
-from common.data import PREFERENCES_FILE, write_jsonl
+from common.data import PREFERENCES_FILE, load_preferences, write_jsonl
 from common.outcomes import InputError, Waiting
 from common.training import Table, log_to_wandb, wandb_run
 
@@ -72,6 +73,8 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
         rows, summary = preferences.to_preferences(
             records, rankings, config.policy, chat=batch["chat"], min_rankings=batch["annotators_per_record"]
         )
+    if "previous" in inputs:
+        rows, summary = with_previous(rows, summary, inputs["previous"], chat=batch["chat"])
     need = required_records(config, len(records))
     if summary["records_ranked"] < need:
         raise Waiting(
@@ -108,6 +111,25 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
         "url": connection.url,
         "read_s": read_s,
         "duration_s": time.perf_counter() - started,
+    }
+
+
+def with_previous(
+    rows: list[dict[str, Any]], summary: dict[str, Any], previous: Path | str, chat: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pairs of earlier rounds (the `previous` input) followed by this batch's: a second round's reward
+    model learns from every comparison made so far. Both must be in the same format."""
+    earlier = load_preferences(previous, "collect")
+    if (earlier.format == "conversational") != chat:
+        raise InputError(
+            f"collect: the previous pairs ({previous}) are {earlier.format} and this batch's are "
+            f"{'conversational' if chat else 'plain'}; expected one format (the same policy's chat template)"
+        )
+    return [*earlier.rows, *rows], {
+        **summary,
+        "pairs": len(earlier.rows) + len(rows),
+        "pairs_this_batch": len(rows),
+        "pairs_previous": len(earlier.rows),
     }
 
 

@@ -294,7 +294,16 @@ STAGES: dict[str, StageKind] = {
             name="collect",
             config=annotation_configs.CollectConfig,
             run="annotation.collect:run",
-            inputs={"batch": Slot(("annotation-batch",), "the pushed annotation batch")},
+            inputs={
+                "batch": Slot(("annotation-batch",), "the pushed annotation batch"),
+                "previous": Slot(
+                    ("preferences",),
+                    "pairs of earlier rounds, published with this batch's (a later round learns from all)",
+                    required=False,
+                    external=True,
+                    data="preferences",
+                ),
+            },
             outputs=lambda config: {"rankings": "rankings", "preferences": "preferences"},
             always_run=True,
             doc="Snapshot submitted rankings and convert them to preference pairs; waits below the threshold.",

@@ -33,6 +33,11 @@ A relative path given with `--set` is relative to the current directory.
 Every problem is reported as a `WorkflowError` that names the key path and its line (in the file
 that has it), or the `--set` argument that gave the value.
 
+A stage that repeats another with a few changes says so with `like: other` (a stage defined before it in
+this file, or in the workflow it extends): it gets that stage's kind and config, and its own `config:`
+replaces single settings on top (`like: reward` with `config: {seed: 1}`), so a second round of the loop
+stays in step with the first. Inputs are never copied.
+
 A workflow file holds plain values only: strings, numbers (`1e-4` is a number, as in YAML 1.2), booleans,
 null, mappings and lists. Other YAML tags (`!!python/...`, `!!set`, `!custom`), merge keys, nesting
 deeper than `MAX_DEPTH` and aliases that expand to more than `MAX_ALIAS_VALUES` values are errors, so a
@@ -61,7 +66,7 @@ from tasks import TaskConfig
 
 ARTIFACT_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<version>v[0-9]+|latest)$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-STAGE_KEYS = {"kind", "inputs", "config", "artifact"}
+STAGE_KEYS = {"kind", "like", "inputs", "config", "artifact"}
 TOP_KEYS = {"name", "description", "extends", "stages", "wandb", "task", "defaults"}
 WANDB_KEYS = {"project", "entity", "tags"}
 
@@ -424,7 +429,9 @@ def parse(
         path: Path_ = ("stages", stage_name)
         if not isinstance(stage_name, str) or not STAGE_NAME.match(stage_name):
             raise check.fail(path, "stage names are made of letters, digits, '_', '.', '-'")
-        stages[stage_name] = _parse_stage(check, stage_name, raw, path, names, base_dir, task, defaults)
+        stages[stage_name] = _parse_stage(
+            check, stage_name, raw, path, names, base_dir, task, defaults, before=stages
+        )
 
     if not _extending:  # the file named on the command line: every --set must have found its stage
         for override in wanted:
@@ -528,9 +535,11 @@ def _parse_stage(
     base_dir: Path,
     task: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
+    before: dict[str, Stage] | None = None,
 ) -> Stage:
     body = check.mapping(raw, path, STAGE_KEYS)
-    kind = body.get("kind", name if name in registry.STAGES else None)
+    liked = _liked(check, body, path, name, before or {})
+    kind = body.get("kind", liked.kind if liked else name if name in registry.STAGES else None)
     if kind is None:
         raise check.fail(
             (*path, "kind"),
@@ -543,6 +552,12 @@ def _parse_stage(
     spec = registry.STAGES[kind]
 
     raw_config = check.mapping(body.get("config"), (*path, "config"))
+    if liked is not None:
+        if kind != liked.kind:
+            raise check.fail(
+                (*path, "kind"), f"is {kind!r}, but `like: {liked.name}` is a {liked.kind!r} stage"
+            )
+        raw_config = {**liked.config.model_dump(exclude_unset=True), **raw_config}
     filled_config, from_defaults = _filled(raw_config, spec.config, task, defaults or {})
     try:
         config = spec.config.model_validate(filled_config)
@@ -595,6 +610,22 @@ def _parse_stage(
         line=check.line(path),
         overrides=overridden,
     )
+
+
+def _liked(
+    check: _Checker, body: dict[str, Any], path: Path_, name: str, before: dict[str, Stage]
+) -> Stage | None:
+    """The stage named by `like:`, which must come before this one (or from the extended workflow)."""
+    if "like" not in body:
+        return None
+    liked = body["like"]
+    if not isinstance(liked, str) or liked not in before or liked == name:
+        known = ", ".join(n for n in before if n != name) or "none"
+        raise check.fail(
+            (*path, "like"),
+            f"expected the name of a stage defined before this one (defined before it: {known}), got {liked!r}",
+        )
+    return before[liked]
 
 
 def _fields_at(config: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

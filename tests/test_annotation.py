@@ -77,9 +77,10 @@ def run_push(samples: Path, out: Path, **config) -> dict:
     return push.run(AnnotateConfig(**{"task": ARITHMETIC, **config}), {"samples": samples}, out)
 
 
-def run_collect(batch: Path, out: Path, **config) -> dict:
+def run_collect(batch: Path, out: Path, previous: Path | None = None, **config) -> dict:
     out.mkdir(parents=True)
-    return collect.run(CollectConfig(**{"task": ARITHMETIC, **config}), {"batch": batch}, out)
+    inputs: dict[str, Path | str] = {"batch": batch, **({"previous": previous} if previous else {})}
+    return collect.run(CollectConfig(**{"task": ARITHMETIC, **config}), inputs, out)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -268,6 +269,27 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
     summary = json.loads((tmp_path / "collect" / "preferences" / "summary.json").read_text())
     assert summary["format"] == "conversational" and summary["pairs"] == len(pairs)
     assert 0 < summary["kendall_w_mean"] <= 1 and summary["correct_chosen_fraction"] > 0.5
+
+
+def test_a_second_round_publishes_the_earlier_pairs_with_its_own(argilla, tmp_path):
+    bots = SimulatedAnnotators(annotators=2, noise=0.1, seed=1)
+    for round_ in (1, 2):
+        samples = make_samples(tmp_path / f"samples{round_}", n=6, digest=f"{round_}c" * 32)
+        run_push(samples, tmp_path / f"batch{round_}", annotators_per_record=2, simulate=bots)
+    first = run_collect(tmp_path / "batch1", tmp_path / "collect1")
+    alone = run_collect(tmp_path / "batch2", tmp_path / "alone")
+    earlier = tmp_path / "collect1" / "preferences"
+    both = run_collect(tmp_path / "batch2", tmp_path / "both", previous=earlier)
+    pairs = read_jsonl(tmp_path / "both" / "preferences" / "preferences.jsonl")
+    assert first["pairs"] > 0 and alone["pairs"] > 0
+    assert (both["pairs_previous"], both["pairs_this_batch"]) == (first["pairs"], alone["pairs"])
+    assert pairs == read_jsonl(earlier / "preferences.jsonl") + read_jsonl(
+        tmp_path / "alone" / "preferences" / "preferences.jsonl"
+    )
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "1 + 1", "chosen": "2", "rejected": "3"}) + "\n")
+    with pytest.raises(InputError, match=r"collect: the previous pairs \(.*plain\.jsonl\) are plain"):
+        run_collect(tmp_path / "batch2", tmp_path / "mixed", previous=plain)
 
 
 def test_collect_waits_below_the_threshold(argilla, tmp_path):

@@ -224,6 +224,41 @@ def test_a_variant_extends_a_workflow_replacing_and_adding_stages(tmp_path):
     assert variant.stages["third"].inputs["model"].stage == "again"
 
 
+def test_like_repeats_a_stage_s_kind_and_settings_with_its_own_on_top(tmp_path):
+    (tmp_path / "base.yaml").write_text("stages:\n  pretrain:\n    config: {steps: 7, lr: 0.002, seed: 3}\n")
+    (tmp_path / "rounds.yaml").write_text(
+        textwrap.dedent("""\
+            extends: base.yaml
+            stages:
+              again:
+                like: pretrain
+                inputs: {model: pretrain}
+                config: {seed: 4}
+              third:
+                like: again
+            """)
+    )
+    flow = workflow.load(tmp_path / "rounds.yaml")
+    again, third = flow.stages["again"], flow.stages["third"]
+    assert again.kind == third.kind == "pretrain"
+    assert (again.config.steps, again.config.lr, again.config.seed) == (7, 0.002, 4)
+    assert third.config == again.config and third.inputs == {}  # settings are copied, inputs never
+    cases = [
+        ("  x:\n    like: nope\n", "stages.x.like", "defined before it: pretrain"),
+        ("  x:\n    like: y\n  y:\n    like: pretrain\n", "stages.x.like", "got 'y'"),  # not yet defined
+        (
+            "  x:\n    like: pretrain\n    kind: sft\n",
+            "stages.x.kind",
+            "`like: pretrain` is a 'pretrain' stage",
+        ),
+        ("  x:\n    like: pretrain\n    config: {stepz: 1}\n", "stages.x.config.stepz", "unknown key"),
+    ]
+    for body, key, words in cases:
+        (tmp_path / "bad.yaml").write_text("extends: base.yaml\nstages:\n" + body)
+        with pytest.raises(WorkflowError, match=rf"bad\.yaml:\d+: {key}: .*{words}"):
+            workflow.load(tmp_path / "bad.yaml")
+
+
 def test_top_level_task_fills_the_stages_that_take_a_task_and_a_stage_s_own_wins(tmp_path):
     (tmp_path / "wf.yaml").write_text(
         textwrap.dedent("""\
