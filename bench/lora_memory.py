@@ -8,7 +8,7 @@ and trains `--steps` steps on random sequences of `--seq-len` tokens (batch 1 x 
 `full` trains every weight with the same trainer (AdamW: two float32 moments per weight).
 
 Both modes run twice, with the same `SFTConfig` memory settings each time:
-- `lean` (the figures at the top level): `loss_chunk_size` at its default (0: by device, 1024
+- `lean` (the figures at the top level): `loss_chunk_size` at its default (0: by device, 4096
   vocabulary entries per chunk of the loss on a CPU, 32768 on a GPU) and `gradient_checkpointing: true`;
 - `plain` (under `"plain"`): the settings this project trained with before: TRL's chunk size (32768, the
   whole 32k vocabulary at once) and no gradient checkpointing.

@@ -70,7 +70,7 @@ def trainer_arguments(config: Any, device: Any, scratch: Path) -> dict[str, Any]
     }
 
 
-LOSS_CHUNK = {"cpu": 1024, "cuda": 32768}
+LOSS_CHUNK = {"cpu": 4096, "cuda": 32768}
 """`loss_chunk_size: 0` by device type (`common.configs.ChunkedLossSettings`); 32768 is TRL's own size."""
 
 

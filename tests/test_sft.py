@@ -303,7 +303,7 @@ def test_the_chunked_loss_equals_the_plain_loss_in_value_and_gradient(tile_width
 
     plain, plain_gradients = loss_and_gradients()
     assert set_loss_chunk(0, torch.device("cuda")) == 32768  # 0 picks by device; TRL's size on a GPU
-    assert set_loss_chunk(0, torch.device("cpu")) == 1024
+    assert set_loss_chunk(0, torch.device("cpu")) == 4096
     assert set_loss_chunk(64, torch.device("cpu")) == 64
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     chunked, chunked_gradients = loss_and_gradients(fused_lm_head=True)
