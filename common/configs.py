@@ -138,6 +138,21 @@ def lora_config(settings: Any, task_type: str = "CAUSAL_LM", **extra: Any) -> An
     )
 
 
+class ChunkedLossSettings(StageConfig):
+    """The loss of the stages that train a language model over its vocabulary (SFT, DPO, RLOO, GRPO), which
+    TRL's trainers compute through a fused LM head: the logits of at most 4096 tokens by `loss_chunk_size`
+    vocabulary entries at a time, folded into a running log-sum-exp and recomputed in the backward pass."""
+
+    loss_chunk_size: int = Field(0, ge=0)
+    """Vocabulary entries per chunk of the loss, so that the [tokens x vocabulary] float32 logits and their
+    gradient never exist at once (SmolLM2's 49,152 entries at 32 x 64 tokens: 400 MB for each copy). Losses
+    and gradients are the same to float rounding for any size. 0 picks by device: 4096 on a CPU (SmolLM2's
+    head over 2,048 tokens: 210 MB at the peak instead of 2 GB with the whole vocabulary, in about the same
+    CPU time on one thread; smaller chunks save little more and, with two threads on a busy machine, cost
+    time) and TRL's own 32768 on a GPU, which takes most vocabularies whole. The demo's few hundred entries
+    fit in one chunk either way."""
+
+
 class TrainerSettings(DeviceSettings):
     """The optimizer, checkpoint and logging settings of the stages trained by a Hugging Face / TRL
     trainer (SFT, reward, DPO, RLOO, GRPO); `common.training.trainer_arguments` turns them into the
@@ -150,8 +165,10 @@ class TrainerSettings(DeviceSettings):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 20-30% slower (worth it for large
-    models only)."""
+    """Keep only each transformer block's input in the forward pass and recompute the rest in the backward
+    pass: one more forward pass per step (about 20-30% slower) for less memory, the more so the longer the
+    batch (LoRA on a 110M Llama at 1 x 128 tokens on a CPU: about 605 MB of training memory instead of 710,
+    `bench/lora_memory.py`). Same losses and gradients."""
     logging_steps: int = Field(10, ge=1)
     """Optimizer steps between loss reports (progress bar and W&B)."""
     save_steps: int = Field(100, ge=1)

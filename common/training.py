@@ -70,6 +70,24 @@ def trainer_arguments(config: Any, device: Any, scratch: Path) -> dict[str, Any]
     }
 
 
+LOSS_CHUNK = {"cpu": 4096, "cuda": 32768}
+"""`loss_chunk_size: 0` by device type (`common.configs.ChunkedLossSettings`); 32768 is TRL's own size."""
+
+
+def set_loss_chunk(size: int, device: Any) -> int:
+    """Make the fused LM head of TRL's trainers (SFT, DPO, RLOO, GRPO) compute the logits `size` vocabulary
+    entries at a time in this process (`common.configs.ChunkedLossSettings.loss_chunk_size`; 0 picks by the
+    type of `device`) and return that size. Like the thread count, a setting of the process, which the stage
+    in it sets before training."""
+    import trl.trainer.utils as fused_head  # reads its chunk size at every call
+
+    if not hasattr(fused_head, "_CHUNKED_LOGPROB_CHUNK_SIZE"):  # a TRL that sizes its chunks elsewhere
+        raise RuntimeError("this TRL version has no _CHUNKED_LOGPROB_CHUNK_SIZE; update set_loss_chunk")
+    chunk = size or LOSS_CHUNK.get(device.type, LOSS_CHUNK["cuda"])
+    fused_head._CHUNKED_LOGPROB_CHUNK_SIZE = chunk
+    return chunk
+
+
 @dataclass(frozen=True)
 class Table:
     """Rows for a W&B table (see `log_to_wandb`)."""

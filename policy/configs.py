@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.configs import (
+    ChunkedLossSettings,
     DeviceSettings,
     LoraSettings,
     PrecisionSettings,
@@ -91,7 +92,9 @@ PeftMethod = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tu
 LORA_METHODS = ("lora", "dora", "qlora")
 
 
-class SFTConfig(TokenizerSettings, PrecisionSettings, TrainerSettings, LoraSettings, TaskCheck):
+class SFTConfig(
+    TokenizerSettings, PrecisionSettings, TrainerSettings, ChunkedLossSettings, LoraSettings, TaskCheck
+):
     """Supervised fine-tuning on TRL's `SFTTrainer`. With the defaults, LoRA teaches the pretrained demo
     model (pretrain defaults) the chat format in 100 steps (about 15 s on 2 CPU cores). The demo workflow
     stops at 60 steps, which leaves the preferences more unreliability to fix (its pass rates: the README's
@@ -205,7 +208,9 @@ DPOLoss = Literal[
 ]
 
 
-class PolicyTuningConfig(PrecisionSettings, PublishSettings, TrainerSettings, LoraSettings, TaskCheck):
+class PolicyTuningConfig(
+    PrecisionSettings, PublishSettings, TrainerSettings, ChunkedLossSettings, LoraSettings, TaskCheck
+):
     """Settings shared by DPO, RLOO and GRPO: what is trained on top of the SFT policy, optimizer, checkpoints,
     what is published.
 

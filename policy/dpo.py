@@ -30,7 +30,14 @@ import tasks
 from common.data import load_preferences
 from common.models import load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
-from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import (
+    SCRATCH,
+    count_parameters,
+    final_train_loss,
+    last_checkpoint,
+    set_loss_chunk,
+    trainer_arguments,
+)
 from policy import tuning
 from policy.configs import DPOConfig
 
@@ -155,6 +162,7 @@ def build_trainer(
     from trl import DPOTrainer
 
     model, tokenizer = tuning.load_start(policy, scratch, "dpo", config.method, device, config.precision)
+    set_loss_chunk(config.loss_chunk_size, device)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,

@@ -45,7 +45,14 @@ from common.reward_model import (
     response_text,
     score_batch,
 )
-from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import (
+    SCRATCH,
+    count_parameters,
+    final_train_loss,
+    last_checkpoint,
+    set_loss_chunk,
+    trainer_arguments,
+)
 from policy import tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
 from tasks import Task
@@ -98,6 +105,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     from datasets import Dataset
 
     trainer_class, args = trainer_and_args(config, stage, device, scratch)
+    set_loss_chunk(config.loss_chunk_size, device)
     trainer = trainer_class(
         model=model,
         reward_funcs=reward,

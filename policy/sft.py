@@ -40,7 +40,14 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.sources import split_revision
-from common.training import SCRATCH, count_parameters, final_train_loss, last_checkpoint, trainer_arguments
+from common.training import (
+    SCRATCH,
+    count_parameters,
+    final_train_loss,
+    last_checkpoint,
+    set_loss_chunk,
+    trainer_arguments,
+)
 from policy.configs import SFTConfig
 
 ADAPTER_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -75,17 +82,8 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     model = load_model(source, config, device)
 
     # Train
-    from trl import SFTTrainer
-
     scratch = out_dir / SCRATCH
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args(config, masking, device, scratch),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        peft_config=peft_config(config),
-    )
+    trainer = build_trainer(config, model, tokenizer, train_set, eval_set, masking, device, scratch)
     trainable, total = count_parameters(trainer.model)
     checkpoint = last_checkpoint(scratch)
     resumed_from, tokens_before = None, 0
@@ -292,6 +290,31 @@ def peft_config(config: SFTConfig) -> Any:
 
 
 # --- train ---
+
+
+def build_trainer(
+    config: SFTConfig,
+    model: Any,
+    tokenizer: Any,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    masking: str,
+    device: torch.device,
+    scratch: Path,
+) -> Any:
+    """TRL's `SFTTrainer` on `model` with the stage's arguments, adapter and loss chunks (also what
+    `bench/lora_memory.py` measures)."""
+    from trl import SFTTrainer
+
+    set_loss_chunk(config.loss_chunk_size, device)
+    return SFTTrainer(
+        model=model,
+        args=training_args(config, masking, device, scratch),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
 
 
 def training_args(config: SFTConfig, masking: str, device: torch.device, scratch: Path) -> Any:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.models import load_causal_lm
 from common.outcomes import InputError
+from common.training import set_loss_chunk
 from policy import sft
 from policy.configs import SFTConfig
 from policy.demo_model import build_model, train_tokenizer
@@ -260,6 +261,76 @@ def test_precision_bfloat16_trains_in_bf16_on_a_cpu_too_and_auto_does_not():
     cpu = torch.device("cpu")
     assert sft.training_args(SFTConfig(precision="bfloat16"), "completion", cpu, Path("/tmp")).bf16
     assert not sft.training_args(SFTConfig(), "completion", cpu, Path("/tmp")).bf16
+
+
+@pytest.fixture
+def tile_widths(monkeypatch) -> list[int]:
+    """The width (vocabulary entries) of every chunk of logits TRL's fused LM head computes in the test, on
+    the CPU; the chunk size set in the test is undone after it."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as fused_head
+
+    monkeypatch.setattr(fused_head, "_CHUNKED_LOGPROB_CHUNK_SIZE", fused_head._CHUNKED_LOGPROB_CHUNK_SIZE)
+    widths: list[int] = []
+    fold = kernel._forward_tile
+    monkeypatch.setattr(
+        kernel, "_forward_tile", lambda tile, *a, **k: widths.append(tile.shape[1]) or fold(tile, *a, **k)
+    )
+    return widths
+
+
+def test_the_chunked_loss_equals_the_plain_loss_in_value_and_gradient(tile_widths):
+    """TRL's fused LM head, with the vocabulary cut into chunks by `set_loss_chunk`, gives the model's own loss
+    over the full logits and the same gradient for every weight (tied embeddings included), on a padded
+    batch with ignored labels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, tie_word_embeddings=True, **shape))
+    input_ids = torch.randint(0, 300, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100  # a prompt
+
+    def loss_and_gradients(**fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **fused).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain, plain_gradients = loss_and_gradients()
+    assert set_loss_chunk(0, torch.device("cuda")) == 32768  # 0 picks by device; TRL's size on a GPU
+    assert set_loss_chunk(0, torch.device("cpu")) == 4096
+    assert set_loss_chunk(64, torch.device("cpu")) == 64
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+    chunked, chunked_gradients = loss_and_gradients(fused_lm_head=True)
+
+    assert tile_widths == [64, 64, 64, 64, 44]  # the logits were computed a chunk at a time
+    torch.testing.assert_close(chunked, plain)
+    assert chunked_gradients.keys() == plain_gradients.keys()
+    for name, gradient in plain_gradients.items():
+        torch.testing.assert_close(chunked_gradients[name], gradient, msg=name)
+
+
+def test_memory_settings_train_to_the_same_losses(base, data, tmp_path, tile_widths):
+    """Gradient checkpointing and a loss chunk smaller than the demo vocabulary change memory, not the
+    training: the same steps end at the same train and eval losses."""
+    vocabulary = len(AutoTokenizer.from_pretrained(base))
+    runs = {
+        "lean": ({"gradient_checkpointing": True, "loss_chunk_size": 64}, 64),
+        "plain": ({"gradient_checkpointing": False, "loss_chunk_size": 32768}, vocabulary),
+    }
+    losses = []
+    for name, (settings, widest) in runs.items():
+        tile_widths.clear()
+        metrics = sft.run(SFTConfig(**FAST, **settings), {"model": base, "data": data}, tmp_path / name)
+        assert max(tile_widths) == widest  # the stage computes its loss in chunks of its loss_chunk_size
+        losses.append((metrics["train_loss"], metrics["eval_loss"]))
+    assert vocabulary > 64
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
