@@ -80,7 +80,7 @@ def run(config: SFTConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     scratch = out_dir / SCRATCH
     trainer = SFTTrainer(
         model=model,
-        args=training_args(config, masking, device, scratch),
+        args=training_args(config, masking, device, scratch, source),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
@@ -234,7 +234,9 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
     from transformers import AutoModelForCausalLM
 
     adapter = config.method in ADAPTER_METHODS
-    kwargs: dict[str, Any] = {"dtype": compute_dtype(config.precision, device) if adapter else torch.float32}
+    kwargs: dict[str, Any] = {
+        "dtype": compute_dtype(config.precision, device, source) if adapter else torch.float32
+    }
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -294,11 +296,13 @@ def peft_config(config: SFTConfig) -> Any:
 # --- train ---
 
 
-def training_args(config: SFTConfig, masking: str, device: torch.device, scratch: Path) -> Any:
+def training_args(
+    config: SFTConfig, masking: str, device: torch.device, scratch: Path, model: Path | str
+) -> Any:
     from trl import SFTConfig as TRLConfig
 
     return TRLConfig(
-        **trainer_arguments(config, device, scratch),
+        **trainer_arguments(config, device, scratch, model),
         per_device_eval_batch_size=config.batch_size,
         max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,
