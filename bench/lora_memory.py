@@ -82,6 +82,7 @@ def worker(mode: str, settings: str, steps: int, seq_len: int) -> dict:
         max_length=seq_len,
         eval_examples=0,
         logging_steps=1,
+        precision="float32",  # the figure compares memory in float32, as the PEFT table it follows
         **SETTINGS[settings],
     )
     device = pick_device(config.device)

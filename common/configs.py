@@ -74,8 +74,10 @@ class PrecisionSettings(DeviceSettings):
     precision, and the frozen weights (a LoRA's base, models that only generate or score) held in bf16;
     on a GPU with bf16 and on a CPU with native bf16 (AVX512-BF16, AMX) it is about twice as fast as
     float32 (SmolLM2-135M on 2 CPU cores: a LoRA training step 1.7-1.9x, generation 1.8x), and log
-    probabilities differ by up to ~0.1 nats a token. `float32` never uses bf16. `auto` is bfloat16 on a
-    CUDA GPU that supports it and float32 on a CPU, where the demo's 1M-parameter model gains nothing."""
+    probabilities differ by up to ~0.1 nats a token. `float32` never uses bf16. `auto` is bfloat16 where
+    it pays: on a CUDA GPU that supports it, and on a CPU with native bf16 for models of float weights with
+    at least 20M parameters (`common.models.AUTO_BF16_MIN_PARAMETERS`; the demo's 1M-parameter model gains
+    nothing and stays in float32); float32 otherwise. Stages record what they used (`dtype` in metrics)."""
 
 
 class PreferenceSettings(StageConfig):

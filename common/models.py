@@ -42,30 +42,89 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
+AUTO_BF16_MIN_PARAMETERS = 20_000_000
+"""`precision: auto` on a CPU with native bf16 computes in bf16 from this many parameters on: a decoding
+step of such a model is bound by reading its weights from memory, which bf16 halves. Below it (the
+demo's 1M-parameter model, the tests' tiny ones) the weights sit in the caches, a step is per-operation
+overhead, and bf16 gains nothing (measured: `bench/generation_limit.py`) but would change the results."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU with bf16, or a CPU with AMX-BF16 or
+    AVX512-BF16 (elsewhere torch emulates bf16 matrix products on the CPU, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities()
+    return device.type == "cpu" and bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def uses_bf16(
+    precision: str, device: torch.device, model: Path | str | torch.nn.Module | None = None
+) -> bool:
     """Whether a stage with this `precision` setting (`common.configs.PrecisionSettings`) computes in bf16
-    on `device`."""
+    on `device` for `model` (a model directory, adapter directory or hub id: the weights it runs). `auto`:
+    on a GPU with bf16; on a CPU with native bf16 when the model has float weights and at least
+    `AUTO_BF16_MIN_PARAMETERS` parameters (never when `model` is not given); float32 otherwise."""
     if precision == "bfloat16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise InputError("precision: bfloat16 was asked for, but this GPU does not support bf16")
         return True
-    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision != "auto" or not native_bf16(device):
+        return False
+    if device.type == "cuda":
+        return True
+    parameters = parameter_count(model) if model is not None else None
+    return parameters is not None and parameters >= AUTO_BF16_MIN_PARAMETERS
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+def compute_dtype(
+    precision: str, device: torch.device, model: Path | str | torch.nn.Module | None = None
+) -> torch.dtype:
     """The dtype of weights that are not trained (or trained under an adapter): bf16 or float32."""
-    return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
+    return torch.bfloat16 if uses_bf16(precision, device, model) else torch.float32
 
 
-def trainer_precision(precision: str, device: torch.device) -> dict[str, Any]:
+def dtype_name(model: Any) -> str:
+    """The dtype a model computes in (`bfloat16`, `float32`), as the stages that generate record it in
+    their metrics (`dtype`): what `precision: auto` chose depends on the model and the machine."""
+    return str(model.dtype).removeprefix("torch.")
+
+
+def trainer_precision(
+    precision: str, device: torch.device, model: Path | str | torch.nn.Module | None = None
+) -> dict[str, Any]:
     """Hugging Face / TRL trainer arguments for the device and precision: bf16 mixed precision or none
     (TRL's configs default to bf16 everywhere, which a CPU without native bf16 runs slowly)."""
     return {
-        "bf16": uses_bf16(precision, device),
+        "bf16": uses_bf16(precision, device, model),
         "fp16": False,
         "use_cpu": device.type == "cpu",
         "dataloader_pin_memory": device.type == "cuda",
     }
+
+
+def parameter_count(source: Path | str | torch.nn.Module) -> int | None:
+    """The parameters of a model: of a loaded one, or of a model directory, adapter directory (the complete
+    weights below it, each base's digest checked) or hub id, counted from its config on the meta device
+    without reading weights; None for quantized weights (they are not float) or a config transformers
+    cannot build."""
+    from transformers import AutoConfig, AutoModel
+
+    if isinstance(source, torch.nn.Module):
+        return sum(p.numel() for p in source.parameters())
+    while is_adapter(source):
+        assert isinstance(source, Path)
+        source = base_of(source)
+    name, revision = split_revision(source)
+    config = AutoConfig.from_pretrained(name, revision=revision)
+    if getattr(config, "quantization_config", None):
+        return None
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except (ValueError, KeyError):
+        return None
+    return sum(p.numel() for p in model.parameters())
 
 
 def is_adapter(source: Path | str) -> bool:

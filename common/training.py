@@ -41,10 +41,11 @@ def final_train_loss(trainer: Any, mean_loss: float) -> float:
     return losses[-1] if losses else mean_loss
 
 
-def trainer_arguments(config: Any, device: Any, scratch: Path) -> dict[str, Any]:
+def trainer_arguments(config: Any, device: Any, scratch: Path, model: Any) -> dict[str, Any]:
     """The arguments every Hugging Face / TRL trainer of the pipeline shares (SFT, reward, DPO, RLOO,
     GRPO), from a config with `common.configs.TrainerSettings`, `seed`, `lr`, `batch_size` and either
-    `steps` or `epochs`; each stage adds its trainer's own. Checkpoints go to `scratch` every `save_steps`
+    `steps` or `epochs`, and the `model` it trains (its size decides `precision: auto`); each stage adds
+    its trainer's own. Checkpoints go to `scratch` every `save_steps`
     (the last two kept: the last one may be half-written when the process is killed)."""
     from common.models import trainer_precision  # imports torch
 
@@ -60,7 +61,7 @@ def trainer_arguments(config: Any, device: Any, scratch: Path) -> dict[str, Any]
         "warmup_steps": config.warmup_ratio,  # below 1: a fraction of the steps
         "weight_decay": config.weight_decay,
         "activation_checkpointing": config.gradient_checkpointing,  # TRL defaults to on; transformers 5 name
-        **trainer_precision(config.precision, device),  # TRL defaults to bf16 everywhere
+        **trainer_precision(config.precision, device, model),  # TRL defaults to bf16 everywhere
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,

@@ -166,7 +166,7 @@ def build_trainer(
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
-        args=training_args(config, device, scratch),
+        args=training_args(config, device, scratch, policy),
         train_dataset=Dataset.from_list(
             [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
         ),
@@ -176,11 +176,11 @@ def build_trainer(
     return trainer, tokenizer
 
 
-def training_args(config: DPOConfig, device: torch.device, scratch: Path) -> Any:
+def training_args(config: DPOConfig, device: torch.device, scratch: Path, model: Path | str) -> Any:
     from trl import DPOConfig as TRLConfig
 
     return TRLConfig(
-        **trainer_arguments(config, device, scratch),
+        **trainer_arguments(config, device, scratch, model),
         beta=config.beta,
         loss_type=list(config.loss_type),
         loss_weights=config.loss_weights,

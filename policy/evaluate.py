@@ -50,6 +50,7 @@ import tasks
 from common.data import load_prompts
 from common.models import (
     compute_dtype,
+    dtype_name,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -86,6 +87,8 @@ class PolicyResult:
     """(prompts, samples) rewards, for pairwise win rates."""
     verdicts_greedy: list[float] | None = None
     verdicts_sampled: list[list[float]] | None = None
+    dtype: str = "float32"
+    """What it generated in (`precision: auto` depends on the model and the machine)."""
 
 
 def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -104,9 +107,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
         raise InputError(
             f"evaluate: baseline {baseline!r} is not one of the policies' labels: {', '.join(policies)}"
         )
-    dtype = compute_dtype(config.precision, device)
-    judge = load_judge(inputs.get("reward"), device, dtype)
-    reference = load_reference(inputs.get("reference"), device, dtype)
+    judge = load_judge(inputs.get("reward"), device, config.precision)
+    reference = load_reference(inputs.get("reference"), device, config.precision)
 
     # Generate and measure, one policy at a time
     results = {}
@@ -130,6 +132,9 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
 
     # Measure
     metrics: dict[str, Any] = {"baseline": baseline, "prompts": len(records), "policies": list(policies)}
+    metrics["dtype"] = {label: result.dtype for label, result in results.items()}
+    if judge is not None:
+        metrics["dtype"]["reward"] = dtype_name(judge.model)
     for label, entry in report["policies"].items():
         for name in (*METRICS, *IMPROVEMENTS):
             if name not in entry:
@@ -180,11 +185,12 @@ class Judge:
     source: Path
 
 
-def load_judge(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Judge | None:
+def load_judge(source: Path | str | None, device: torch.device, precision: str) -> Judge | None:
     if source is None:
         return None
     from common.reward_model import load_reward_model
 
+    dtype = compute_dtype(precision, device, source)
     model, tokenizer = load_reward_model(Path(source), device=device, dtype=dtype)
     return Judge(model, tokenizer, Path(source))
 
@@ -197,10 +203,11 @@ class Reference:
     source: Path | str
 
 
-def load_reference(source: Path | str | None, device: torch.device, dtype: torch.dtype) -> Reference | None:
+def load_reference(source: Path | str | None, device: torch.device, precision: str) -> Reference | None:
     if source is None:
         return None
     model, tokenizer = load_causal_lm(source, device=device)
+    dtype = compute_dtype(precision, device, source)
     return Reference(merged_for_inference(model, dtype), tokenizer, tokenizer_fingerprint(tokenizer), source)
 
 
@@ -225,7 +232,7 @@ def evaluate_policy(
             "between them (a sum over tokens) is undefined; compare policies of one family, or omit `reference`"
         )
     # an adapter folded into its base generates faster
-    model = merged_for_inference(model, compute_dtype(config.precision, device))
+    model = merged_for_inference(model, compute_dtype(config.precision, device, source))
     prompts = [record["prompt"] for record in records]
     prompt_ids = encode_prompts(tokenizer, prompts, "auto")
     max_new_tokens = response_budget(config.max_new_tokens, task)
@@ -238,6 +245,7 @@ def evaluate_policy(
         source,
         greedy=[drawn[0].text for drawn in greedy],
         sampled=[[c.text for c in drawn] for drawn in sampled],
+        dtype=dtype_name(model),
     )
     result.per_prompt["length_mean"] = np.array(
         [np.mean([len(c.token_ids) - c.finished for c in drawn]) for drawn in sampled]

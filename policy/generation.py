@@ -134,6 +134,12 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+CDF_CHUNK_ELEMENTS = 2**18
+"""`SeededSampler` computes the cumulative distributions of this many (float64) scores at a time: 2 MB,
+which stays in a core's cache (measured on 128 rows of SmolLM2's 49k vocabulary: 4 rows at a time took a
+quarter of the time of all at once)."""
+
+
 class SeededSampler(LogitsProcessor):
     """Samples the next token of each row from the row's own generator (see the module docstring) and
     returns scores that are 0 for that token and -inf elsewhere, for `generate` in greedy mode.
@@ -153,14 +159,22 @@ class SeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        cdf = scores.float().softmax(dim=-1).double().cumsum(dim=-1)
         uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        targets = uniform.to(cdf.device).unsqueeze(1) * cdf[:, -1:]
-        # The first token whose cumulative probability exceeds the target: never one of probability 0.
-        tokens = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
-        chosen = torch.full_like(scores, float("-inf"))
+        uniform = uniform.to(scores.device)
+        tokens = torch.empty((scores.shape[0], 1), dtype=torch.long, device=scores.device)
+        # A few rows at a time: each row's distribution is computed alone anyway, and a chunk's float64 CDF
+        # stays in the cache, where the whole batch's (50 MB for 128 rows of a 49k vocabulary) is paged in
+        # afresh every step, which took most of a decoding step.
+        rows = max(1, CDF_CHUNK_ELEMENTS // scores.shape[1])
+        for start in range(0, scores.shape[0], rows):
+            cdf = scores[start : start + rows].float().softmax(dim=-1).double().cumsum(dim=-1)
+            targets = uniform[start : start + rows].unsqueeze(1) * cdf[:, -1:]
+            # The first token whose cumulative probability exceeds the target: never one of probability 0.
+            found = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
+            tokens[start : start + rows] = found
+        # The scores are `generate`'s copy of the step's logits (or a warper's output): overwritten in place.
         # LogitsProcessor declares the legacy FloatTensor; tensor operations are typed as returning Tensor
-        return cast(torch.FloatTensor, chosen.scatter_(1, tokens, 0.0))
+        return cast(torch.FloatTensor, scores.fill_(float("-inf")).scatter_(1, tokens, 0.0))
 
 
 # --- generation ---
@@ -189,8 +203,8 @@ def generate(
 ) -> list[Completion]:
     """One completion per prompt (token ids, e.g. from `encode_prompts`), in the order given.
 
-    Rows are sorted by prompt length and generated `batch_size` at a time, left-padded, with the KV
-    cache. With `seeds` (one per row) each row samples from its own generator (see the module
+    Rows are sorted by prompt length and generated `batch_size` at a time, left-padded, with a static
+    KV cache. With `seeds` (one per row) each row samples from its own generator (see the module
     docstring), so the result does not depend on `batch_size` or on the other prompts; greedy decoding
     ignores them. `stop_token_ids` default to `stop_ids(model, tokenizer)`. `progress` is the label of
     a tqdm bar over batches (None: no bar).
@@ -212,6 +226,9 @@ def generate(
         top_k=sampling.top_k if do_sample else 50,
         num_beams=1,
         use_cache=True,
+        # Allocated once per batch (prompt + max_new_tokens) and written in place; the dynamic cache grows
+        # by concatenation, copying itself at every step (SmolLM2 in bf16, batch 128: decoding ~15% faster).
+        cache_implementation="static",
         eos_token_id=stops,
         pad_token_id=pad_id,
     )

@@ -36,7 +36,7 @@ import torch
 
 import tasks
 from common.data import load_prompts
-from common.models import load_tokenizer, pick_device, set_threads
+from common.models import dtype_name, load_tokenizer, pick_device, set_threads
 from common.outcomes import InputError
 from common.reward_model import (
     check_reward_status,
@@ -104,7 +104,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     # Train
     from datasets import Dataset
 
-    trainer_class, args = trainer_and_args(config, stage, device, scratch)
+    trainer_class, args = trainer_and_args(config, stage, device, scratch, inputs["policy"])
     set_loss_chunk(config.loss_chunk_size, device)
     trainer = trainer_class(
         model=model,
@@ -144,6 +144,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         "completions": trainer.state.global_step * config.batch_size * config.gradient_accumulation_steps,
         "train_seconds": result.metrics["train_runtime"],
         "device": str(device),
+        "dtype": dtype_name(model),
         "duration_seconds": time.perf_counter() - started,
     }
 
@@ -275,11 +276,11 @@ class RewardModel:
 
 
 def trainer_and_args(
-    config: OnlineRLConfig, stage: str, device: torch.device, scratch: Path
+    config: OnlineRLConfig, stage: str, device: torch.device, scratch: Path, model: Path | str
 ) -> tuple[type, Any]:
     """TRL's trainer class and its arguments: the settings both share, then each one's own."""
     common = {
-        **trainer_arguments(config, device, scratch),
+        **trainer_arguments(config, device, scratch, model),
         "num_generations": config.num_generations,
         "max_completion_length": config.max_new_tokens,
         "temperature": config.temperature,

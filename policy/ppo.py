@@ -64,6 +64,7 @@ from common.data import load_prompts
 from common.models import (
     base_of,
     compute_dtype,
+    dtype_name,
     is_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -111,7 +112,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     accelerator = make_accelerator(config)
     set_threads(config.cpu_threads)
     device = accelerator.device
-    dtype = compute_dtype(config.precision, device)
+    dtype = compute_dtype(config.precision, device, policy_source)
     torch.manual_seed(config.seed)
     policy, base = load_policy(policy_source, config, device, dtype)
     critic, scorer, reward_mode = load_value_model(reward_source, config, device, dtype)
@@ -207,6 +208,7 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         trainable,
         processes=accelerator.num_processes,
         device=str(device),
+        dtype=dtype_name(unwrapped.policy),
         duration=time.perf_counter() - started,
     )
 
@@ -814,6 +816,7 @@ def final_metrics(
     trainable: dict[str, int],
     processes: int,
     device: str,
+    dtype: str,
     duration: float,
 ) -> dict[str, Any]:
     """Initial (first update, i.e. the SFT policy's rollouts) and final (mean over the last
@@ -845,6 +848,7 @@ def final_metrics(
         trainable_parameters_value=trainable["value"],
         processes=processes,
         device=device,
+        dtype=dtype,
         duration_seconds=duration,
     )
     return metrics

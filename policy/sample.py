@@ -30,6 +30,7 @@ import tasks
 from common.data import SAMPLES_FILE, load_prompts, write_jsonl
 from common.models import (
     compute_dtype,
+    dtype_name,
     load_causal_lm,
     merged_for_inference,
     pick_device,
@@ -74,7 +75,7 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         records, source = task_records(task, config.split, config.num_prompts, "sample")
     model, tokenizer = load_causal_lm(inputs["policy"], device=device)
     # an adapter folded into its base generates faster
-    model = merged_for_inference(model, compute_dtype(config.precision, device))
+    model = merged_for_inference(model, compute_dtype(config.precision, device, inputs["policy"]))
     prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records], config.prompt_format)
 
     # Check
@@ -112,6 +113,7 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         generation_s=generation_s,
         duration_s=time.perf_counter() - started,
         device=str(device),
+        dtype=dtype_name(model),
     )
     log_table(samples, task)
     return metrics

@@ -232,7 +232,9 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
     from transformers import AutoModelForCausalLM
 
     adapter = config.method in ADAPTER_METHODS
-    kwargs: dict[str, Any] = {"dtype": compute_dtype(config.precision, device) if adapter else torch.float32}
+    kwargs: dict[str, Any] = {
+        "dtype": compute_dtype(config.precision, device, source) if adapter else torch.float32
+    }
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -309,7 +311,7 @@ def build_trainer(
     set_loss_chunk(config.loss_chunk_size, device)
     return SFTTrainer(
         model=model,
-        args=training_args(config, masking, device, scratch),
+        args=training_args(config, masking, device, scratch, model),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
@@ -317,11 +319,13 @@ def build_trainer(
     )
 
 
-def training_args(config: SFTConfig, masking: str, device: torch.device, scratch: Path) -> Any:
+def training_args(
+    config: SFTConfig, masking: str, device: torch.device, scratch: Path, model: Path | str | torch.nn.Module
+) -> Any:
     from trl import SFTConfig as TRLConfig
 
     return TRLConfig(
-        **trainer_arguments(config, device, scratch),
+        **trainer_arguments(config, device, scratch, model),
         per_device_eval_batch_size=config.batch_size,
         max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,

@@ -74,7 +74,7 @@ def load_start(
 
     tokenizer = load_tokenizer(source)
     start = starting_point(source, scratch, stage)
-    dtype = compute_dtype(precision, device) if method == "lora" else torch.float32
+    dtype = compute_dtype(precision, device, source) if method == "lora" else torch.float32
     name, revision = split_revision(start)
     model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
     for config in (model.config, model.generation_config):

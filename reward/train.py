@@ -103,7 +103,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     scratch = out_dir / SCRATCH
     trainer = RewardTrainer(
         model=model,
-        args=training_args(config, device, scratch),
+        args=training_args(config, device, scratch, source),
         train_dataset=Dataset.from_list(
             [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in train_rows]
         ),
@@ -305,11 +305,11 @@ def peft_config(config: RewardConfig, model: Any) -> Any:
 # --- train ---
 
 
-def training_args(config: RewardConfig, device: torch.device, scratch: Path) -> Any:
+def training_args(config: RewardConfig, device: torch.device, scratch: Path, model: Path | str) -> Any:
     from trl import RewardConfig as TRLRewardConfig
 
     return TRLRewardConfig(
-        **trainer_arguments(config, device, scratch),
+        **trainer_arguments(config, device, scratch, model),
         center_rewards_coefficient=config.center_rewards_coefficient,
         max_length=None,  # pairs over max_length were left out, and counted, before
         eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model

@@ -154,13 +154,13 @@ def test_exactly_one_source_of_rewards(stage, sft_adapter, reward_dir, tmp_path)
 
 
 @pytest.mark.parametrize("stage", ["rloo", "grpo"])
-def test_kl_coefficient_is_passed_explicitly(stage, tmp_path):
+def test_kl_coefficient_is_passed_explicitly(stage, sft_adapter, tmp_path):
     for kl in (0.0, 0.05, 0.3):
         _, args = online_rl.trainer_and_args(
-            CONFIGS[stage](**FAST, kl_coef=kl), stage, torch.device("cpu"), tmp_path
+            CONFIGS[stage](**FAST, kl_coef=kl), stage, torch.device("cpu"), tmp_path, sft_adapter
         )
         assert args.beta == kl
-    _, args = online_rl.trainer_and_args(CONFIGS[stage](), stage, torch.device("cpu"), tmp_path)
+    _, args = online_rl.trainer_and_args(CONFIGS[stage](), stage, torch.device("cpu"), tmp_path, sft_adapter)
     assert args.beta == 0.05  # not GRPO's own default of 0 (no KL term)
     assert args.bf16 is False and args.activation_checkpointing is False and args.report_to == []
 

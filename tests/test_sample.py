@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from common.models import load_causal_lm, write_base_reference
 from common.outcomes import InputError
-from policy import sample
+from policy import generation, sample
 from policy.configs import SampleConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.generation import (
@@ -324,3 +324,19 @@ def test_the_seeded_sampler_draws_from_the_filtered_distribution():
     assert abs((nucleus == 0).float().mean().item() - 0.5 / 0.8) < 0.03
     cold = SeededSampler(Sampling(temperature=0.25), range(rows))(None, logits.repeat(rows, 1)).argmax(dim=1)
     assert (cold == 0).float().mean() > 0.85  # (0.5/0.3)**4: the top token dominates
+
+
+def test_the_seeded_sampler_picks_the_same_tokens_however_many_rows_it_takes_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    scores = torch.randn(7, 1000) * 3
+    seeds = list(range(7))
+    monkeypatch.setattr(generation, "CDF_CHUNK_ELEMENTS", 2000)  # two rows at a time
+    chunked = SeededSampler(Sampling(), seeds)(None, scores.clone()).argmax(dim=1)
+    monkeypatch.setattr(generation, "CDF_CHUNK_ELEMENTS", 10**9)  # every row at once
+    whole = SeededSampler(Sampling(), seeds)(None, scores.clone()).argmax(dim=1)
+    alone = [
+        SeededSampler(Sampling(), [seed])(None, scores[[row]].clone()).argmax().item()
+        for row, seed in enumerate(seeds)
+    ]
+    assert chunked.tolist() == whole.tolist() == alone
+    assert len(set(alone)) > 1

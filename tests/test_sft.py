@@ -250,17 +250,17 @@ def build_trainer(base: Path, dataset: Dataset, data_format: str, out_dir: Path)
     masking = sft.loss_mask(tokenizer, data_format, config)
     return SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(base),
-        args=sft.training_args(config, masking, torch.device("cpu"), out_dir),
+        args=sft.training_args(config, masking, torch.device("cpu"), out_dir, base),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=sft.peft_config(config),
     )
 
 
-def test_precision_bfloat16_trains_in_bf16_on_a_cpu_too_and_auto_does_not():
+def test_precision_bfloat16_trains_in_bf16_on_a_cpu_too_and_auto_not_a_small_model(base, tmp_path):
     cpu = torch.device("cpu")
-    assert sft.training_args(SFTConfig(precision="bfloat16"), "completion", cpu, Path("/tmp")).bf16
-    assert not sft.training_args(SFTConfig(), "completion", cpu, Path("/tmp")).bf16
+    assert sft.training_args(SFTConfig(precision="bfloat16"), "completion", cpu, tmp_path, base).bf16
+    assert not sft.training_args(SFTConfig(), "completion", cpu, tmp_path, base).bf16
 
 
 @pytest.fixture
@@ -333,16 +333,16 @@ def test_memory_settings_train_to_the_same_losses(base, data, tmp_path, tile_wid
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path):
+def test_reports_to_wandb_only_when_a_run_is_open(monkeypatch, tmp_path, base):
     class FakeWandb:
         run = None
 
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
-    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path)
+    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path, base)
     assert args.report_to in ([], ["none"], "none")
     assert not args.bf16 and not args.gradient_checkpointing and not args.disable_tqdm
     FakeWandb.run = object()
-    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path)
+    args = sft.training_args(SFTConfig(), "completion", torch.device("cpu"), tmp_path, base)
     assert args.report_to == ["wandb"]
 
 

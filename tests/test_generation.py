@@ -1,0 +1,114 @@
+"""What `precision: auto` computes in, and how generating processes share a small machine's cores.
+
+The bf16 decision depends on the CPU; the tests replace the CPU's capabilities so that they check the
+rule the same way on any machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from common import models
+from common.models import (
+    AUTO_BF16_MIN_PARAMETERS,
+    native_bf16,
+    parameter_count,
+    uses_bf16,
+    write_base_reference,
+)
+from tests import tiny_policies
+from tests.conftest import REPO
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> Path:
+    """A model directory with a config only (no weights): a Llama of about 50M parameters."""
+    out = tmp_path_factory.mktemp("large")
+    LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8
+    ).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return tiny_policies.random_model(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Pretend the CPU has native bf16 (AMX-BF16)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": True})
+
+
+def test_a_cpu_has_native_bf16_with_amx_or_avx512_bf16_only(monkeypatch):
+    for capabilities, expected in [
+        ({"amx_bf16": True}, True),
+        ({"avx512_bf16": True}, True),
+        ({"avx512_f": True, "avx2": True}, False),
+        ({}, False),
+    ]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert native_bf16(CPU) is expected, capabilities
+
+
+def test_parameters_are_counted_from_the_config_without_weights(large, small):
+    assert 40e6 < parameter_count(large) < 60e6 and not list(large.glob("*.safetensors"))
+    loaded, _ = models.load_causal_lm(small, device=CPU)
+    assert parameter_count(small) <= sum(p.numel() for p in loaded.parameters()) < AUTO_BF16_MIN_PARAMETERS
+
+
+def test_auto_is_bf16_on_a_native_bf16_cpu_for_large_models_only(native, large, small):
+    assert uses_bf16("auto", CPU, large) and models.compute_dtype("auto", CPU, large) == torch.bfloat16
+    assert not uses_bf16("auto", CPU, small)  # the demo's size: stays float32
+    assert not uses_bf16("auto", CPU)  # no model to size: float32
+    assert not uses_bf16("float32", CPU, large)
+    assert uses_bf16("bfloat16", CPU, small)
+    assert models.trainer_precision("auto", CPU, large)["bf16"]
+    assert not models.trainer_precision("auto", CPU, small)["bf16"]
+
+
+def test_auto_is_float32_on_a_cpu_without_native_bf16(monkeypatch, large):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True})
+    assert not uses_bf16("auto", CPU, large)
+    assert uses_bf16("bfloat16", CPU, large)  # asked for: emulated, slow, but as asked
+
+
+def test_an_adapter_is_sized_by_the_weights_below_it(native, large, small, tmp_path):
+    for base in (large, small):
+        adapter = tmp_path / base.name
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        write_base_reference(adapter, base)
+        assert uses_bf16("auto", CPU, adapter) is (base == large)
+
+
+def test_quantized_weights_are_not_float_weights(native, large, tmp_path):
+    config = json.loads((large / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert parameter_count(tmp_path) is None
+    assert not uses_bf16("auto", CPU, tmp_path)
+
+
+# --- threads ---
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_rlhf_command_lets_waiting_openmp_threads_sleep_unless_told_otherwise(given):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    probe = "import pipeline.cli, os; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (given or "PASSIVE")
