@@ -27,8 +27,8 @@ does, with the instructions task's prompts in its chat template.
 Progress goes to stderr; the last line of stdout is one JSON object: `fraction_of_bound` and
 `tokens_per_second` per model and precision, `bandwidth_gb_s`, `bound_tokens_per_second`,
 `weight_bytes`, `auto_precision` (what `precision: auto` picks for the model on this machine), and the
-settings. OpenMP threads wait as in the `rlhf` command (`pipeline`: passive unless `OMP_WAIT_POLICY` is
-set); set it to compare policies, and run two at once to see how processes sharing the cores fare.
+settings. OpenMP threads wait as the environment's `OMP_WAIT_POLICY` says (as in the `rlhf` command); set it
+to compare policies, and run two at once to see how processes sharing the cores fare.
 """
 
 from __future__ import annotations

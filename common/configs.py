@@ -61,9 +61,14 @@ class DeviceSettings(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run: `auto` picks CUDA when available. Under `accelerate launch` the launcher decides."""
     cpu_threads: int = Field(0, ge=0)
-    """Torch threads when running on the CPU; 0 takes every CPU this process may run on. On a busy
-    machine fewer is faster: torch's waiting threads spin, so more threads than free cores slow a run
-    down several times (starting the process with `OMP_WAIT_POLICY=PASSIVE` avoids that)."""
+    """Torch threads when running on the CPU; 0 takes every CPU this process may run on (divided among the
+    processes of an `accelerate launch` on this machine). Torch's idle threads spin for a while before they
+    sleep, which is fastest alone and slow when processes share the cores. Measured on 2 cores, the demo's
+    pretrain step with 2 threads: alone 18.5 steps/s, but 3.0 each with two such processes at once; under
+    `OMP_WAIT_POLICY=PASSIVE` (threads sleep at once) 8.6 alone and 11 each together; with 1 thread, 12.5
+    alone or together. So `rlhf` leaves the policy alone (a run has the machine to itself); to run two
+    stages or workflows side by side on a small machine, give each `cpu_threads: 1` or start them with
+    `OMP_WAIT_POLICY=PASSIVE`. Results can differ in the last bits with the thread count."""
 
 
 class PrecisionSettings(DeviceSettings):

@@ -442,10 +442,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def set_threads(threads: int = 0) -> None:
-    """On CPU, use `threads` torch threads, or (0) the cores this process may run on (torch's default
-    can oversubscribe small machines). See `common.configs.DeviceSettings.cpu_threads`."""
+    """On CPU, use `threads` torch threads, or (0) the cores this process may run on shared among the
+    processes of this machine that `accelerate launch` (or torchrun) started (`LOCAL_WORLD_SIZE`): torch's
+    default takes every core in every process, and processes that outnumber the cores slow each other down
+    several times. See `common.configs.DeviceSettings.cpu_threads`."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // max(1, processes)))
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, base: Path | str | None = None) -> None:

@@ -12,15 +12,14 @@ from typing import TypeVar
 
 import pytest
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, as in the `rlhf` command (tests share
-# 2 cores with Argilla servers and subprocesses).
-import pipeline  # noqa: F401
-
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests share 2 cores with Argilla servers and subprocesses: idle OpenMP threads sleep instead of spinning
+# (see `common.configs.DeviceSettings.cpu_threads` for what each policy costs).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture

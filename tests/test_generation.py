@@ -103,12 +103,17 @@ def test_quantized_weights_are_not_float_weights(native, large, tmp_path):
 # --- threads ---
 
 
-@pytest.mark.parametrize("given", [None, "ACTIVE"])
-def test_the_rlhf_command_lets_waiting_openmp_threads_sleep_unless_told_otherwise(given):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    probe = "import pipeline.cli, os; print(os.environ['OMP_WAIT_POLICY'])"
+@pytest.mark.parametrize(("processes", "expected"), [(None, 2), ("1", 2), ("2", 1), ("3", 1)])
+def test_threads_default_to_the_cores_shared_among_the_launched_processes(processes, expected):
+    """`cpu_threads: 0` under `accelerate launch` on a 2-core machine: each process takes its share of the
+    cores, never fewer than one (oversubscribed, spinning threads slow every process several times)."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_WORLD_SIZE"}
+    if processes:
+        env["LOCAL_WORLD_SIZE"] = processes
+    probe = (
+        "import os, torch; from common.models import set_threads; os.sched_setaffinity(0, {0, 1}); "
+        "set_threads(0); print(torch.get_num_threads()); set_threads(3); print(torch.get_num_threads())"
+    )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (given or "PASSIVE")
+    assert done.stdout.split() == [str(expected), "3"]
