@@ -302,9 +302,9 @@ class PPOConfig(PrecisionSettings, UsesTask):
     """Each pass splits the batch into this many minibatches (a seeded shuffle), one optimizer step each;
     `batch_size` must be a multiple of it."""
     lr: float = Field(1e-4, gt=0)
-    """Learning rate of the policy's adapter (AdamW, decayed linearly to 0 over all optimizer steps). On
-    the demo, 1e-4 keeps the KL to the reference near 0.1 nats per response; 1e-3 overshoots (KL of
-    several nats within 20 updates)."""
+    """Learning rate of the policy's adapter (AdamW, decayed linearly to 0 over all optimizer steps). A
+    larger rate needs a larger `kl_coef`: on the demo, 3e-4 with `kl_coef` 0.05 games the reward model
+    (reward up, pass rate down, KL near 1 nat), 5e-4 with 0.3 gains the most (the demo workflow's)."""
     value_lr: float | None = Field(None, gt=0)
     """Learning rate of the value model; null: `lr` for a LoRA value model, `lr / 10` for a full one."""
     max_grad_norm: float = Field(1.0, gt=0)
