@@ -1,5 +1,5 @@
 """The whole loop, as `make demo` runs it, on a reduced demo: pretrain -> sft -> sample -> annotate (the
-embedded Argilla, simulated annotators) -> collect -> reward -> dpo, ppo -> evaluate, through the real
+embedded Argilla, simulated annotators) -> collect -> reward -> dpo, ppo, rloo -> evaluate, through the real
 `rlhf` command. Checks the artifacts, their lineage, the offline W&B runs and the closing summary; the
 quality figures of the full demo are the demo's own business (see README)."""
 
@@ -27,6 +27,7 @@ REDUCED = {
     "reward": {"min_accuracy": 0.0, "epochs": 1},
     "dpo": {"epochs": 1, "task_eval": False},
     "ppo": {"updates": 2, "batch_size": 8, "minibatches": 2, "ppo_epochs": 1, "num_prompts": 16},
+    "rloo": {"steps": 2, "batch_size": 8, "num_generations": 4, "num_prompts": 8, "task_eval": False},
     "evaluate": {"num_prompts": 6, "samples_per_prompt": 2, "bootstrap_samples": 100},
 }
 OUTPUTS = {  # artifact -> the artifacts its manifest names as inputs
@@ -39,7 +40,8 @@ OUTPUTS = {  # artifact -> the artifacts its manifest names as inputs
     "reward": {"pretrain", "collect.preferences"},
     "dpo": {"sft", "collect.preferences"},
     "ppo": {"sft", "reward"},
-    "evaluate": {"sft", "dpo", "ppo", "reward"},
+    "rloo": {"sft", "reward"},
+    "evaluate": {"sft", "dpo", "ppo", "rloo", "reward"},
 }
 TABLES = {
     "sample": {"samples"},
@@ -99,9 +101,13 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
         for ref in ("dpo_2:v1", "dpo:v1", "collect_2.preferences:v1", "sample_2:v1", "sft:v1", "pretrain:v1"):
             assert ref in lineage, lineage
         report = store.get("evaluate:latest")
-        assert {"sft.pass_rate_sampled", "dpo.improvement_sampled", "dpo.win_rate", "ppo.kl"} <= set(
-            report.manifest["metrics"]
-        )
+        assert {
+            "sft.pass_rate_sampled",
+            "dpo.improvement_sampled",
+            "dpo.win_rate",
+            "ppo.kl",
+            "rloo.improvement_sampled",
+        } <= set(report.manifest["metrics"])
         assert (report.path / "chart.png").stat().st_size > 0
 
         # The closing summary: evaluation table, chart, where the rankings are, how to upload W&B.
