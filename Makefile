@@ -44,7 +44,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow'
 
 bench: setup
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python bench/report.py run
 
 lint: setup
 	$(BIN)/ruff check .

@@ -134,6 +134,7 @@ def ours(policy: Path, reward: Path, updates: int, response_length: int, value_m
         value_model=value_model,
         checkpoint_every=updates + 1,  # TRL saves nothing either
         device="cpu",
+        task={"name": "arithmetic"},  # its train prompts, as the TRL side gets them
     )
     out.mkdir(parents=True, exist_ok=True)
     metrics = ppo.run(config, {"policy": policy, "reward": reward}, out)

@@ -30,6 +30,7 @@ from common.configs import lora_config
 from common.data import Row, load_sft, sft_examples
 from common.models import (
     compute_dtype,
+    contiguous_head_input,
     has_generation_markers,
     is_adapter,
     load_tokenizer,
@@ -255,7 +256,7 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
         )
     if config.method == "freeze":
         freeze_all_but_last_blocks(model, config.trainable_blocks)
-    return model
+    return contiguous_head_input(model)
 
 
 def freeze_all_but_last_blocks(model: Any, keep: int) -> None:

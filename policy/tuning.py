@@ -32,6 +32,7 @@ import torch
 from common import configs
 from common.models import (
     compute_dtype,
+    contiguous_head_input,
     is_adapter,
     load_tokenizer,
     merge_adapter,
@@ -80,7 +81,7 @@ def load_start(
     for config in (model.config, model.generation_config):
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+    return contiguous_head_input(model), tokenizer
 
 
 def lora_config(config: Any) -> Any:

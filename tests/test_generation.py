@@ -117,3 +117,36 @@ def test_threads_default_to_the_cores_shared_among_the_launched_processes(proces
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(expected), "3"]
+
+
+def test_the_output_head_gets_contiguous_input_on_the_first_generation_step(tmp_path):
+    """The first step's logits come from a strided slice of the hidden states; torch multiplies such an
+    input by a frozen weight through a per-row copy of the weight (20 s for SmolLM2's head at batch 128
+    in bf16), so the loaded model's head makes its input contiguous (its hook is added once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.models import contiguous_head_input, load_causal_lm
+    from policy.generation import Sampling, generate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")),
+        pad_token="t0",
+        eos_token="t1",
+    )
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, tokenizer = load_causal_lm(tmp_path / "m", device=CPU)
+    contiguous_head_input(model)  # a second call adds nothing
+    seen: list[bool] = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    generate(model, tokenizer, prompts, Sampling(max_new_tokens=3), seeds=[0, 1], stop_token_ids=[])
+    assert len(seen) == 3 and all(seen)  # every step, the first (a slice of the hidden states) included
+    assert len(model.lm_head._forward_pre_hooks) == 2  # ours (once) and the probe
