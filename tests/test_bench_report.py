@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
 assert spec is not None and spec.loader is not None
 report = importlib.util.module_from_spec(spec)
+sys.modules["bench_report"] = report  # dataclasses look their module up there
 spec.loader.exec_module(report)
 
 
@@ -32,7 +34,14 @@ def test_table_rewrites_only_the_marked_section(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     stored = {"benchmark": "lora_memory", "date": "2026-12-02", "cpus": 2, "command": "c"}
-    figures = {"ratio": 3.25, "full_mb": 3000.0, "lora_mb": 923.1, "training_ratio": 5.5}
+    figures = {
+        "ratio": 3.25,
+        "full_mb": 3000.0,
+        "lora_mb": 923.1,
+        "raw_ratio": 2.2,
+        "plain": {"ratio": 2.3},
+        "loss_max_abs_diff": {"full": 0.0, "lora": 1e-7},
+    }
     (results / "lora_memory.json").write_text(json.dumps({**stored, "result": figures}))
     monkeypatch.setattr(report, "RESULTS", results)
     readme = tmp_path / "README.md"
