@@ -365,7 +365,7 @@ def load_causal_lm(
     if not trainable:
         model.eval()
     _align_special_tokens(model, tokenizer)
-    return contiguous_head_input(model), tokenizer
+    return model, tokenizer
 
 
 def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -379,7 +379,9 @@ def contiguous_head_input(model: Any) -> Any:
     states, and torch multiplies a non-contiguous 3-D input by a weight that does not require grad by
     expanding the weight per row: SmolLM2's 49k x 576 head in bf16 took 20.9 s for a batch of 128 instead
     of 13 ms, once per `generate` call (every frozen model: sampling, evaluation, PPO rollouts, the task
-    checks), which was most of the sample stage's time. Copying the slice costs one row per sequence."""
+    checks), which was most of the sample stage's time. Copying the slice costs one row per sequence.
+    `policy.generation.generate` applies it to every model it is given; `policy.tuning.load_start` to the
+    models TRL's trainers generate with."""
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_contiguous_input", False):
         head.register_forward_pre_hook(_contiguous_input)

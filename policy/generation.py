@@ -217,7 +217,7 @@ def generate(
     stops = list(stop_token_ids) if stop_token_ids is not None else stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     do_sample = not sampling.greedy and seeds is None  # else greedy, or sampled by `SeededSampler`
-    contiguous_head_input(model)  # as the loaders do; for a model built elsewhere
+    contiguous_head_input(model)  # the first step's logits come from a strided slice
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         min_new_tokens=sampling.min_new_tokens or None,

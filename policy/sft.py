@@ -30,7 +30,6 @@ from common.configs import lora_config
 from common.data import Row, load_sft, sft_examples
 from common.models import (
     compute_dtype,
-    contiguous_head_input,
     has_generation_markers,
     is_adapter,
     load_tokenizer,
@@ -256,7 +255,7 @@ def load_model(source: Path | str, config: SFTConfig, device: torch.device) -> A
         )
     if config.method == "freeze":
         freeze_all_but_last_blocks(model, config.trainable_blocks)
-    return contiguous_head_input(model)
+    return model
 
 
 def freeze_all_but_last_blocks(model: Any, keep: int) -> None:
