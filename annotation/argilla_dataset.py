@@ -2,6 +2,9 @@
 
 Layout (one dataset per batch, one record per prompt):
 - fields `prompt` and `response_1`..`response_K` (markdown text), K the most candidates any prompt has;
+  slot s shows candidate `display_order[s]`, a shuffle seeded by the record id (`display_order`), so a
+  response's position says nothing about how it was drawn, and rankings saved in display order whatever
+  the annotator chose (an Argilla UI bug, argilla#5712) stand out in collect's check;
 - a required RankingQuestion `ranking` over `response_1`..`response_K` and an optional TextQuestion
   `comment`; a submitted ranking gives every option a rank from 1 (best); equal ranks are ties;
 - record metadata `prompt_id` and `candidates` (hidden from annotators), dataset metadata recording the
@@ -19,6 +22,7 @@ Everything goes through the REST API (`/api/v1/...`) with the owner's (or an adm
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from annotation.server import ArgillaServerError
 
 BATCH_FILE = "batch.json"
 RECORDS_FILE = "records.jsonl"
-RECORD_KEYS = ("record_id", "prompt_id", "prompt", "candidates")
+RECORD_KEYS = ("record_id", "prompt_id", "prompt", "candidates", "display_order")
 """What a record of records.jsonl is; any other key of a record is a field of its prompt (the task's, such
 as `answer`), carried from the samples to the preference pairs so that the task can judge them."""
 PROMPT = "prompt"
@@ -54,8 +58,29 @@ def load_batch(batch_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def slot(index: int) -> str:
-    """The field and ranking value of candidate `index` (0-based): `response_1`, ..."""
+    """The field and ranking value of slot `index` (0-based): `response_1`, ..."""
     return f"response_{index + 1}"
+
+
+def display_order(record_id: str, k: int) -> list[int]:
+    """The candidate each of a record's first k slots shows (slot s shows candidate `order[s]`): a shuffle
+    seeded by the record id, the same on every push. Sampled candidates come in the order they were
+    first drawn, so the likeliest answer would otherwise nearly always be Response 1."""
+    order = list(range(k))
+    random.Random(f"display:{record_id}").shuffle(order)
+    return order
+
+
+def record_order(record: dict[str, Any]) -> list[int]:
+    """A batch record's display order (batches pushed before there was one show candidates in order)."""
+    return record.get("display_order") or list(range(len(record["candidates"])))
+
+
+def slot_ranking(ranks: list[int], order: list[int], slots: int) -> list[dict[str, Any]]:
+    """The ranking answer that gives candidate c rank `ranks[c]` (slot s shows candidate `order[s]`);
+    placeholder slots go last, tied."""
+    last = max(ranks) + 1
+    return [{"value": slot(s), "rank": ranks[order[s]] if s < len(order) else last} for s in range(slots)]
 
 
 def slot_index(value: str) -> int:
@@ -118,10 +143,11 @@ def render_prompt(prompt: Any) -> str:
     raise ValueError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
 
 
-def record_fields(prompt: Any, candidates: list[str], slots: int) -> dict[str, str]:
+def record_fields(prompt: Any, candidates: list[str], order: list[int], slots: int) -> dict[str, str]:
     fields = {PROMPT: render_prompt(prompt)}
     for index in range(slots):
-        fields[slot(index)] = candidates[index] if index < len(candidates) else empty_slot(len(candidates))
+        shown = candidates[order[index]] if index < len(order) else empty_slot(len(candidates))
+        fields[slot(index)] = shown
     return fields
 
 

@@ -4,7 +4,8 @@ Reads every record of the batch's dataset with its responses through the REST AP
 (`GET /api/v1/datasets/{id}/records?include=responses`, page by page: the argilla 2.8 client drops the
 `rank` of ranking answers), keeps the submitted and discarded responses (drafts are work in progress),
 maps each ranking back to the record's candidates (placeholder slots are ignored) and converts them
-(`annotation/preferences.py`). Below `min_records` / `min_fraction` ranked records it raises `Waiting`
+(`annotation/preferences.py`). An annotator whose rankings mostly equal the order the responses were
+shown in (`max_display_order_fraction`) is left out, and named in the manifest. Below `min_records` / `min_fraction` ranked records it raises `Waiting`
 ("37/200 records ranked") and writes nothing.
 
 Outputs (the runner seals each as an artifact; identical content is not republished, so nothing here
@@ -70,8 +71,25 @@ def run(config: CollectConfig, inputs: dict[str, Path | str], out_dir: Path) -> 
     # Convert and check
     with paused_gc():
         rankings = snapshot(records, server_records, usernames)
+        display = preferences.display_order_check(rankings)
+        left_out = suspect_annotators(display, config.max_display_order_fraction)
         rows, summary = preferences.to_preferences(
-            records, rankings, config.policy, chat=batch["chat"], min_rankings=batch["annotators_per_record"]
+            records,
+            rankings,
+            config.policy,
+            chat=batch["chat"],
+            min_rankings=batch["annotators_per_record"],
+            left_out=frozenset(left_out),
+        )
+        summary.update(display_order=display, annotators_left_out=left_out)
+    for annotator, why in left_out.items():
+        print(f"collect: the rankings of {annotator} are left out: {why}", flush=True)
+    if left_out and summary["rankings"] == summary["rankings_left_out"]:
+        raise InputError(
+            f"collect: every ranking of batch {batch['dataset']['name']} is left out by the display-order check "
+            f"({'; '.join(f'{a}: {why}' for a, why in left_out.items())}); a UI that saves rankings in display "
+            "order (argilla#5712) is the likely cause: check the Argilla version, or set "
+            "max_display_order_fraction: null to keep them"
         )
     if "previous" in inputs:
         rows, summary = with_previous(rows, summary, inputs["previous"], chat=batch["chat"])
@@ -204,7 +222,8 @@ def snapshot(
                 "candidates": record["candidates"],
                 "annotator": annotator,
                 "status": response["status"],
-                "ranks": candidate_ranks(values, len(record["candidates"])),
+                "ranks": candidate_ranks(values, layout.record_order(record)),
+                "display_order": layout.record_order(record),
                 "simulated": simulate.is_simulated(annotator),
                 "created_at": response["inserted_at"],
                 "updated_at": response["updated_at"],
@@ -217,15 +236,37 @@ def snapshot(
     return rows
 
 
-def candidate_ranks(values: dict[str, Any], k: int) -> list[int] | None:
-    """The ranks of the record's k candidates (placeholder slots dropped), or None without a full ranking."""
+def candidate_ranks(values: dict[str, Any], order: list[int]) -> list[int] | None:
+    """The ranks of the record's candidates (slot s shows candidate `order[s]`; placeholder slots dropped),
+    or None without a full ranking."""
     answer = (values.get(layout.RANKING) or {}).get("value") or []
     by_slot = {item["value"]: item.get("rank") for item in answer}
-    ranks = [rank for i in range(k) if isinstance(rank := by_slot.get(layout.slot(i)), int)]
-    return ranks if len(ranks) == k else None
+    ranks: list[int | None] = [None] * len(order)
+    for position, candidate in enumerate(order):
+        if isinstance(rank := by_slot.get(layout.slot(position)), int):
+            ranks[candidate] = rank
+    return [rank for rank in ranks if rank is not None] if None not in ranks else None
 
 
 # --- check ---
+
+
+DISPLAY_CHECK_MIN_RANKINGS = 10
+"""An annotator is judged on the display-order check only after this many checked rankings."""
+
+
+def suspect_annotators(display: dict[str, dict[str, Any]], threshold: float | None) -> dict[str, str]:
+    """The annotators whose rankings are left out, with why (`preferences.display_order_check` figures)."""
+    if threshold is None:
+        return {}
+    return {
+        annotator: (
+            f"{entry['in_display_order']} of {entry['rankings']} rankings in display order "
+            f"({entry['fraction']:.0%}; chance {entry['chance']:.0%}, limit {threshold:.0%})"
+        )
+        for annotator, entry in display.items()
+        if entry["rankings"] >= DISPLAY_CHECK_MIN_RANKINGS and entry["fraction"] > threshold
+    }
 
 
 def required_records(config: CollectConfig, total: int) -> int:

@@ -74,6 +74,12 @@ class CollectConfig(StageConfig, UsesTask):
     and waits (nothing is published, later stages do not run). Capped at the batch's size."""
     min_fraction: float | None = Field(None, gt=0, le=1)
     """Also wait until this fraction of the batch's records is ranked (null: no such condition)."""
+    max_display_order_fraction: float | None = Field(0.5, gt=0, le=1)
+    """Leave out the rankings of an annotator when more than this fraction of their rankings (of records
+    with 3 or more candidates, at least 10 of them) equals the order the responses were shown in: the
+    signature of an Argilla UI bug that saved 1, 2, 3 ... whatever was chosen (argilla#5712), or of an
+    annotator who does not read. The display order is shuffled per record, so chance is 1/6 or less. The
+    figures are in the manifest either way (`display_order`); null turns the check off."""
     policy: Literal["majority", "unanimous", "all"] = "majority"
     """With several annotators per record: `majority` keeps a pair when more than half of the record's
     annotators rank its chosen response above the rejected one, `unanimous` when all do, `all` keeps

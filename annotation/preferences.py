@@ -13,6 +13,13 @@ direction. The policy decides which pairs become training rows:
 Only submitted rankings count. Discarded responses give nothing; a record is ranked once it has
 `min_rankings` submitted rankings, and only ranked records give pairs.
 
+Rankings saved in display order: an Argilla UI bug (argilla#5712) saved rankings as 1, 2, 3 ... in the
+order the responses were shown, whatever the annotator chose. `display_order_check` counts, per annotator,
+the rankings of records with at least `DISPLAY_CHECK_MIN_CANDIDATES` candidates that equal the display
+order (slot 1 ranked 1, slot 2 ranked 2, ...), against what chance gives (1/k! for a strict ranking of k:
+the display order is shuffled per record); collect leaves out the rankings of annotators above its
+`max_display_order_fraction`.
+
 Inter-annotator agreement, over records with at least two rankings (averaged over those records):
 - `agreement_pairwise_mean`: for every two annotators, the fraction of candidate pairs they order the same
   way (both i above j, both j above i, or both tied);
@@ -23,6 +30,7 @@ Inter-annotator agreement, over records with at least two rankings (averaged ove
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +52,7 @@ COUNTS = (
     "pairs_implied",
     "ties",
     "pairs_contested",
+    "rankings_left_out",
     *(f"pairs_{what}_{policy}" for policy in POLICIES for what in ("kept", "dropped")),
 )
 """The counts `to_preferences` reports (see its docstring)."""
@@ -187,6 +196,7 @@ def to_preferences(
     *,
     chat: bool,
     min_rankings: int = 1,
+    left_out: frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows and counts from a batch's records and its annotators' rankings.
 
@@ -194,6 +204,8 @@ def to_preferences(
     records.jsonl; the prompt's fields, such as the task's `answer`, are carried into each pair).
     `rankings`: `{"record_id", "annotator", "status", "ranks", "simulated"?}` with `ranks` aligned with the
     record's candidates (the rows of rankings.jsonl); statuses other than submitted give no pairs.
+    `left_out`: annotators whose rankings count towards a record's completeness but give no pairs and no
+    agreement (`rankings_left_out` counts them).
     """
     by_record = group_by_record(rankings)
 
@@ -223,6 +235,10 @@ def to_preferences(
             )
         counts["records_ranked"] += 1
         counts["rankings"] += len(submitted)
+        counts["rankings_left_out"] += sum(r["annotator"] in left_out for r in submitted)
+        submitted = [r for r in submitted if r["annotator"] not in left_out]
+        if not submitted:
+            continue
         ranks = [r["ranks"] for r in submitted]
         for r in ranks:
             counts["pairs_implied"] += len(ordered_pairs(r))
@@ -272,6 +288,31 @@ def to_preferences(
         "kendall_w_mean": mean(concordances) if concordances else None,
     }
     return rows, summary
+
+
+DISPLAY_CHECK_MIN_CANDIDATES = 3
+"""Records with fewer candidates are left out of the display-order check (2 responses in display order is
+a coin flip)."""
+
+
+def display_order_check(rankings: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per annotator: `rankings` (submitted rankings of records with at least DISPLAY_CHECK_MIN_CANDIDATES
+    candidates), `in_display_order` (how many of them rank slot s at s + 1 for every slot), `fraction`, and
+    `chance` (the fraction a strict ranking at random would give: the mean of 1/k!). Rows as in
+    `to_preferences`, with `display_order` (the candidate each slot showed)."""
+    checked: dict[str, dict[str, Any]] = {}
+    for row in rankings:
+        order = row.get("display_order")
+        if not is_ranking(row) or order is None or len(order) < DISPLAY_CHECK_MIN_CANDIDATES:
+            continue
+        entry = checked.setdefault(row["annotator"], {"rankings": 0, "in_display_order": 0, "chance": 0.0})
+        entry["rankings"] += 1
+        entry["in_display_order"] += all(row["ranks"][c] == s + 1 for s, c in enumerate(order))
+        entry["chance"] += 1 / math.factorial(len(order))
+    for entry in checked.values():
+        entry["fraction"] = entry["in_display_order"] / entry["rankings"]
+        entry["chance"] /= entry["rankings"]
+    return dict(sorted(checked.items()))
 
 
 def record_agreement(

@@ -217,6 +217,7 @@ def to_records(samples: list[dict[str, Any]], digest: str) -> tuple[list[dict[st
             "prompt_id": str(sample.get("id", record_id)),
             "prompt": sample["prompt"],
             "candidates": distinct,
+            "display_order": layout.display_order(record_id, len(distinct)),
         }
         record.update(
             {
@@ -343,7 +344,9 @@ def upsert_records(api: Api, dataset_id: str, records: list[dict[str, Any]], slo
         items = [
             {
                 "external_id": record["record_id"],
-                "fields": layout.record_fields(record["prompt"], record["candidates"], slots),
+                "fields": layout.record_fields(
+                    record["prompt"], record["candidates"], layout.record_order(record), slots
+                ),
                 "metadata": {"prompt_id": record["prompt_id"], "candidates": len(record["candidates"])},
             }
             for record in records[start : start + layout.BULK_SIZE]

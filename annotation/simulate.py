@@ -82,8 +82,7 @@ def bot_answer(
         note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
         return {"status": "discarded", "values": note} if note else {"status": "discarded"}
     ranks = tasks.simulated_ranks(task, record, record["candidates"], config.noise, rng)
-    last = max(ranks) + 1  # placeholder slots go last, tied
-    ranking = [{"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last} for i in range(slots)]
+    ranking = layout.slot_ranking(ranks, layout.record_order(record), slots)
     values: dict[str, Any] = {layout.RANKING: {"value": ranking}}
     if comment:
         values[layout.COMMENT] = {

@@ -148,11 +148,7 @@ def add_rankings(info, batch: dict, records: list[dict], logins, share: float) -
         items = []
         for record in records[: int(len(records) * share)]:
             ranks = tasks.ranks(ARITHMETIC, record, record["candidates"])
-            last = max(ranks) + 1
-            value = [
-                {"value": layout.slot(i), "rank": ranks[i] if i < len(ranks) else last}
-                for i in range(batch["slots"])
-            ]
+            value = layout.slot_ranking(ranks, layout.record_order(record), batch["slots"])
             responses = [
                 {
                     "values": {"ranking": {"value": value}},

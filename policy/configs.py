@@ -503,3 +503,6 @@ class EvaluateConfig(PrecisionSettings, UsesTask):
     """Sequences generated (or scored for KL) together. Changes speed and memory, not the results."""
     reward_batch_size: int = Field(128, ge=1)
     """Sequences the reward model scores together."""
+    audit_examples: int = Field(5, ge=0)
+    """Per policy, the failing sampled responses with the highest rewards that the reward-hacking audit
+    lists (`report.json` and W&B), for a person to read."""

@@ -21,7 +21,15 @@ averaged over prompts:
 - `kl` (with `reference`): KL(policy || reference) estimated from the policy's samples: the mean over
   responses of the sum over response tokens (stop token included) of log p_policy - log p_reference,
   both at temperature 1 (the estimate is unbiased when sampling at temperature 1);
-- `length_mean`: response length in tokens, the stop token excluded, mean over samples.
+- `length_mean`: response length in tokens, the stop token excluded, mean over samples;
+- `entropy` (with `reference`): the policy's entropy per token, estimated from its own samples: the mean
+  over responses of -log p_policy(response) / its tokens (stop token included), at temperature 1.
+
+Each policy with `reward` gets `reward_gain` (its mean reward minus the baseline's, paired), and a
+reward-hacking audit (`policy/audit.py`): with a task, a policy whose reward rose over the baseline's while
+its pass rate did not is flagged `gaming_suspected`, the share of its top-reward responses that the task
+fails is set beside the baseline's, and its failing responses with the highest rewards are listed; the
+report's summary says in a sentence which policies look like they game the reward model.
 
 Each mean has a 95% (`confidence`) percentile bootstrap interval from resampling prompts (seeded; one set
 of resamples shared by all policies). For each policy other than the baseline, `improvement_sampled` and
@@ -31,7 +39,7 @@ of resamples shared by all policies). For each policy other than the baseline, `
 
 Payload (`eval-report`): `report.json` (settings, prompts, every metric with its interval, per-prompt
 values), `responses.jsonl` (per prompt: every policy's greedy and sampled responses, verdicts and
-rewards), `report.md` (a table) and `chart.png` (pass rates with intervals and mean reward per policy).
+rewards), `report.md` (a table and the audit's sentences) and `chart.png` (pass rates with intervals and mean reward per policy).
 With a W&B run: a table of greedy responses side by side and the chart.
 """
 
@@ -60,6 +68,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.training import Table, log_to_wandb, wandb_run
+from policy import audit
 from policy.configs import EvaluateConfig
 from policy.generation import Completion, Sampling, encode_prompts, left_pad, sample_candidates
 from tasks import Task, pass_rate
@@ -68,10 +77,20 @@ REPORT_FILE = "report.json"
 RESPONSES_FILE = "responses.jsonl"
 MARKDOWN_FILE = "report.md"
 CHART_FILE = "chart.png"
-METRICS = ("pass_rate_sampled", "pass_rate_greedy", "reward_mean", "win_rate", "kl", "length_mean")
+METRICS = (
+    "pass_rate_sampled",
+    "pass_rate_greedy",
+    "reward_mean",
+    "win_rate",
+    "kl",
+    "length_mean",
+    "entropy",
+)
 """Per-policy metrics, in the order reports show them."""
-IMPROVEMENTS = ("improvement_sampled", "improvement_greedy")
+IMPROVEMENTS = ("improvement_sampled", "improvement_greedy", "reward_gain")
 """Per-policy differences from the baseline (paired)."""
+AUDIT_METRICS = ("gaming_suspected", "top_reward_fail_rate", "reward_verdict_correlation")
+"""Per-policy figures of the reward-hacking audit that go into the manifest."""
 
 
 @dataclass
@@ -125,7 +144,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     write_responses(out_dir / RESPONSES_FILE, records, results)
     (out_dir / MARKDOWN_FILE).write_text(markdown(report))
     figure = chart(report, out_dir / CHART_FILE)
-    log_responses(records, results, out_dir / CHART_FILE)
+    log_responses(records, results, out_dir / CHART_FILE, report["audit"])
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -144,6 +163,14 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
             if value.get("ci_low") is not None:
                 metrics[f"{label}.{name}_ci_low"] = value["ci_low"]
                 metrics[f"{label}.{name}_ci_high"] = value["ci_high"]
+    for label, checked in report["audit"].items():
+        for name in AUDIT_METRICS:
+            if name in checked:
+                metrics[f"{label}.{name}"] = checked[name]
+    if report["audit"]:
+        metrics["gaming_suspected"] = [
+            label for label, a in report["audit"].items() if a.get("gaming_suspected")
+        ]
     metrics["duration_s"] = time.perf_counter() - started
     return metrics
 
@@ -272,14 +299,19 @@ def evaluate_policy(
         )
         result.sample_rewards = np.array(rewards).reshape(len(records), config.samples_per_prompt)
         result.per_prompt["reward_mean"] = result.sample_rewards.mean(axis=1)
-    if reference is not None and same_source(source, reference.source):
-        result.per_prompt["kl"] = np.zeros(len(records))  # the reference itself
-    elif reference is not None:
+    if reference is not None:
         rows = [(ids, c.token_ids) for ids, drawn in zip(prompt_ids, sampled, strict=True) for c in drawn]
-        policy_logps = sequence_logprobs(model, rows, tokenizer.pad_token_id, config.batch_size)
-        reference_logps = sequence_logprobs(reference.model, rows, tokenizer.pad_token_id, config.batch_size)
-        kl = (np.array(policy_logps) - np.array(reference_logps)).reshape(len(records), -1)
-        result.per_prompt["kl"] = kl.mean(axis=1)
+        policy_logps = np.array(sequence_logprobs(model, rows, tokenizer.pad_token_id, config.batch_size))
+        tokens = np.array([max(1, len(response)) for _, response in rows])
+        result.per_prompt["entropy"] = (-policy_logps / tokens).reshape(len(records), -1).mean(axis=1)
+        if same_source(source, reference.source):
+            result.per_prompt["kl"] = np.zeros(len(records))  # the reference itself
+        else:
+            reference_logps = sequence_logprobs(
+                reference.model, rows, tokenizer.pad_token_id, config.batch_size
+            )
+            kl = (policy_logps - np.array(reference_logps)).reshape(len(records), -1)
+            result.per_prompt["kl"] = kl.mean(axis=1)
     return result
 
 
@@ -387,7 +419,9 @@ def build_report(
             if (value := values.get(name)) is not None:
                 entry[name] = estimate(value, indices, config.confidence)
         if label != baseline:
-            for name, metric in zip(IMPROVEMENTS, ("pass_rate_sampled", "pass_rate_greedy"), strict=True):
+            for name, metric in zip(
+                IMPROVEMENTS, ("pass_rate_sampled", "pass_rate_greedy", "reward_mean"), strict=True
+            ):
                 ours, theirs = values.get(metric), base.per_prompt.get(metric)
                 if ours is not None and theirs is not None:
                     difference = ours - theirs
@@ -405,9 +439,49 @@ def build_report(
         },
         "confidence": config.confidence,
         "policies": policies,
+        "audit": audit_policies(results, policies, records, baseline, config.audit_examples),
         "per_prompt": per_prompt,
         "definitions": DEFINITIONS | {"win_rate": WIN_RATE[config.win_rate_by]},
     }
+
+
+def audit_policies(
+    results: dict[str, PolicyResult],
+    policies: dict[str, Any],
+    records: list[dict[str, Any]],
+    baseline: str,
+    examples: int,
+) -> dict[str, dict[str, Any]]:
+    """The reward-hacking audit of each policy scored by a reward model (`policy/audit.py`); empty without
+    one. `judged` says whether a task's verdicts were there to check the rewards against."""
+    audits: dict[str, dict[str, Any]] = {}
+    base = results[baseline]
+    for label, result in results.items():
+        if result.sample_rewards is None:
+            continue
+        if result.verdicts_sampled is None or base.verdicts_sampled is None:
+            audits[label] = {"judged": False}
+            continue
+        rewards, verdicts_ = result.sample_rewards, np.array(result.verdicts_sampled, dtype=float)
+        assert base.sample_rewards is not None
+        reason = None
+        if label != baseline:
+            entry = policies[label]
+            reason = audit.gaming_reason(entry["reward_gain"], entry.get("improvement_sampled"))
+        audits[label] = {
+            "judged": True,
+            "gaming_suspected": reason is not None,
+            "reason": reason,
+            "top_reward_fail_rate": audit.top_reward_fail_rate(rewards, verdicts_),
+            "baseline_top_reward_fail_rate": audit.top_reward_fail_rate(
+                base.sample_rewards, np.array(base.verdicts_sampled, dtype=float)
+            ),
+            "reward_verdict_correlation": audit.reward_verdict_correlation(rewards, verdicts_),
+            "top_reward_failures": audit.top_reward_failures(
+                records, result.sampled, rewards, verdicts_, examples
+            ),
+        }
+    return audits
 
 
 DEFINITIONS = {
@@ -416,8 +490,12 @@ DEFINITIONS = {
     "reward_mean": "mean reward-model score of the sampled responses",
     "kl": "mean over sampled responses of sum over response tokens of log p_policy - log p_reference",
     "length_mean": "mean sampled response length in tokens, stop token excluded",
+    "entropy": "mean over sampled responses of -log p_policy(response) per token (an estimate of the entropy per token)",
     "improvement_sampled": "pass_rate_sampled minus the baseline's (paired bootstrap interval)",
     "improvement_greedy": "pass_rate_greedy minus the baseline's (paired bootstrap interval)",
+    "reward_gain": "reward_mean minus the baseline's (paired bootstrap interval)",
+    "top_reward_fail_rate": f"share of the policy's top {audit.TOP_FRACTION:.0%} samples by reward that the task fails",
+    "gaming_suspected": "reward_gain's interval above 0 while improvement_sampled's is not (policy/audit.py)",
     "intervals": "percentile bootstrap over prompts, one seeded set of resamples shared by every policy",
 }
 WIN_RATE = {
@@ -456,7 +534,13 @@ def _cell(entry: dict[str, Any], name: str, percent: bool) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """A table: one row per policy, the metrics with their intervals (pass rates in percent)."""
     columns = [*METRICS, *IMPROVEMENTS]
-    percent = {"pass_rate_sampled", "pass_rate_greedy", "win_rate", *IMPROVEMENTS}
+    percent = {
+        "pass_rate_sampled",
+        "pass_rate_greedy",
+        "win_rate",
+        "improvement_sampled",
+        "improvement_greedy",
+    }
     header = "| policy | " + " | ".join(columns) + " |"
     lines = [
         f"# Policy evaluation ({report['prompts']['count']} prompts, baseline `{report['baseline']}`)",
@@ -470,6 +554,22 @@ def markdown(report: dict[str, Any]) -> str:
     for label, entry in report["policies"].items():
         cells = [_cell(entry, name, name in percent) for name in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    audits = report.get("audit", {})
+    if sentences := audit.summary_lines(audits, report["baseline"]):
+        lines += ["", *sentences]
+    if judged := {label: a for label, a in audits.items() if a.get("judged")}:
+        lines += [
+            "",
+            "| policy | top-reward responses failing | reward-verdict correlation | gaming suspected |",
+            "|---|---|---|---|",
+        ]
+        for label, checked in judged.items():
+            correlation = checked["reward_verdict_correlation"]
+            lines.append(
+                f"| {label} | {100 * checked['top_reward_fail_rate']:.1f} | "
+                f"{'–' if correlation is None else f'{correlation:.2f}'} | "
+                f"{'yes' if checked['gaming_suspected'] else 'no'} |"
+            )
     lines += ["", "Definitions:", ""]
     lines += [f"- `{name}`: {text}" for name, text in report["definitions"].items()]
     return "\n".join(lines) + "\n"
@@ -525,8 +625,14 @@ def chart(report: dict[str, Any], file: Path) -> Any:
     return figure
 
 
-def log_responses(records: list[dict[str, Any]], results: dict[str, PolicyResult], chart_file: Path) -> None:
-    """Greedy responses side by side (prompt, per policy: response and the task's verdict) and the chart."""
+def log_responses(
+    records: list[dict[str, Any]],
+    results: dict[str, PolicyResult],
+    chart_file: Path,
+    audits: dict[str, dict[str, Any]],
+) -> None:
+    """Greedy responses side by side (prompt, per policy: response and the task's verdict), the chart, and
+    the audit: per policy its figures, and its failing responses with the highest rewards."""
     if wandb_run() is None:
         return
     judged = all(result.verdicts_greedy is not None for result in results.values())
@@ -543,7 +649,30 @@ def log_responses(records: list[dict[str, Any]], results: dict[str, PolicyResult
                 assert result.verdicts_greedy is not None
                 row.append(result.verdicts_greedy[index])
         rows.append(row)
-    log_to_wandb({"responses": Table(columns, rows), "chart": chart_file})
+    logged: dict[str, Any] = {"responses": Table(columns, rows), "chart": chart_file}
+    if checked := {label: a for label, a in audits.items() if a.get("judged")}:
+        logged["audit"] = Table(
+            ["policy", "gaming_suspected", "reason", "top_reward_fail_rate", "reward_verdict_correlation"],
+            [
+                [
+                    label,
+                    a["gaming_suspected"],
+                    a["reason"] or "",
+                    a["top_reward_fail_rate"],
+                    a["reward_verdict_correlation"],
+                ]
+                for label, a in checked.items()
+            ],
+        )
+        logged["audit_top_reward_failures"] = Table(
+            ["policy", "prompt", "response", "reward", "verdict"],
+            [
+                [label, str(f["prompt"]), f["response"], f["reward"], f["verdict"]]
+                for label, a in checked.items()
+                for f in a["top_reward_failures"]
+            ],
+        )
+    log_to_wandb(logged)
 
 
 # --- for other stages: the task's pass rate at the end of training ---

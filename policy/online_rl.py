@@ -53,7 +53,7 @@ from common.training import (
     set_loss_chunk,
     trainer_arguments,
 )
-from policy import tuning
+from policy import audit, tuning
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
 from tasks import Task
 
@@ -129,9 +129,11 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         from policy.evaluate import task_pass_rates
 
         measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
+    trained = training_metrics(trainer)
     return {
         **measured,
-        **training_metrics(trainer),
+        **trained,
+        **gaming_check(trained, config),
         "train_loss": final_train_loss(trainer, result.training_loss),
         "prompts": len(rows),
         "method": config.method,
@@ -319,4 +321,17 @@ def training_metrics(trainer: Any) -> dict[str, Any]:
             "completions/mean_length": "completion_length",
             "pass_rate": "train_pass_rate",
         },
+    )
+
+
+def gaming_check(metrics: dict[str, Any], config: OnlineRLConfig) -> dict[str, Any]:
+    """The reward-hacking rule (`policy/audit.py`) on the rollouts, first logged steps against the last:
+    only with a reward model (the task's verdict as reward cannot be gamed against itself)."""
+    if config.reward != "model" or "reward_first" not in metrics:
+        return {}
+    return audit.training_audit(
+        metrics["reward_first"],
+        metrics["reward_last"],
+        metrics.get("train_pass_rate_first"),
+        metrics.get("train_pass_rate_last"),
     )

@@ -76,7 +76,7 @@ from common.models import (
 from common.outcomes import InputError
 from common.reward_model import check_reward_status, check_tokenizers_match, load_reward_model, score_batch
 from common.training import SCRATCH, Table, last_checkpoint, log_to_wandb, wandb_run
-from policy import ppo_math
+from policy import audit, ppo_math
 from policy.configs import PPOConfig
 from policy.generation import Completion, Sampling, derive_seed, encode_prompts, generate, left_pad, stop_ids
 
@@ -839,6 +839,14 @@ def final_metrics(
     if judged:
         metrics["pass_rate_sampled"] = final("pass_rate")
         metrics["pass_rate_sampled_initial"] = history[0]["pass_rate"]
+        metrics.update(
+            audit.training_audit(
+                metrics["reward_initial"],
+                metrics["reward_final"],
+                metrics["pass_rate_sampled_initial"],
+                metrics["pass_rate_sampled"],
+            )
+        )
     metrics.update(
         updates=len(history),
         episodes=len(history) * config.batch_size * processes,

@@ -127,7 +127,10 @@ def test_push_creates_a_ranking_dataset_the_annotators_see(argilla, tmp_path):
 
     by_external = {r["external_id"]: r for r in owner_records(argilla, dataset_id)}
     two = by_external[records[0]["record_id"]]  # a prompt with 2 candidates in 6 slots
-    assert two["fields"]["response_2"] == records[0]["candidates"][1]
+    order = records[0]["display_order"]  # slot s shows candidate order[s]
+    assert [two["fields"][f"response_{s + 1}"] for s in (0, 1)] == [
+        records[0]["candidates"][c] for c in order
+    ]
     assert "No response in this slot" in two["fields"]["response_3"]
     assert two["metadata"] == {"prompt_id": records[0]["prompt_id"], "candidates": 2}
 
@@ -247,7 +250,9 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
         assert row["status"] == sent["status"]
         if row["status"] == "submitted":
             ranks = {v["value"]: v["rank"] for v in sent["values"]["ranking"]["value"]}
-            assert row["ranks"] == [ranks[layout.slot(i)] for i in range(len(row["candidates"]))]
+            order = by_id[row["record_id"]]["display_order"]  # slot s showed candidate order[s]
+            by_candidate = {c: ranks[layout.slot(s)] for s, c in enumerate(order)}
+            assert row["ranks"] == [by_candidate[c] for c in range(len(row["candidates"]))]
             assert "Simulated annotator" in row["comment"]
         else:
             assert row["ranks"] is None
@@ -269,6 +274,52 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
     summary = json.loads((tmp_path / "collect" / "preferences" / "summary.json").read_text())
     assert summary["format"] == "conversational" and summary["pairs"] == len(pairs)
     assert 0 < summary["kendall_w_mean"] <= 1 and summary["correct_chosen_fraction"] > 0.5
+
+
+def test_an_annotator_whose_rankings_follow_the_display_order_is_left_out(argilla, tmp_path):
+    """Argilla's UI once saved rankings as 1, 2, 3 ... in display order whatever the annotator chose
+    (argilla#5712). Today's UI does not, so the fault is produced by hand: one account submits such
+    rankings through the REST call the UI makes, next to two honest simulated annotators."""
+    samples = make_samples(tmp_path / "samples", n=30, ks=(3, 4, 5))
+    bots = SimulatedAnnotators(annotators=2, noise=0.0, seed=1)
+    run_push(samples, tmp_path / "batch", annotators_per_record=3, simulate=bots)
+    batch, records = layout.load_batch(tmp_path / "batch")
+    assert all(sorted(r["display_order"]) == list(range(len(r["candidates"]))) for r in records)
+    assert sum(r["display_order"] != sorted(r["display_order"]) for r in records) > 20  # shuffled
+    with layout.Api(argilla.connection()) as owner:
+        [*_, faulty] = simulate.ensure_bots(owner, owner.workspace_id(batch["workspace"]), 3)
+    in_display_order = [{"value": layout.slot(s), "rank": s + 1} for s in range(batch["slots"])]
+    with layout.Api(server.Connection(argilla.url, faulty.api_key)) as api:
+        for item in owner_records(argilla, batch["dataset"]["id"]):
+            body = {"status": "submitted", "values": {"ranking": {"value": in_display_order}}}
+            api.post(f"/api/v1/records/{item['id']}/responses", json=body)
+
+    checked = run_collect(tmp_path / "batch", tmp_path / "checked", policy="all")
+    assert list(checked["annotators_left_out"]) == [faulty.username]
+    figures = checked["display_order"]
+    assert figures[faulty.username]["fraction"] == 1.0 and figures[faulty.username]["rankings"] == 30
+    assert all(figures[f"bot-{n}"]["fraction"] < 0.3 for n in (1, 2))
+    assert checked["records_ranked"] == 30 and checked["rankings_left_out"] == 30
+    pairs = read_jsonl(tmp_path / "checked" / "preferences" / "preferences.jsonl")
+    assert pairs and checked["correct_chosen_fraction"] == 1.0  # the honest bots' pairs only
+    assert all(p.get("annotator") != faulty.username for p in pairs)
+
+    unchecked = run_collect(
+        tmp_path / "batch", tmp_path / "unchecked", policy="all", max_display_order_fraction=None
+    )
+    assert unchecked["annotators_left_out"] == {} and unchecked["pairs"] > checked["pairs"]
+
+
+def test_display_order_check_counts_rankings_of_three_or_more_candidates():
+    rows = [
+        {**ranking([1, 2, 3], "a"), "display_order": [0, 1, 2]},  # in display order
+        {**ranking([2, 1, 3], "a"), "display_order": [1, 0, 2]},  # slot 1 (candidate 1) ranked 1: in order
+        {**ranking([1, 2, 3], "a"), "display_order": [2, 1, 0]},  # reversed
+        {**ranking([1, 2], "a"), "display_order": [0, 1]},  # two candidates: not checked
+        {**ranking(None, "a", status="discarded"), "display_order": [0, 1, 2]},
+    ]
+    figures = preferences.display_order_check(rows)
+    assert figures == {"a": {"rankings": 3, "in_display_order": 2, "chance": 1 / 6, "fraction": 2 / 3}}
 
 
 def test_a_second_round_publishes_the_earlier_pairs_with_its_own(argilla, tmp_path):
@@ -608,8 +659,9 @@ def test_collect_maps_ranks_back_and_ignores_placeholder_slots():
             ]
         }
     }
-    assert collect.candidate_ranks(values, 2) == [3, 1]
-    assert collect.candidate_ranks({}, 2) is None
+    assert collect.candidate_ranks(values, [0, 1]) == [3, 1]
+    assert collect.candidate_ranks(values, [1, 0]) == [1, 3]  # slot 1 showed candidate 1
+    assert collect.candidate_ranks({}, [0, 1]) is None
     records = [record(2)]
     rows, _ = preferences.to_preferences(records, [ranking([3, 1])], "majority", chat=False)
     assert pairs_of(rows) == {(1, 0)}

@@ -124,13 +124,14 @@ def test_a_ranking_made_in_the_web_ui_is_collected_exactly(argilla, browser_page
     assert [(r["record_id"], r["annotator"], r["status"], r["simulated"]) for r in rankings] == [
         (record["record_id"], login.username, "submitted", False)
     ]
-    assert rankings[0]["ranks"] == [2] * (k - 1) + [1]
+    best = record["display_order"][k - 1]  # the candidate slot k showed
+    assert rankings[0]["ranks"] == [1 if c == best else 2 for c in range(k)]
     pairs = [
         json.loads(line)
         for line in (tmp_path / "collect/preferences/preferences.jsonl").read_text().splitlines()
     ]
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {
-        (record["candidates"][-1], other) for other in record["candidates"][:-1]
+        (record["candidates"][best], other) for c, other in enumerate(record["candidates"]) if c != best
     }
     assert result["records_ranked"] == 1 and result["ties"] == (k - 1) * (k - 2) // 2
 
