@@ -201,6 +201,83 @@ def metadata_specs() -> list[dict[str, Any]]:
     ]
 
 
+# --- the blind pairwise layout of `human_eval` ---
+
+PREFERENCE = "preference"
+PAIR_SLOTS = 2
+JUDGMENTS = {"first": "Response 1 is better", "second": "Response 2 is better", "tie": "About the same"}
+"""The label question's values and what annotators read."""
+
+
+def pair_question_specs(comment: bool) -> list[dict[str, Any]]:
+    specs = [
+        {
+            "name": PREFERENCE,
+            "title": "Which response is better?",
+            "description": "Judge what was asked. The responses come in a random order, without names.",
+            "required": True,
+            "settings": {
+                "type": "label_selection",
+                "options": [{"value": value, "text": text} for value, text in JUDGMENTS.items()],
+            },
+        }
+    ]
+    if comment:
+        specs.append(question_specs(1, comment=True)[1])
+    return specs
+
+
+def pair_guidelines(judges_per_pair: int) -> str:
+    return f"""# Which response is better?
+
+Each record shows a **prompt** and two **responses** from different AI assistants, in a random order and
+without names. Choose the one that does better what the prompt asks (correct, follows every instruction,
+clear); **About the same** when you cannot tell them apart. Each record is judged by {judges_per_pair}
+annotator{"s" if judges_per_pair != 1 else ""}; you will not see the others' answers.
+
+## Comment (optional)
+Why, in a few words, or a problem with the prompt. Discard a record you cannot judge.
+"""
+
+
+def ensure_dataset(
+    api: Api,
+    workspace_id: str,
+    name: str,
+    settings: dict[str, Any],
+    fields: list[dict[str, Any]],
+    questions: list[dict[str, Any]],
+    metadata: list[dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A dataset, created and published when missing, with `settings` (guidelines, distribution, metadata)
+    up to date. A half-created one (a crash between the calls) is completed. Returns the dataset and, when
+    it was already published, what it has (`{"fields": names, "questions": name -> spec}`) for the caller
+    to check against its layout; None when this call published it."""
+    dataset = api.find_dataset(workspace_id, name)
+    if dataset is None:
+        dataset = api.post("/api/v1/datasets", json={"name": name, "workspace_id": workspace_id, **settings})
+    elif any(dataset.get(key) != value for key, value in settings.items()):
+        dataset = api.patch(f"/api/v1/datasets/{dataset['id']}", json=settings)
+    dataset_id = dataset["id"]
+    present_fields = {field["name"] for field in api.get(f"/api/v1/datasets/{dataset_id}/fields")["items"]}
+    present = {q["name"]: q for q in api.get(f"/api/v1/datasets/{dataset_id}/questions")["items"]}
+    if dataset["status"] == "ready":
+        return dataset, {"fields": present_fields, "questions": present}
+    for spec in fields:
+        if spec["name"] not in present_fields:
+            api.post(f"/api/v1/datasets/{dataset_id}/fields", json=spec)
+    for spec in questions:
+        if spec["name"] not in present:
+            api.post(f"/api/v1/datasets/{dataset_id}/questions", json=spec)
+    properties = {
+        p["name"] for p in api.get(f"/api/v1/me/datasets/{dataset_id}/metadata-properties")["items"]
+    }
+    for spec in metadata:
+        if spec["name"] not in properties:
+            api.post(f"/api/v1/datasets/{dataset_id}/metadata-properties", json=spec)
+    return api.put(f"/api/v1/datasets/{dataset_id}/publish"), None
+
+
 class Api:
     """An httpx client on an Argilla server whose errors say which call failed and why (never the key)."""
 

@@ -33,31 +33,35 @@ class SimulatedAnnotators(StageConfig):
     """Seed of the bots' choices: the same seed gives each bot the same ranking of the same record."""
 
 
-class AnnotateConfig(StageConfig, UsesTask):
-    """Push a `samples` artifact to Argilla as a ranking dataset, one record per prompt (`annotation/push.py`).
-
-    Connects to ARGILLA_API_URL with ARGILLA_API_KEY when both are set, else to the embedded local server
-    ($RLHF_ARGILLA_HOME, started if it is not running). Record ids derive from the content (samples digest,
-    prompt, candidates), so pushing again, or retrying an interrupted push, adds no duplicate.
-    """
+class DatasetSettings(StageConfig):
+    """The Argilla dataset of a stage that asks people (`annotate`, `human_eval`). Connects to
+    ARGILLA_API_URL with ARGILLA_API_KEY when both are set, else to the embedded local server
+    ($RLHF_ARGILLA_HOME, started if it is not running)."""
 
     dataset: str | None = Field(None, min_length=1, max_length=200)
-    """Name of the Argilla dataset; null derives it from the samples artifact (`sample-v3-1a2b3c4d`). A
+    """Name of the Argilla dataset; null derives it from the input artifact (`samples-1a2b3c4d`). A
     dataset of that name that already exists is reused (its records are updated, not duplicated)."""
     workspace: str = Field("rlhf", min_length=1)
     """Argilla workspace of the dataset; created when missing. The embedded server's accounts belong to
     `rlhf`."""
     annotators_per_record: int = Field(1, ge=1)
-    """How many annotators must submit a ranking for a record to count as ranked (Argilla's task
-    distribution `min_submitted`): a record leaves everyone's queue once it has this many."""
+    """How many annotators must submit an answer (a ranking, a judgment) for a record to count as done
+    (Argilla's task distribution `min_submitted`): a record leaves everyone's queue once it has this many."""
     annotators: list[str] | None = None
     """Usernames that must see the dataset: added to the workspace when they are not members. Null: every
     annotator account of the embedded server; on an external server, membership is left as it is."""
     comment: bool = True
-    """Offer annotators an optional free-text comment next to the ranking."""
+    """Offer annotators an optional free-text comment next to their answer."""
     guidelines: str | None = Field(None, min_length=1, max_length=10_000)
-    """Guidelines shown to annotators (markdown); null uses the built-in ones (what to rank first, ties,
+    """Guidelines shown to annotators (markdown); null uses the built-in ones (what comes first, ties,
     when to discard)."""
+
+
+class AnnotateConfig(DatasetSettings, UsesTask):
+    """Push a `samples` artifact to Argilla as a ranking dataset, one record per prompt (`annotation/push.py`).
+    Record ids derive from the content (samples digest, prompt, candidates), so pushing again, or retrying
+    an interrupted push, adds no duplicate."""
+
     simulate: SimulatedAnnotators | None = None
     """Let bot annotators rank the batch right after the push (demo and tests); omit for humans."""
 
@@ -84,3 +88,33 @@ class CollectConfig(StageConfig, UsesTask):
     """With several annotators per record: `majority` keeps a pair when more than half of the record's
     annotators rank its chosen response above the rejected one, `unanimous` when all do, `all` keeps
     every annotator's pairs as separate rows (disagreements included)."""
+
+
+class HumanEvalConfig(DatasetSettings, UsesTask):
+    """Blind pairwise human evaluation (`annotation/human_eval.py`): for each held-out prompt of an
+    `evaluate` report, one response of a policy and one of the baseline, in a random order and without
+    names, judged in Argilla (first better / second better / about the same); then un-blinded into each
+    policy's human win rate against the baseline, with bootstrap intervals, agreement between annotators
+    and between the annotators and the reward model. Waits (publishes nothing) until enough pairs are
+    judged, like `collect`."""
+
+    policies: list[str] | None = None
+    """Labels of the report's policies to judge against the baseline; null: every policy but the baseline."""
+    baseline: str | None = None
+    """The label every policy is compared with; null: the report's baseline."""
+    num_prompts: int | None = Field(100, ge=1)
+    """Prompts to judge (the report's first N, in its order); null: all. Each policy adds one pair per prompt."""
+    response: Literal["sampled", "greedy"] = "sampled"
+    """Which response of each policy is shown: its first sampled response (what users get at temperature
+    1) or its greedy one."""
+    seed: int = 0
+    """Seed of the order in which each pair's two responses are shown."""
+    min_fraction: float = Field(1.0, gt=0, le=1)
+    """Wait until this fraction of the pairs is judged (by `annotators_per_record` annotators each)."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    """Coverage of the bootstrap intervals (over prompts)."""
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Bootstrap resamples of the prompts."""
+    simulate: SimulatedAnnotators | None = None
+    """Let bot judges answer right after the push (demo and tests): the better response by the task's
+    verdict (`Task.preference`), a tie when equal, another answer at random with probability `noise`."""

@@ -278,42 +278,27 @@ def ensure_dataset(
         "distribution": {"strategy": "overlap", "min_submitted": config.annotators_per_record},
         "metadata": metadata,
     }
-    dataset = api.find_dataset(workspace_id, name)
-    if dataset is None:
-        dataset = api.post("/api/v1/datasets", json={"name": name, "workspace_id": workspace_id, **settings})
-    elif any(dataset.get(key) != value for key, value in settings.items()):
-        dataset = api.patch(f"/api/v1/datasets/{dataset['id']}", json=settings)
-    dataset_id = dataset["id"]
-
-    fields = {field["name"] for field in api.get(f"/api/v1/datasets/{dataset_id}/fields")["items"]}
-    questions = {q["name"]: q for q in api.get(f"/api/v1/datasets/{dataset_id}/questions")["items"]}
     expected_fields = layout.field_specs(slots)
-    expected_questions = layout.question_specs(slots, config.comment)
-    if dataset["status"] == "ready":
-        ranking = questions.get(layout.RANKING)
-        options = [o["value"] for o in ranking["settings"]["options"]] if ranking else None
-        if fields != {f["name"] for f in expected_fields} or options != [
-            layout.slot(i) for i in range(slots)
-        ]:
-            raise InputError(
-                f"annotate: dataset {name!r} exists with another layout (fields {sorted(fields)}, ranking "
-                f"options {options}; this batch needs {slots} response slots): set `dataset` to a new name"
-            )
-        return dataset, layout.COMMENT in questions
-
-    for spec in expected_fields:
-        if spec["name"] not in fields:
-            api.post(f"/api/v1/datasets/{dataset_id}/fields", json=spec)
-    for spec in expected_questions:
-        if spec["name"] not in questions:
-            api.post(f"/api/v1/datasets/{dataset_id}/questions", json=spec)
-    properties = {
-        p["name"] for p in api.get(f"/api/v1/me/datasets/{dataset_id}/metadata-properties")["items"]
-    }
-    for spec in layout.metadata_specs():
-        if spec["name"] not in properties:
-            api.post(f"/api/v1/datasets/{dataset_id}/metadata-properties", json=spec)
-    return api.put(f"/api/v1/datasets/{dataset_id}/publish"), config.comment or layout.COMMENT in questions
+    dataset, existing = layout.ensure_dataset(
+        api,
+        workspace_id,
+        name,
+        settings,
+        expected_fields,
+        layout.question_specs(slots, config.comment),
+        layout.metadata_specs(),
+    )
+    if existing is None:
+        return dataset, config.comment
+    fields, questions = existing["fields"], existing["questions"]
+    ranking = questions.get(layout.RANKING)
+    options = [o["value"] for o in ranking["settings"]["options"]] if ranking else None
+    if fields != {f["name"] for f in expected_fields} or options != [layout.slot(i) for i in range(slots)]:
+        raise InputError(
+            f"annotate: dataset {name!r} exists with another layout (fields {sorted(fields)}, ranking "
+            f"options {options}; this batch needs {slots} response slots): set `dataset` to a new name"
+        )
+    return dataset, layout.COMMENT in questions
 
 
 def ensure_members(api: Api, workspace_id: str, usernames: list[str] | None, *, external: bool) -> int:

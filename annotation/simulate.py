@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,29 @@ def bot_answer(
     return {"status": "submitted", "values": values}
 
 
+def judge_answer(
+    bot: str, pair: dict[str, Any], config: SimulatedAnnotators, comment: bool, task: Task
+) -> dict[str, Any]:
+    """A bot's answer to a blind pair of `human_eval` (`pair["responses"]`, in display order): the better
+    one by `Task.preference` (equal: a tie); with probability `noise` another answer, drawn at random.
+    Seeded by the bot, the pair and the seed."""
+    rng = random.Random(f"{config.seed}:{bot}:{pair['record_id']}")
+    label = f"Simulated annotator {bot} (bot)"
+    if rng.random() < config.discard:
+        note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
+        return {"status": "discarded", "values": note} if note else {"status": "discarded"}
+    first, second = (task.preference(pair, response) for response in pair["responses"])
+    truth = "first" if first > second else "second" if second > first else "tie"
+    if rng.random() < config.noise:
+        truth = rng.choice([value for value in layout.JUDGMENTS if value != truth])
+    values: dict[str, Any] = {layout.PREFERENCE: {"value": truth}}
+    if comment:
+        values[layout.COMMENT] = {
+            "value": f"{label}: judged by the {task.name} task's verdict, noise {config.noise}"
+        }
+    return {"status": "submitted", "values": values}
+
+
 # --- accounts ---
 
 
@@ -130,16 +154,23 @@ def rank_batch(
     stop: threading.Event | None = None,
     poll_s: float = 1.0,
     bulk: bool = False,
+    answer: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Let the bots rank the batch until their queues are empty (or, with `stop`, until it is set).
 
     `batch` is the content of an annotation batch's batch.json, `records` its records.jsonl; `task` ranks
-    them (every record must be one it can judge). Returns counts.
+    them (every record must be one it can judge). `answer(bot, record)` gives a bot's response body; by
+    default its ranking (`bot_answer`). Returns counts.
     """
     started = time.perf_counter()
     task = check_judgeable(task, records)
     dataset_id, slots = batch["dataset"]["id"], batch["slots"]
     comment = bool(batch.get("questions", {}).get("comment"))
+    if answer is None:
+
+        def answer(bot: str, record: dict[str, Any]) -> dict[str, Any]:
+            return bot_answer(bot, record, slots, config, comment, task)
+
     by_id = {record["record_id"]: record for record in records}
     with Api(connection) as owner:
         workspace_id = owner.workspace_id(batch["workspace"])
@@ -163,9 +194,7 @@ def rank_batch(
                 for item in queue:
                     record = by_id.get(item["record"]["external_id"])
                     if record is not None:  # a record that is not in the batch is left alone
-                        answers.append(
-                            (item["record"]["id"], bot_answer(bot, record, slots, config, comment, task))
-                        )
+                        answers.append((item["record"]["id"], answer(bot, record)))
                 _submit(api, answers, bulk)
                 answered[bot] += len(answers)
                 statuses.update(body["status"] for _, body in answers)

@@ -201,8 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     server_was_up = _embedded_server() is not None
     try:
         results = runner.run(until=args.until, only=args.only)
-    finally:
-        server = _embedded_server()
+    except BaseException:
+        if not server_was_up and _embedded_server() is not None:  # a failed run leaves no server behind
+            from annotation import server as argilla
+
+            argilla.stop()
+            console.print("Argilla: stopped the server this run started")
+        raise
+    server = _embedded_server()
     waiting = any(r.status == "waiting" for r in results)
     _summary(results)
     if server is not None:
@@ -240,7 +246,8 @@ def _summary(results: list[StageResult]) -> None:
             if artifact.kind == "eval-report" and (artifact.path / "report.md").exists():
                 console.print(f"\n[bold]evaluation[/] ({artifact.ref})")
                 console.print((artifact.path / "report.md").read_text().strip())
-                console.print(f"chart: {_relative(artifact.path / 'chart.png')}")
+                if (artifact.path / "chart.png").exists():
+                    console.print(f"chart: {_relative(artifact.path / 'chart.png')}")
     if tracking.enabled() and any(r.status == "ran" for r in results):
         wandb_dir = Path(os.environ.get("WANDB_DIR", tracking.runs_root() / "wandb")) / "wandb"
         if os.environ.get("WANDB_MODE", "offline") == "offline":

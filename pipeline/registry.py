@@ -291,6 +291,20 @@ STAGES: dict[str, StageKind] = {
             doc="Push candidates to Argilla as a ranking dataset.",
         ),
         StageKind(
+            name="human_eval",
+            config=annotation_configs.HumanEvalConfig,
+            run="annotation.human_eval:run",
+            inputs={
+                "evaluation": Slot(
+                    ("eval-report",), "an evaluate report: its prompts, policies' responses and rewards"
+                )
+            },
+            outputs=_single("eval-report"),
+            always_run=True,
+            doc="Blind pairwise human evaluation in Argilla: each policy's human win rate against the baseline; "
+            "waits below the threshold.",
+        ),
+        StageKind(
             name="collect",
             config=annotation_configs.CollectConfig,
             run="annotation.collect:run",

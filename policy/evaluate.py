@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 import tasks
+from common import stats
 from common.data import load_prompts
 from common.models import (
     compute_dtype,
@@ -387,15 +388,7 @@ def win_rates(policy: PolicyResult, baseline: PolicyResult, method: str) -> np.n
 
 def resamples(prompts: int, config: EvaluateConfig) -> np.ndarray:
     """(bootstrap_samples, prompts) indices of prompts drawn with replacement: one set, seeded, for all."""
-    return np.random.default_rng(config.seed).integers(0, prompts, size=(config.bootstrap_samples, prompts))
-
-
-def estimate(values: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, float]:
-    """The mean of per-prompt values and its percentile bootstrap interval."""
-    means = values[indices].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return {"value": float(values.mean()), "ci_low": float(low), "ci_high": float(high)}
+    return stats.resamples(prompts, config.bootstrap_samples, config.seed)
 
 
 def build_report(
@@ -417,7 +410,7 @@ def build_report(
         entry: dict[str, Any] = {"source": source_reference(result.source)}
         for name in METRICS:
             if (value := values.get(name)) is not None:
-                entry[name] = estimate(value, indices, config.confidence)
+                entry[name] = stats.estimate(value, indices, config.confidence)
         if label != baseline:
             for name, metric in zip(
                 IMPROVEMENTS, ("pass_rate_sampled", "pass_rate_greedy", "reward_mean"), strict=True
@@ -425,7 +418,7 @@ def build_report(
                 ours, theirs = values.get(metric), base.per_prompt.get(metric)
                 if ours is not None and theirs is not None:
                     difference = ours - theirs
-                    entry[name] = estimate(difference, indices, config.confidence)
+                    entry[name] = stats.estimate(difference, indices, config.confidence)
         policies[label] = entry
         per_prompt[label] = {name: value.tolist() for name, value in values.items() if value is not None}
     return {

@@ -159,3 +159,63 @@ def wait_for_responses(info: server.ServerInfo, dataset_id: str, count: int, tim
             timeout,
             f"the server has no submitted response after {timeout:.0f} s",
         )
+
+
+def test_a_blind_judgment_made_in_the_web_ui_is_unblinded_exactly(
+    argilla, browser_page, tmp_path, monkeypatch
+):
+    """`human_eval`: a person picks "Response 1 is better" on a blind pair; the report credits whichever
+    policy was shown first, and nothing on the page names a policy."""
+    from annotation import human_eval
+    from annotation.configs import HumanEvalConfig
+    from common.outcomes import Waiting
+
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    monkeypatch.setenv("RLHF_ARGILLA_HOME", str(argilla.home))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text(json.dumps({"baseline": "sft", "policies": {"sft": {}, "dpo": {}}}))
+    row = {
+        "id": "p1",
+        "prompt": "What is 6 + 7?",
+        "answer": 13,
+        "sft": {"greedy": "6 + 7 = 13", "sampled": ["6 + 7 = 14"], "rewards": [0.1]},
+        "dpo": {"greedy": "6 + 7 = 13", "sampled": ["6 + 7 = 13"], "rewards": [0.9]},
+    }
+    (report / "responses.jsonl").write_text(json.dumps(row) + "\n")
+    config = HumanEvalConfig(dataset="he-ui", task={"name": "arithmetic"}, bootstrap_samples=100)
+    (tmp_path / "first").mkdir()
+    with pytest.raises(Waiting):
+        human_eval.run(config, {"evaluation": report}, tmp_path / "first")  # pushes, then waits
+
+    login = argilla.annotators[0]
+    page = browser_page
+    try:
+        page.goto(f"{argilla.url}/sign-in", wait_until="networkidle")
+        page.fill("input[name=Username]", login.username)
+        page.fill("input[name=Password]", login.password)
+        page.locator("button[type=submit]").click()
+        page.get_by_text("he-ui").click()
+        page.wait_for_url("**/annotation-mode**")
+        page.get_by_text("Which response is better?").wait_for()
+        text = page.locator("body").inner_text()
+        assert "6 + 7 = 14" in text and "6 + 7 = 13" in text
+        assert "dpo" not in text and "sft" not in text  # blind
+        page.get_by_text("Response 1 is better").click()
+        page.get_by_role("button", name="Submit").click()
+        with layout.Api(argilla.connection()) as api:
+            dataset = api.find_dataset(api.workspace_id("rlhf"), "he-ui")
+        assert dataset is not None
+        wait_for_responses(argilla, dataset["id"], count=1)
+    except Exception as error:
+        shot = tmp_path / "failure.png"
+        page.screenshot(path=str(shot), full_page=True)
+        pytest.fail(f"driving the Argilla UI failed: {error}\nscreenshot: {shot}", pytrace=False)
+
+    (tmp_path / "second").mkdir()
+    metrics = human_eval.run(config, {"evaluation": report}, tmp_path / "second")
+    [pair] = [json.loads(line) for line in (tmp_path / "second" / "judgments.jsonl").read_text().splitlines()]
+    assert [(j["annotator"], j["value"]) for j in pair["judgments"]] == [(login.username, "first")]
+    shown_first_is_dpo = pair["shown"][0] == "dpo"
+    assert metrics["dpo.human_win_rate"] == (1.0 if shown_first_is_dpo else 0.0)

@@ -652,3 +652,22 @@ def test_serve_prints_the_logins_once_and_nothing_else_shows_a_secret(embedded_a
         assert not [secret for secret in _secrets(home) if secret in output]
     assert _files_showing_secrets(home) == []
     assert _open_modes(home) == []
+
+
+def test_a_run_that_fails_after_starting_the_server_stops_it(embedded_argilla, workspace):
+    """The embedded server a run starts is stopped when a later stage fails, as it is when the run ends."""
+    from tests import tiny_policies
+
+    policy = tiny_policies.random_model(workspace / "policy", seed=1)
+    (workspace / "not-a-model").mkdir()
+    (workspace / "wf.yaml").write_text(
+        "name: fails\ntask: {name: arithmetic}\nstages:\n"
+        f"  sample: {{inputs: {{policy: {policy}}}, config: {{k: 3, num_prompts: 4, max_new_tokens: 6}}}}\n"
+        "  annotate: {inputs: {samples: sample}, config: {simulate: {annotators: 1, noise: 0.0}}}\n"
+        "  collect: {inputs: {batch: annotate}}\n"
+        f"  reward: {{inputs: {{model: {workspace / 'not-a-model'}, preferences: collect}}}}\n"
+    )
+    done = rlhf("run", "wf.yaml", cwd=workspace, timeout=600)
+    assert done.returncode != 0 and "[4/4] reward" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stopped the server this run started" in done.stdout
+    assert server.status(embedded_argilla) is None

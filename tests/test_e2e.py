@@ -1,5 +1,5 @@
 """The whole loop, as `make demo` runs it, on a reduced demo: pretrain -> sft -> sample -> annotate (the
-embedded Argilla, simulated annotators) -> collect -> reward -> dpo, ppo, rloo -> evaluate, through the real
+embedded Argilla, simulated annotators) -> collect -> reward -> dpo, ppo, rloo -> evaluate -> human_eval, through the real
 `rlhf` command. Checks the artifacts, their lineage, the offline W&B runs and the closing summary; the
 quality figures of the full demo are the demo's own business (see README)."""
 
@@ -29,6 +29,7 @@ REDUCED = {
     "ppo": {"updates": 2, "batch_size": 8, "minibatches": 2, "ppo_epochs": 1, "num_prompts": 16},
     "rloo": {"steps": 2, "batch_size": 8, "num_generations": 4, "num_prompts": 8, "task_eval": False},
     "evaluate": {"num_prompts": 6, "samples_per_prompt": 2, "bootstrap_samples": 100},
+    "human_eval": {"num_prompts": 6, "bootstrap_samples": 100, "annotators_per_record": 1},
 }
 OUTPUTS = {  # artifact -> the artifacts its manifest names as inputs
     "pretrain": set(),
@@ -42,12 +43,14 @@ OUTPUTS = {  # artifact -> the artifacts its manifest names as inputs
     "ppo": {"sft", "reward"},
     "rloo": {"sft", "reward"},
     "evaluate": {"sft", "dpo", "ppo", "rloo", "reward"},
+    "human_eval": {"evaluate"},
 }
 TABLES = {
     "sample": {"samples"},
     "collect": {"preferences", "rankings"},
     "reward": {"eval/worst_pairs"},
     "evaluate": {"responses"},
+    "human_eval": {"human_eval/pairs"},
 }
 
 
@@ -109,6 +112,9 @@ def test_reduced_demo_runs_the_loop_with_lineage_and_wandb_review(workspace, mon
             "rloo.improvement_sampled",
         } <= set(report.manifest["metrics"])
         assert (report.path / "chart.png").stat().st_size > 0
+        assert "ppo.gaming_suspected" in report.manifest["metrics"]
+        judged = store.get("human_eval:latest").manifest["metrics"]
+        assert 0 <= judged["dpo.human_win_rate"] <= 1 and "human_rm_agreement" in judged
 
         # The closing summary: evaluation table, chart, where the rankings are, how to upload W&B.
         out = done.stdout

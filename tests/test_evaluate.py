@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import tasks
+from common import stats
 from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import evaluate
@@ -205,15 +206,15 @@ def test_bootstrap_interval_of_a_mean_and_of_a_paired_difference():
     rng = np.random.default_rng(0)
     config = EvaluateConfig(bootstrap_samples=2000)
     small, large = rng.random(50), rng.random(2000)
-    ci_small = evaluate.estimate(small, evaluate.resamples(50, config), 0.95)
-    ci_large = evaluate.estimate(large, evaluate.resamples(2000, config), 0.95)
+    ci_small = stats.estimate(small, evaluate.resamples(50, config), 0.95)
+    ci_large = stats.estimate(large, evaluate.resamples(2000, config), 0.95)
     assert ci_small["ci_low"] < small.mean() < ci_small["ci_high"]
     assert ci_large["ci_high"] - ci_large["ci_low"] < (ci_small["ci_high"] - ci_small["ci_low"]) / 4
     # a paired difference has a much narrower interval than the difference of two unpaired means
     base = rng.random(200)
     better = np.clip(base + 0.05 + rng.normal(0, 0.01, 200), 0, None)
     indices = evaluate.resamples(200, config)
-    paired = evaluate.estimate(better - base, indices, 0.95)
+    paired = stats.estimate(better - base, indices, 0.95)
     assert 0 < paired["ci_low"] < 0.05 < paired["ci_high"] < 0.06
 
 
