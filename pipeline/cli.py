@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     _set_option(serve)
     serve.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
     serve.add_argument("--allow-rejected", action="store_true", help="as for `run`")
+    serve.add_argument(
+        "--no-webhooks",
+        action="store_true",
+        help="poll only; by default Argilla's events (a record completed) wake the service at once",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     artifacts = commands.add_parser("artifacts", help="list, show, trace and verify artifacts")
@@ -220,7 +225,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.service import Service, run_service
 
     wf = workflow.load(args.file, overrides=args.overrides)
-    run_service(Service(wf, Store(), console, interval=args.interval, allow_rejected=args.allow_rejected))
+    service = Service(
+        wf,
+        Store(),
+        console,
+        interval=args.interval,
+        allow_rejected=args.allow_rejected,
+        webhooks=not args.no_webhooks,
+    )
+    run_service(service)
     return 0
 
 

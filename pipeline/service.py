@@ -1,7 +1,10 @@
 """Service mode: keep a workflow running, triggered by annotation progress.
 
 `rlhf serve WORKFLOW` runs the workflow, and whenever it stops at a waiting stage (a `collect` below
-its threshold) polls again after an interval. Stages upstream are cached, `collect` always rereads the
+its threshold) runs it again when Argilla says a record was completed (a webhook to a local listener,
+`annotation/webhooks.py`, registered once the annotation server is up), or at the latest after an
+interval: polling is the fallback where the server cannot call this machine (an external server) or
+refuses the webhook. Stages upstream are cached, `collect` always rereads the
 annotation server, and when its threshold is met and its rankings changed, the stages downstream
 (reward model, policy, evaluation) run. Then it waits again for new rankings.
 
@@ -12,8 +15,10 @@ mid-run publishes nothing (its checkpoints stay for the next run), and a finishe
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from rich.console import Console
 
@@ -30,6 +35,7 @@ class Service:
         console: Console,
         interval: float = 30.0,
         allow_rejected: bool = False,
+        webhooks: bool = True,
     ):
         self.workflow = workflow
         self.store = store
@@ -37,6 +43,11 @@ class Service:
         self.interval = interval
         self.allow_rejected = allow_rejected
         self.stopping = threading.Event()
+        self.wake = threading.Event()
+        """Set by an Argilla event (or by `stop`): run the next cycle now."""
+        self.webhooks = webhooks
+        self.listener: Any = None
+        self._webhook_note = ""
         self._last_state = ""
 
     def log(self, message: str) -> None:
@@ -59,8 +70,53 @@ class Service:
                 results = []
             if on_cycle is not None:
                 on_cycle(results)
-            self.stopping.wait(self.interval)
+            self._listen()
+            if self.wake.wait(self.interval) and not self.stopping.is_set():
+                time.sleep(0.5)  # one cycle for a burst of events
+            self.wake.clear()
+        self.close()
         self.log("stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def close(self) -> None:
+        """Delete the webhook and stop its listener."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _listen(self) -> None:
+        """Once the annotation server runs: register a webhook for its events (else keep polling, and say
+        why, once)."""
+        if not self.webhooks or self.listener is not None:
+            return
+        from annotation import server, webhooks
+
+        try:
+            connection = server.connect()
+        except server.ArgillaServerError:
+            return  # not started yet: the annotate stage starts it
+        if not webhooks.reachable(connection):
+            note = f"webhooks: {connection.url} is on another machine and cannot call this one; polling every {self.interval:g} s"
+        else:
+            listener = webhooks.Listener(self._event)
+            try:
+                listener.register(connection, webhooks.description(str(self.workflow.file)))
+            except server.ArgillaServerError as err:
+                listener.close()
+                note = f"webhooks: the server refused the webhook ({err}); polling every {self.interval:g} s"
+            else:
+                self.listener = listener
+                note = f"webhooks: Argilla calls {listener.url} on {', '.join(webhooks.EVENTS)}"
+        if note != self._webhook_note:
+            self.log(note)
+            self._webhook_note = note
+
+    def _event(self, event: str) -> None:
+        self.log(f"event {event} from Argilla: running the workflow")
+        self.wake.set()
 
     def cycle(self) -> list[StageResult]:
         """One pass over the workflow; logs what ran and why."""
@@ -102,5 +158,6 @@ def run_service(service: Service) -> None:
     try:
         service.serve()
     except KeyboardInterrupt:
-        service.stopping.set()
+        service.stop()
+        service.close()
         service.log("stopped on signal: nothing half-written was published")

@@ -107,3 +107,62 @@ def test_serve_triggers_the_reward_model_and_stops_cleanly_on_sigterm(argilla, w
     assert "ran reward -> reward:v1" in text
     assert store.verify(store.get("reward:v1")) == []
     assert "collect.preferences:v1" in {item.get("ref") for item in store.get("reward:v1").manifest["inputs"]}
+
+
+def test_an_argilla_event_starts_training_without_waiting_for_a_poll(argilla, workspace):
+    """`rlhf serve` registers a webhook on the embedded Argilla; when the bots complete the last needed
+    record, Argilla's `record.completed` call wakes it: the reward stage starts within 10 s of the last
+    submission although the poll interval is an hour. Stopping deletes the webhook."""
+    import json
+
+    from annotation import argilla_dataset as layout
+
+    store = Store(workspace / "artifacts")
+    samples = make_samples(workspace / "payload", n=8, ks=(3,))
+    (samples / "manifest.json").unlink()
+    store.publish("sample", samples, {"kind": "samples", "status": "ok"})
+    tiny_policies.random_model(workspace / "base")
+    (workspace / "service.yaml").write_text(WORKFLOW.replace("epochs: 400", "epochs: 1"))
+    log = workspace / "service.log"
+    env = {**os.environ, "RLHF_ARGILLA_HOME": str(argilla.home)}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "service.yaml", "--interval", "3600"],
+        cwd=workspace,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: "webhooks: Argilla calls http://127.0.0.1:" in log.read_text(), "the webhook", log)
+        wait_for(lambda: "waiting at collect: 0/8 records ranked" in log.read_text(), "the first wait", log)
+        connection = server.connect(argilla.home)
+        with layout.Api(connection) as api:
+            assert (
+                len([w for w in api.get("/api/v1/webhooks")["items"] if "rlhf serve" in w["description"]])
+                == 1
+            )
+        bots = simulate.rank_in_background(
+            store.get("annotate:v1").path, SimulatedAnnotators(annotators=1), connection
+        )
+        wait_for(lambda: store.versions("reward") == [1], "the reward stage", log, timeout=120)
+        bots.stop()
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) in (0, 130)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    text = log.read_text()
+    assert "event record.completed from Argilla" in text
+    with layout.Api(connection) as api:
+        batch = json.loads((store.get("annotate:v1").path / "batch.json").read_text())
+        submitted = [
+            r["inserted_at"] for rec in api.records(batch["dataset"]["id"]) for r in rec["responses"]
+        ]
+        assert not [w for w in api.get("/api/v1/webhooks")["items"] if "rlhf serve" in w["description"]]
+    from datetime import datetime, timezone
+
+    last = max(datetime.fromisoformat(t).replace(tzinfo=timezone.utc) for t in submitted)
+    started = datetime.fromisoformat(store.get("reward:v1").manifest["started_at"])
+    delay = (started - last).total_seconds()
+    print(f"delay from the last submission to the reward stage's start: {delay:.1f} s")
+    assert delay < 10, text[-3000:]
