@@ -57,6 +57,21 @@ class DatasetSettings(StageConfig):
     when to discard)."""
 
 
+class Selection(StageConfig):
+    """Which records of the pool `annotate` pushes (`annotation/selection.py`)."""
+
+    budget: int = Field(ge=1)
+    """Records to push (all of the pool when it is smaller)."""
+    by: Literal["disagreement", "spread", "random"] = "disagreement"
+    """`disagreement`: where an ensemble of reward heads, fitted on bootstrap resamples of the `previous`
+    pairs over the `reward` model's features, disagrees most; `spread`: where the `reward` model separates
+    the candidates least; `random`: a seeded draw."""
+    heads: int = Field(8, ge=2)
+    """Size of the ensemble of reward heads (`disagreement`)."""
+    seed: int = 0
+    """Seed of the draw (`random`) and of the bootstrap resamples (`disagreement`)."""
+
+
 class AnnotateConfig(DatasetSettings, UsesTask):
     """Push a `samples` artifact to Argilla as a ranking dataset, one record per prompt (`annotation/push.py`).
     Record ids derive from the content (samples digest, prompt, candidates), so pushing again, or retrying
@@ -64,6 +79,10 @@ class AnnotateConfig(DatasetSettings, UsesTask):
 
     simulate: SimulatedAnnotators | None = None
     """Let bot annotators rank the batch right after the push (demo and tests); omit for humans."""
+    select: Selection | None = None
+    """Push only `budget` records of the pool, chosen where rankings teach the reward model most (inputs
+    `reward` and `previous`) or at random; null pushes every record. Prompts with pairs in `previous`
+    are left out of the pool."""
 
 
 class CollectConfig(StageConfig, UsesTask):

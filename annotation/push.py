@@ -6,7 +6,9 @@ fields, such as the task's `answer` or `constraints`),
 reuses) the batch's dataset (layout in `annotation/argilla_dataset.py`) and upserts one record per prompt
 with at least two distinct candidates, in bulk. A record's `external_id` is a hash of the samples file,
 the prompt and the candidates, so a repeated or retried push updates records instead of adding them.
-With `simulate`, bot annotators then rank the batch by the task's verdict (`annotation/simulate.py`);
+With `select`, only a budget of records is pushed, chosen where rankings teach the reward model most
+(`annotation/selection.py`; their scores in `selection.jsonl`). With `simulate`, bot annotators then rank
+the batch by the task's verdict (`annotation/simulate.py`);
 every record must be one the task can judge, which is checked before anything is pushed.
 
 Payload (kind `annotation-batch`): `batch.json` (server URL, never a key; workspace; dataset name and id;
@@ -49,8 +51,20 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     samples_dir = Path(inputs["samples"])
     samples, generation, source = load_samples(samples_dir)
 
-    # Check
+    # Check (and choose)
     records, skipped = to_records(samples, source["samples_sha256"])
+    selected: dict[str, Any] = {}
+    if config.select is not None:
+        from annotation import selection
+
+        records, scored, selected = selection.choose(
+            records,
+            config.select,
+            Path(inputs["reward"]) if "reward" in inputs else None,
+            Path(inputs["previous"]) if "previous" in inputs else None,
+        )
+        if not records:
+            raise InputError("annotate: select left no record to push (every prompt has pairs in `previous`)")
     slots = max(len(record["candidates"]) for record in records)
     chat = uses_chat(generation, samples)
     task = tasks.load(config.task) if config.task is not None else None
@@ -96,6 +110,10 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
     with (out_dir / RECORDS_FILE).open("w", encoding="utf-8") as file:
         for record in records:
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if config.select is not None:
+        with (out_dir / selection.SELECTION_FILE).open("w", encoding="utf-8") as file:
+            for row in scored:
+                file.write(json.dumps(row) + "\n")
 
     # Measure
     return {
@@ -103,6 +121,7 @@ def run(config: AnnotateConfig, inputs: dict[str, Path | str], out_dir: Path) ->
         "records_new": new,
         "records_present": present,
         "skipped_prompts": sum(skipped.values()),
+        **selected,
         **{f"skipped_{reason}": count for reason, count in skipped.items()},
         "slots": slots,
         "annotators_per_record": config.annotators_per_record,

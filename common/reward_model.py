@@ -285,24 +285,53 @@ def score_ids(
 ) -> list[float]:
     """The reward of each token sequence. Sequences are batched by length and padded on the right, as in
     training; a sequence's reward does not depend on the others in its batch (up to float rounding)."""
+    return score_and_features(model, sequences, pad_token_id, batch_size, features=False)[0]
+
+
+@torch.no_grad()
+def score_and_features(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 32,
+    features: bool = True,
+) -> tuple[list[float], torch.Tensor | None]:
+    """The reward of each token sequence and, with `features`, what the score head read to give it: the
+    hidden state at the sequence's last token ([len(sequences), hidden], float32), so that other heads can
+    be fitted on the same representation (`annotation/selection.py`)."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    hook = (
+        model.score.register_forward_hook(lambda _, args, __: captured.append(args[0])) if features else None
+    )
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     rewards = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = len(sequences[chunk[0]])
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            ids = sequences[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-        ).logits
-        for index, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
-            rewards[index] = value
-    model.train(training)
-    return rewards
+    pooled: torch.Tensor | None = None
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = len(sequences[chunk[0]])
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, index in enumerate(chunk):
+                ids = sequences[index]
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+            ).logits
+            for index, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
+                rewards[index] = value
+            if features:
+                hidden = captured.pop()
+                if pooled is None:
+                    pooled = torch.zeros(len(sequences), hidden.shape[-1])
+                last = torch.tensor([len(sequences[i]) - 1 for i in chunk], device=hidden.device)
+                pooled[chunk] = hidden[torch.arange(len(chunk), device=hidden.device), last].float().cpu()
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(training)
+    return rewards, pooled

@@ -286,7 +286,22 @@ STAGES: dict[str, StageKind] = {
             name="annotate",
             config=annotation_configs.AnnotateConfig,
             run="annotation.push:run",
-            inputs={"samples": Slot(("samples",), "the candidates to rank")},
+            inputs={
+                "samples": Slot(("samples",), "the candidates to rank"),
+                "reward": Slot(
+                    ("reward-model",),
+                    "the current reward model, for `select` by disagreement or spread",
+                    required=False,
+                ),
+                "previous": Slot(
+                    ("preferences",),
+                    "the pairs so far: their prompts leave the pool, and `select` by disagreement fits its "
+                    "heads on them",
+                    required=False,
+                    external=True,
+                    data="preferences",
+                ),
+            },
             outputs=_single("annotation-batch"),
             doc="Push candidates to Argilla as a ranking dataset.",
         ),

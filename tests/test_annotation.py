@@ -310,6 +310,24 @@ def test_an_annotator_whose_rankings_follow_the_display_order_is_left_out(argill
     assert unchecked["annotators_left_out"] == {} and unchecked["pairs"] > checked["pairs"]
 
 
+def test_select_pushes_only_its_budget_and_records_every_score(argilla, tmp_path):
+    samples = make_samples(tmp_path / "samples", n=12)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    first = arithmetic.train_prompts()[0]
+    row = {"prompt": first["prompt"], "chosen": "x", "rejected": "y", "prompt_id": first["id"]}
+    (previous / "preferences.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "batch").mkdir()
+    config = AnnotateConfig(task=ARITHMETIC, select={"budget": 4, "by": "random", "seed": 3})
+    metrics = push.run(config, {"samples": samples, "previous": previous}, tmp_path / "batch")
+    _, records = layout.load_batch(tmp_path / "batch")
+    scored = read_jsonl(tmp_path / "batch" / "selection.jsonl")
+    assert metrics["records"] == len(records) == 4 and metrics["pool"] == 11 == len(scored)
+    assert first["id"] not in {r["prompt_id"] for r in records}  # it has pairs already
+    assert {r["record_id"] for r in scored if r["chosen"]} == {r["record_id"] for r in records}
+    assert len(owner_records(argilla, metrics["dataset_id"])) == 4
+
+
 def test_display_order_check_counts_rankings_of_three_or_more_candidates():
     rows = [
         {**ranking([1, 2, 3], "a"), "display_order": [0, 1, 2]},  # in display order
