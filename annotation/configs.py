@@ -123,9 +123,10 @@ class HumanEvalConfig(DatasetSettings, UsesTask):
     """The label every policy is compared with; null: the report's baseline."""
     num_prompts: int | None = Field(100, ge=1)
     """Prompts to judge (the report's first N, in its order); null: all. Each policy adds one pair per prompt."""
-    response: Literal["sampled", "greedy"] = "sampled"
+    response: Literal["sampled", "greedy", "top_reward"] = "sampled"
     """Which response of each policy is shown: its first sampled response (what users get at temperature
-    1) or its greedy one."""
+    1), its greedy one, or its sample the reward model scored highest (`top_reward`: a spot check of the
+    responses the reward model likes most, the reward-hacking audit's question put to people)."""
     seed: int = 0
     """Seed of the order in which each pair's two responses are shown."""
     min_fraction: float = Field(1.0, gt=0, le=1)

@@ -216,11 +216,18 @@ def make_pairs(
 
 
 def response_of(entry: dict[str, Any], which: str) -> tuple[str, float | None]:
-    """A policy's response to a prompt in the report (first sample, or greedy) and its reward (sampled
-    responses only: the report scores samples)."""
+    """A policy's response to a prompt in the report (its first sample, its greedy response, or its sample
+    the reward model scored highest) and its reward (sampled responses only: the report scores samples)."""
     if which == "greedy":
         return entry["greedy"], None
     rewards = entry.get("rewards")
+    if which == "top_reward":
+        if not rewards:
+            raise InputError(
+                "human_eval: response: top_reward needs a report with rewards (evaluate with a reward model)"
+            )
+        best = max(range(len(rewards)), key=rewards.__getitem__)
+        return entry["sampled"][best], rewards[best]
     return entry["sampled"][0], (rewards[0] if rewards else None)
 
 

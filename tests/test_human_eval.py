@@ -119,6 +119,24 @@ def test_it_waits_until_the_pairs_are_judged_and_pushing_again_adds_nothing(argi
     assert 0 < metrics["judge_agreement"] < 1  # noisy judges disagree sometimes
 
 
+def test_a_spot_check_shows_each_policy_s_highest_reward_sample(argilla, report, tmp_path):
+    bots = SimulatedAnnotators(annotators=1, noise=0.0)
+    run(report, tmp_path / "out", dataset="he-top", response="top_reward", simulate=bots)
+    rows = {
+        json.loads(line)["id"]: json.loads(line)
+        for line in (report / "responses.jsonl").read_text().splitlines()
+    }
+    for pair in read_pairs(tmp_path / "out"):
+        if pair.get("identical"):
+            continue
+        good = rows[pair["prompt_id"]]["good"]
+        best = max(range(len(good["rewards"])), key=good["rewards"].__getitem__)
+        assert (
+            pair["policy_response"] == good["sampled"][best]
+            and pair["policy_reward"] == good["rewards"][best]
+        )
+
+
 def test_unknown_policies_are_a_clear_error(report, tmp_path):
     with pytest.raises(InputError, match="'nope' not among the report's policies"):
         run(report, tmp_path / "out", policies=["nope"])
