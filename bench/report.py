@@ -92,6 +92,15 @@ ROWS: dict[str, Row] = {
         ),
         ">= 0.93 each",
     ),
+    "active_selection": Row(
+        "`annotate`'s `select: {by: disagreement}` against a random choice of as many records, on the demo",
+        lambda r: (
+            f"reward-model held-out accuracy {r['rm_accuracy_selected']:.3f} (spread {r['spread_selected']:.3f}) "
+            f"against {r['rm_accuracy_random']:.3f} (spread {r['spread_random']:.3f}); {r['budget']} records on a "
+            f"start of {r['start']} ({r['rm_accuracy_start']:.3f}), seeds {', '.join(map(str, r['seeds']))}"
+        ),
+        "selected above random by more than the seed spread",
+    ),
     "argilla_io": Row(
         "push 1,000 records; collect 1,000 ranked records; an annotator's pending queue with 10,000 records",
         lambda r: (
