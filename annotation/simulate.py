@@ -73,15 +73,26 @@ def check_judgeable(task: Task | None, records: list[dict[str, Any]]) -> Task:
     return task
 
 
+def seeded_start(
+    bot: str, record: dict[str, Any], config: SimulatedAnnotators, comment: bool
+) -> tuple[random.Random, str, dict[str, Any] | None]:
+    """A bot's random stream for a record (seeded by the bot, the record and the seed), its label, and the
+    body of a discard when it discards the record (with probability `discard`, the stream's first draw)."""
+    rng = random.Random(f"{config.seed}:{bot}:{record['record_id']}")
+    label = f"Simulated annotator {bot} (bot)"
+    if rng.random() >= config.discard:
+        return rng, label, None
+    note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
+    return rng, label, {"status": "discarded", "values": note} if note else {"status": "discarded"}
+
+
 def bot_answer(
     bot: str, record: dict[str, Any], slots: int, config: SimulatedAnnotators, comment: bool, task: Task
 ) -> dict[str, Any]:
     """The response body bot `bot` submits for a batch record (seeded by the bot, the record and the seed)."""
-    rng = random.Random(f"{config.seed}:{bot}:{record['record_id']}")
-    label = f"Simulated annotator {bot} (bot)"
-    if rng.random() < config.discard:
-        note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
-        return {"status": "discarded", "values": note} if note else {"status": "discarded"}
+    rng, label, discarded = seeded_start(bot, record, config, comment)
+    if discarded is not None:
+        return discarded
     ranks = tasks.simulated_ranks(task, record, record["candidates"], config.noise, rng)
     ranking = layout.slot_ranking(ranks, layout.record_order(record), slots)
     values: dict[str, Any] = {layout.RANKING: {"value": ranking}}
@@ -98,11 +109,9 @@ def judge_answer(
     """A bot's answer to a blind pair of `human_eval` (`pair["responses"]`, in display order): the better
     one by `Task.preference` (equal: a tie); with probability `noise` another answer, drawn at random.
     Seeded by the bot, the pair and the seed."""
-    rng = random.Random(f"{config.seed}:{bot}:{pair['record_id']}")
-    label = f"Simulated annotator {bot} (bot)"
-    if rng.random() < config.discard:
-        note = {layout.COMMENT: {"value": f"{label}: discarded at random"}} if comment else {}
-        return {"status": "discarded", "values": note} if note else {"status": "discarded"}
+    rng, label, discarded = seeded_start(bot, pair, config, comment)
+    if discarded is not None:
+        return discarded
     first, second = (task.preference(pair, response) for response in pair["responses"])
     truth = "first" if first > second else "second" if second > first else "tie"
     if rng.random() < config.noise:

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
-from common.models import tokenizer_fingerprint
-from common.reward_model import REWARD_FILE, encode
+from common.reward_model import encode
 from policy import audit, evaluate, ppo
 from policy.configs import EvaluateConfig, PPOConfig
 from tasks import arithmetic
@@ -72,20 +71,7 @@ def inverted_reward_model(out_dir: Path, steps: int = 200) -> Path:
     """A tiny reward model trained (Bradley-Terry) to prefer the answer off by ten to the right one on the
     prompts of `RECORDS`: a deliberately broken judge."""
     tok = tiny_policies.tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForSequenceClassification(config)
+    model = LlamaForSequenceClassification.from_pretrained(tiny_policies.reward_model(out_dir))
     pairs = []
     for r in RECORDS:
         wrong = f"{r['a']} + {r['b']} = {r['answer'] + 10}"
@@ -106,11 +92,7 @@ def inverted_reward_model(out_dir: Path, steps: int = 200) -> Path:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval().save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    (out_dir / REWARD_FILE).write_text(
-        json.dumps({"format": "chat", "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
-    )
+    model.eval().save_pretrained(out_dir)  # over the random start (tokenizer and reward.json stay)
     return out_dir
 
 

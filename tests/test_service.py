@@ -42,10 +42,10 @@ def argilla(tmp_path_factory):
     yield from module_argilla(tmp_path_factory, annotators=1)
 
 
-def serve(workspace: Path, log: Path, argilla_home: Path) -> subprocess.Popen:
+def serve(workspace: Path, log: Path, argilla_home: Path, interval: float = 1) -> subprocess.Popen:
     env = {**os.environ, "RLHF_ARGILLA_HOME": str(argilla_home)}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "service.yaml", "--interval", "1"],
+        [sys.executable, "-m", "pipeline.cli", "serve", "service.yaml", "--interval", str(interval)],
         cwd=workspace,
         env=env,
         stdout=log.open("w"),
@@ -124,14 +124,7 @@ def test_an_argilla_event_starts_training_without_waiting_for_a_poll(argilla, wo
     tiny_policies.random_model(workspace / "base")
     (workspace / "service.yaml").write_text(WORKFLOW.replace("epochs: 400", "epochs: 1"))
     log = workspace / "service.log"
-    env = {**os.environ, "RLHF_ARGILLA_HOME": str(argilla.home)}
-    service = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "service.yaml", "--interval", "3600"],
-        cwd=workspace,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    service = serve(workspace, log, argilla.home, interval=3600)
     try:
         wait_for(lambda: "webhooks: Argilla calls http://127.0.0.1:" in log.read_text(), "the webhook", log)
         wait_for(lambda: "waiting at collect: 0/8 records ranked" in log.read_text(), "the first wait", log)
