@@ -162,9 +162,35 @@ def load_report(report_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     try:
         report = json.loads((report_dir / "report.json").read_text())
         lines = (report_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()
-        return report, [json.loads(line) for line in lines if line.strip()]
+        rows = [json.loads(line) for line in lines if line.strip()]
     except (OSError, ValueError) as err:
         raise InputError(f"human_eval: {report_dir} is not a readable evaluate report: {err}") from None
+    if not (
+        isinstance(report, dict)
+        and isinstance(report.get("baseline"), str)
+        and isinstance(report.get("policies"), dict)
+    ):
+        raise InputError(
+            f"human_eval: {report_dir}/report.json lacks `baseline` (a label) and `policies` (by label)"
+        )
+    for number, row in enumerate(rows, 1):
+        entries = [row.get(label) for label in report["policies"]] if isinstance(row, dict) else [None]
+        if (
+            not isinstance(row, dict)
+            or "id" not in row
+            or "prompt" not in row
+            or not all(
+                isinstance(e, dict) and isinstance(e.get("sampled"), list) and e["sampled"] and "greedy" in e
+                for e in entries
+            )
+        ):
+            raise InputError(
+                f"human_eval: {report_dir}/responses.jsonl line {number}: expected `id`, `prompt` and, for each "
+                f"policy ({', '.join(report['policies'])}), its `greedy` and `sampled` responses"
+            )
+    if not rows:
+        raise InputError(f"human_eval: {report_dir}/responses.jsonl has no prompts")
+    return report, rows
 
 
 def report_digest(report_dir: Path) -> str:

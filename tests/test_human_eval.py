@@ -150,3 +150,24 @@ def metrics_dataset_id(api: layout.Api, name: str) -> str:
     dataset = api.find_dataset(api.workspace_id("rlhf"), name)
     assert dataset is not None
     return dataset["id"]
+
+
+@pytest.mark.parametrize(
+    ("report_json", "responses", "message"),
+    [
+        ("", "", "not a readable evaluate report"),  # empty
+        ('{"baseline": "sft"', "", "not a readable evaluate report"),  # malformed
+        ('{"baseline": 3, "policies": []}', "", "lacks `baseline`"),  # wrong types
+        ('{"baseline": "sft", "policies": {"sft": {}}}', "", "has no prompts"),
+        (
+            '{"baseline": "sft", "policies": {"sft": {}}}',
+            '{"id": "p", "prompt": "q", "sft": "x"}\n',
+            "line 1",
+        ),
+    ],
+)
+def test_a_broken_report_is_one_clear_error(tmp_path, report_json, responses, message):
+    (tmp_path / "report.json").write_text(report_json)
+    (tmp_path / "responses.jsonl").write_text(responses)
+    with pytest.raises(InputError, match=message):
+        run(tmp_path, tmp_path / "out")
