@@ -181,3 +181,41 @@ class TrainerSettings(DeviceSettings):
     save_steps: int = Field(100, ge=1)
     """Optimizer steps between checkpoints (under the stage's `scratch/`, the last two only, dropped when
     the stage finishes): a rerun after a crash resumes from the last one."""
+
+
+class VLLMSettings(StageConfig):
+    """How the project starts its vLLM server (`engine: vllm`); an external server (`VLLM_API_URL`) is
+    configured where it runs, and these are not used."""
+
+    kv_cache_gb: float = Field(2.0, gt=0)
+    """On a CPU: memory the server reserves for its KV cache (`VLLM_CPU_KVCACHE_SPACE`). SmolLM2-135M at
+    64 new tokens takes about 0.1 MB a sequence; the server's other memory is about 3 GB."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """On a GPU: the share of its memory the server takes (weights and KV cache); the rest stays for the
+    trainer in the same process tree (PPO, RLOO and GRPO train beside it)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences the server decodes together at most (vLLM's CPU default is 128)."""
+    concurrency: int = Field(64, ge=1)
+    """Requests in flight at once (each is one sequence with its own seed); the server batches them. On 2
+    CPU cores 1,000 short demo completions took 3.8 s with 64 in flight and 13 s with 256; on a GPU, where
+    a larger batch is nearly free, raise it (and `max_num_seqs`) to a few hundred."""
+    startup_timeout_s: float = Field(600.0, gt=0)
+    """Seconds to wait for a started server to answer (about 40 s on 2 CPU cores; a 7B model on a GPU
+    loads in a minute or two)."""
+    extra_args: list[str] = []
+    """More command-line options for the server (`vllm serve --help`), e.g. `[--tensor-parallel-size, "2"]`."""
+
+
+class EngineSettings(StageConfig):
+    """The generation engine of the stages that generate (sample, evaluate, and the rollouts of PPO,
+    RLOO and GRPO)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf`: transformers' `generate` in the stage's own process. `vllm`: a vLLM OpenAI-compatible server,
+    started from the project's vLLM environment (`make setup-vllm`, `.venv-vllm`) for the stage and
+    stopped after it, or an external one when `VLLM_API_URL` is set (with `VLLM_API_KEY`); adapters are
+    loaded into it at run time, named by their digest. Samples are reproducible per engine (a seed per
+    sequence), not across engines: the two sample with different random streams. See the README's
+    "Generation with vLLM"."""
+    vllm: VLLMSettings = VLLMSettings.model_validate({})
+    """The server the stage starts (`engine: vllm` without `VLLM_API_URL`)."""

@@ -108,15 +108,11 @@ def parameter_count(source: Path | str | torch.nn.Module) -> int | None:
     weights below it, each base's digest checked) or hub id, counted from its config on the meta device
     without reading weights; None for quantized weights (they are not float) or a config transformers
     cannot build."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     if isinstance(source, torch.nn.Module):
         return sum(p.numel() for p in source.parameters())
-    while is_adapter(source):
-        assert isinstance(source, Path)
-        source = base_of(source)
-    name, revision = split_revision(source)
-    config = AutoConfig.from_pretrained(name, revision=revision)
+    config = model_config(source)
     if getattr(config, "quantization_config", None):
         return None
     try:
@@ -301,6 +297,18 @@ def choose_pad_token(tokenizer: Any, setting: str = "auto") -> str:
         )
     tokenizer.pad_token = setting
     return f"{setting} (as configured)"
+
+
+def model_config(source: Path | str) -> Any:
+    """The transformers config of a model directory, hub id or adapter directory (its base's, down to complete
+    weights), without reading weights."""
+    from transformers import AutoConfig
+
+    while is_adapter(source):
+        assert isinstance(source, Path)
+        source = base_of(source)
+    name, revision = split_revision(source)
+    return AutoConfig.from_pretrained(name, revision=revision)
 
 
 def load_tokenizer(source: Path | str, pad_token: str = "auto") -> Any:

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from common.configs import (
     ChunkedLossSettings,
+    EngineSettings,
     LoraSettings,
     PrecisionSettings,
     PreferenceSettings,
@@ -158,7 +159,7 @@ class SFTConfig(
         return self
 
 
-class SampleConfig(PrecisionSettings, UsesTask):
+class SampleConfig(EngineSettings, PrecisionSettings, UsesTask):
     """K candidate responses per prompt, for annotators to rank (`policy/sample.py`).
 
     The same config and policy give byte-identical samples on the same hardware: each candidate is drawn
@@ -278,7 +279,7 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
         return self
 
 
-class PPOConfig(PrecisionSettings, UsesTask):
+class PPOConfig(EngineSettings, PrecisionSettings, UsesTask):
     """Our PPO (`policy/ppo.py`): rollouts from the policy, scores from the reward model, a per-token KL
     penalty to the SFT policy, a value model, GAE, clipped policy and value losses, LoRA. The defaults
     take the demo SFT policy to a higher reward and sampled accuracy in about two minutes on 2 CPU cores.
@@ -384,7 +385,7 @@ class PPOConfig(PrecisionSettings, UsesTask):
         return self
 
 
-class OnlineRLConfig(PolicyTuningConfig):
+class OnlineRLConfig(EngineSettings, PolicyTuningConfig):
     """Settings shared by RLOO and GRPO: on-policy RL on TRL's trainers, rewards from the reward-model
     artifact, a KL penalty to the SFT policy (the frozen reference)."""
 
@@ -467,7 +468,7 @@ class GRPOConfig(OnlineRLConfig):
     """Divide advantages by the standard deviation of the rewards of the group, of the batch, or not."""
 
 
-class EvaluateConfig(PrecisionSettings, UsesTask):
+class EvaluateConfig(EngineSettings, PrecisionSettings, UsesTask):
     """Compare policies on held-out prompts: the task's pass rate (greedy and sampled), mean reward, win
     rate against a baseline, KL to a reference and response length, with bootstrap intervals over prompts
     (`policy/evaluate.py` defines each). The defaults compare four demo policies on the 234 held-out

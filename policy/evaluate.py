@@ -69,9 +69,9 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.training import Table, log_to_wandb, wandb_run
-from policy import audit
+from policy import audit, engines
 from policy.configs import EvaluateConfig
-from policy.generation import Completion, Sampling, encode_prompts, left_pad, sample_candidates
+from policy.generation import Completion, HFEngine, Sampling, encode_prompts, left_pad, sample_candidates
 from tasks import Task, pass_rate
 
 REPORT_FILE = "report.json"
@@ -134,7 +134,9 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     results = {}
     for label, source in policies.items():
         clock = time.perf_counter()
-        results[label] = evaluate_policy(label, source, records, config, device, judge, reference, task)
+        results[label] = evaluate_policy(
+            label, source, records, config, device, judge, reference, task, out_dir
+        )
         print(f"evaluate: {label} in {time.perf_counter() - clock:.1f}s", flush=True)
 
     # Compare
@@ -251,8 +253,10 @@ def evaluate_policy(
     device: torch.device,
     judge: Judge | None,
     reference: Reference | None,
-    task: Task | None = None,
+    task: Task | None,
+    out_dir: Path,
 ) -> PolicyResult:
+    """Generate greedy and sampled responses of one policy (with `config.engine`) and measure them."""
     model, tokenizer = load_causal_lm(source, device=device)
     if reference is not None and tokenizer_fingerprint(tokenizer) != reference.fingerprint:
         raise InputError(
@@ -264,16 +268,21 @@ def evaluate_policy(
     prompts = [record["prompt"] for record in records]
     prompt_ids = encode_prompts(tokenizer, prompts, "auto")
     max_new_tokens = response_budget(config.max_new_tokens, task)
-    greedy = generate(model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=max_new_tokens), config)
     sampling = Sampling(config.temperature, config.top_p, max_new_tokens=max_new_tokens)
-    sampled = generate(model, tokenizer, prompt_ids, config.samples_per_prompt, sampling, config)
+    with engines.open_engine(
+        config, source, tokenizer, device, out_dir, prompt_ids, sampling, model
+    ) as engine:
+        greedy = sample_candidates(
+            engine, prompt_ids, 1, Sampling(0.0, max_new_tokens=max_new_tokens), seed=config.seed
+        )
+        sampled = sample_candidates(engine, prompt_ids, config.samples_per_prompt, sampling, seed=config.seed)
 
     result = PolicyResult(
         label,
         source,
         greedy=[drawn[0].text for drawn in greedy],
         sampled=[[c.text for c in drawn] for drawn in sampled],
-        dtype=dtype_name(model),
+        dtype=engine.dtype,
     )
     result.per_prompt["length_mean"] = np.array(
         [np.mean([len(c.token_ids) - c.finished for c in drawn]) for drawn in sampled]
@@ -314,19 +323,6 @@ def evaluate_policy(
             kl = (policy_logps - np.array(reference_logps)).reshape(len(records), -1)
             result.per_prompt["kl"] = kl.mean(axis=1)
     return result
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: list[list[int]],
-    n: int,
-    sampling: Sampling,
-    config: EvaluateConfig,
-) -> list[list[Completion]]:
-    return sample_candidates(
-        model, tokenizer, prompt_ids, n, sampling, seed=config.seed, batch_size=config.batch_size
-    )
 
 
 def same_source(a: Path | str, b: Path | str) -> bool:
@@ -689,24 +685,9 @@ def task_pass_rates(
     model.eval()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], prompt_format)  # type: ignore[arg-type]
     budget = task.max_new_tokens
-    greedy = sample_candidates(
-        model,
-        tokenizer,
-        prompt_ids,
-        1,
-        Sampling(0.0, max_new_tokens=budget),
-        seed=seed,
-        batch_size=batch_size,
-    )
-    sampled = sample_candidates(
-        model,
-        tokenizer,
-        prompt_ids,
-        samples,
-        Sampling(1.0, max_new_tokens=budget),
-        seed=seed,
-        batch_size=batch_size,
-    )
+    engine = HFEngine(model, tokenizer, batch_size)
+    greedy = sample_candidates(engine, prompt_ids, 1, Sampling(0.0, max_new_tokens=budget), seed=seed)
+    sampled = sample_candidates(engine, prompt_ids, samples, Sampling(1.0, max_new_tokens=budget), seed=seed)
     model.train(was_training)
     return {
         "pass_rate_greedy": pass_rate(

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from common.models import contiguous_head_input
+from common.models import contiguous_head_input, dtype_name
 from common.outcomes import InputError
 
 Prompt = str | list[dict[str, Any]]
@@ -183,8 +183,13 @@ class SeededSampler(LogitsProcessor):
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """The tokens that end a completion: the tokenizer's eos and the model's generation-config eos."""
+    return generation_stop_ids(getattr(model, "generation_config", None), tokenizer)
+
+
+def generation_stop_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's eos and the eos of a generation config (None: the tokenizer's alone)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(ids)
@@ -261,16 +266,60 @@ def to_completion(tokenizer: Any, new_tokens: list[int], stops: Sequence[int]) -
     return Completion(text, new_tokens if end is None else new_tokens[: end + 1], end is not None)
 
 
+class Engine(Protocol):
+    """What generates: `HFEngine` (this process) or `policy.vllm_engine.VLLMEngine` (a vLLM server)."""
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: str | None = None,
+    ) -> list[Completion]: ...
+
+
+@dataclass
+class HFEngine:
+    """`generate` on a model in this process (`engine: hf`)."""
+
+    model: Any
+    tokenizer: Any
+    batch_size: int = 64
+    stop_token_ids: Sequence[int] | None = None
+
+    @property
+    def dtype(self) -> str:
+        """What it computes in (`float32`, `bfloat16`)."""
+        return dtype_name(self.model)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: str | None = None,
+    ) -> list[Completion]:
+        return generate(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            sampling,
+            seeds=seeds,
+            batch_size=self.batch_size,
+            stop_token_ids=self.stop_token_ids,
+            progress=progress,
+        )
+
+
 def sample_candidates(
-    model: Any,
-    tokenizer: Any,
+    engine: Engine,
     prompt_ids: Sequence[Sequence[int]],
     k: int,
     sampling: Sampling,
     *,
     seed: int,
-    batch_size: int = 64,
-    stop_token_ids: Sequence[int] | None = None,
     progress: str | None = None,
 ) -> list[list[Completion]]:
     """K completions per prompt. Candidate j of a prompt is seeded by `derive_seed(seed, its token ids,
@@ -279,14 +328,5 @@ def sample_candidates(
     copies = 1 if sampling.greedy else k
     rows = [ids for ids in prompt_ids for _ in range(copies)]
     seeds = [derive_seed(seed, list(ids), j) for ids in prompt_ids for j in range(copies)]
-    completions = generate(
-        model,
-        tokenizer,
-        rows,
-        sampling,
-        seeds=seeds,
-        batch_size=batch_size,
-        stop_token_ids=stop_token_ids,
-        progress=progress,
-    )
+    completions = engine.generate(rows, sampling, seeds=seeds, progress=progress)
     return [completions[i * copies : (i + 1) * copies] * (k // copies) for i in range(len(prompt_ids))]

@@ -29,10 +29,8 @@ import torch
 import tasks
 from common.data import SAMPLES_FILE, load_prompts, write_jsonl
 from common.models import (
-    compute_dtype,
-    dtype_name,
-    load_causal_lm,
-    merged_for_inference,
+    load_tokenizer,
+    model_config,
     pick_device,
     set_threads,
     source_reference,
@@ -40,6 +38,7 @@ from common.models import (
 )
 from common.outcomes import InputError
 from common.training import Table, log_to_wandb, wandb_run
+from policy import engines
 from policy.configs import SampleConfig
 from policy.generation import Completion, Sampling, encode_prompts, sample_candidates, uses_chat_template
 from tasks import Task
@@ -73,28 +72,22 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
             check_judgeable(task, records, f"the prompts in {inputs['prompts']}", "sample")
     else:
         records, source = task_records(task, config.split, config.num_prompts, "sample")
-    model, tokenizer = load_causal_lm(inputs["policy"], device=device)
-    # an adapter folded into its base generates faster
-    model = merged_for_inference(model, compute_dtype(config.precision, device, inputs["policy"]))
+    tokenizer = load_tokenizer(inputs["policy"])
     prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records], config.prompt_format)
+    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=config.max_new_tokens)
 
     # Check
-    check(config, model, tokenizer, prompt_ids)
+    check(config, model_config(inputs["policy"]), tokenizer, prompt_ids)
 
     # Generate
-    sampling = Sampling(config.temperature, config.top_p, max_new_tokens=config.max_new_tokens)
-    torch.manual_seed(config.seed)
-    clock = time.perf_counter()
-    completions = sample_candidates(
-        model,
-        tokenizer,
-        prompt_ids,
-        config.k,
-        sampling,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        progress="sample",
-    )
+    with engines.open_engine(
+        config, inputs["policy"], tokenizer, device, out_dir, prompt_ids, sampling
+    ) as engine:
+        torch.manual_seed(config.seed)
+        clock = time.perf_counter()
+        completions = sample_candidates(
+            engine, prompt_ids, config.k, sampling, seed=config.seed, progress="sample"
+        )
     generation_s = time.perf_counter() - clock
 
     # Save
@@ -113,7 +106,8 @@ def run(config: SampleConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         generation_s=generation_s,
         duration_s=time.perf_counter() - started,
         device=str(device),
-        dtype=dtype_name(model),
+        dtype=engine.dtype,
+        engine=config.engine,
     )
     log_table(samples, task)
     return metrics
@@ -138,12 +132,12 @@ def task_records(
 # --- check ---
 
 
-def check(config: SampleConfig, model: Any, tokenizer: Any, prompt_ids: list[list[int]]) -> None:
+def check(config: SampleConfig, model_config: Any, tokenizer: Any, prompt_ids: list[list[int]]) -> None:
     """Raise one error listing every problem found before generating."""
     problems = []
     if tokenizer.eos_token_id is None:
         problems.append("the policy's tokenizer has no eos token, so responses cannot end")
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(model_config, "max_position_embeddings", None)
     longest = max(len(ids) for ids in prompt_ids)
     if positions is not None and longest + config.max_new_tokens > positions:
         problems.append(
