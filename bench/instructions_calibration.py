@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from policy.generation import Sampling, encode_prompts, sample_candidates
+    from policy.generation import HFEngine, Sampling, encode_prompts, sample_candidates
     from tasks import instructions
 
     task = instructions.InstructionsTask(
@@ -55,17 +55,12 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = smollm2()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], "chat")
-    kwargs = {"seed": 0, "batch_size": args.batch_size}
+    engine = HFEngine(model, tokenizer, args.batch_size)
     greedy = sample_candidates(
-        model, tokenizer, prompt_ids, 1, Sampling(0.0, max_new_tokens=args.max_new_tokens), **kwargs
+        engine, prompt_ids, 1, Sampling(0.0, max_new_tokens=args.max_new_tokens), seed=0
     )
     sampled = sample_candidates(
-        model,
-        tokenizer,
-        prompt_ids,
-        args.samples,
-        Sampling(1.0, max_new_tokens=args.max_new_tokens),
-        **kwargs,
+        engine, prompt_ids, args.samples, Sampling(1.0, max_new_tokens=args.max_new_tokens), seed=0
     )
     by_type: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     shown: dict[str, int] = defaultdict(int)

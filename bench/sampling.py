@@ -41,6 +41,7 @@ from policy.configs import PretrainConfig, SampleConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.generation import (
     Completion,
+    HFEngine,
     Sampling,
     encode_prompts,
     sample_candidates,
@@ -78,7 +79,7 @@ def main() -> None:
     sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     sides = {
         "batched": lambda: sample_candidates(
-            model, tokenizer, prompt_ids, args.k, sampling, seed=0, batch_size=args.batch_size
+            HFEngine(model, tokenizer, args.batch_size), prompt_ids, args.k, sampling, seed=0
         ),
         "per_prompt": lambda: per_prompt(model, tokenizer, prompt_ids, args.k, sampling, args.k),
     }

@@ -16,7 +16,7 @@ from common.models import load_causal_lm
 from common.outcomes import InputError
 from policy import evaluate
 from policy.configs import EvaluateConfig
-from policy.generation import Sampling, encode_prompts, sample_candidates
+from policy.generation import HFEngine, Sampling, encode_prompts, sample_candidates
 from tasks import arithmetic
 from tests import tiny_policies
 from tests.conftest import rlhf
@@ -139,7 +139,9 @@ def test_a_policy_compared_with_itself_has_no_improvement_and_wins_half(win_rate
 def test_response_log_probabilities_match_a_forward_pass_per_sequence(models):
     model, tokenizer = load_causal_lm(models["adapter"], device=torch.device("cpu"))
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in RECORDS[:6]])
-    drawn = sample_candidates(model, tokenizer, prompt_ids, 2, Sampling(1.0, max_new_tokens=8), seed=0)
+    drawn = sample_candidates(
+        HFEngine(model, tokenizer), prompt_ids, 2, Sampling(1.0, max_new_tokens=8), seed=0
+    )
     rows = [(ids, c.token_ids) for ids, pair in zip(prompt_ids, drawn, strict=True) for c in pair]
     expected = []
     with torch.no_grad():
@@ -160,7 +162,7 @@ def test_the_arithmetic_pass_rate_is_the_fraction_of_right_answers_that_ended(mo
         ("greedy", 1, Sampling(0.0, max_new_tokens=10)),
         ("sampled", 4, Sampling(1.0, max_new_tokens=10)),
     ):
-        drawn = sample_candidates(model, tokenizer, prompt_ids, samples, sampling, seed=0, batch_size=256)
+        drawn = sample_candidates(HFEngine(model, tokenizer, 256), prompt_ids, samples, sampling, seed=0)
         right = [
             [c.finished and arithmetic.is_correct(c.text, r["answer"]) for c in d]
             for d, r in zip(drawn, RECORDS, strict=True)

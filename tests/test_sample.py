@@ -17,6 +17,7 @@ from policy.configs import SampleConfig
 from policy.demo_model import build_model, train_tokenizer
 from policy.generation import (
     Completion,
+    HFEngine,
     Sampling,
     SeededSampler,
     encode_prompts,
@@ -117,7 +118,7 @@ def test_held_out_split_and_the_pass_rate_counts_passing_candidates_that_ended(
     base_dir, tmp_path, monkeypatch
 ):
     # A stand-in sampler: the first candidate right, the second right but cut off, the third wrong.
-    def fake(model, tokenizer, prompt_ids, k, sampling, **_):
+    def fake(engine, prompt_ids, k, sampling, **_):
         drawn = [("right", True), ("right", False), ("wrong", True)]
         return [[Completion(text, [7], ended) for text, ended in drawn] for _ in prompt_ids]
 
@@ -281,9 +282,9 @@ def test_seeded_sampling_does_not_depend_on_batching(policy):
     model, tokenizer = policy
     ids = encode_prompts(tokenizer, ["What is 1 + 2?", "Compute 13 + 19.", "Hi"])
     settings = Sampling(temperature=0.9, top_p=0.95, max_new_tokens=8)
-    together = sample_candidates(model, tokenizer, ids, 4, settings, seed=3, batch_size=12)
-    one_by_one = sample_candidates(model, tokenizer, ids, 4, settings, seed=3, batch_size=1)
-    reversed_order = sample_candidates(model, tokenizer, ids[::-1], 4, settings, seed=3, batch_size=5)
+    together = sample_candidates(HFEngine(model, tokenizer, 12), ids, 4, settings, seed=3)
+    one_by_one = sample_candidates(HFEngine(model, tokenizer, 1), ids, 4, settings, seed=3)
+    reversed_order = sample_candidates(HFEngine(model, tokenizer, 5), ids[::-1], 4, settings, seed=3)
     assert together == one_by_one == reversed_order[::-1]
     assert len({c.text for drawn in together for c in drawn}) == 12
 
