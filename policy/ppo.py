@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import shutil
 import time
@@ -76,7 +77,7 @@ from common.models import (
 from common.outcomes import InputError
 from common.reward_model import check_reward_status, check_tokenizers_match, load_reward_model, score_batch
 from common.training import SCRATCH, Table, last_checkpoint, log_to_wandb, wandb_run
-from policy import audit, ppo_math
+from policy import audit, engines, ppo_math, vllm_engine
 from policy.configs import PPOConfig
 from policy.generation import Completion, Sampling, derive_seed, encode_prompts, generate, left_pad, stop_ids
 
@@ -151,34 +152,43 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         unit="update",
         disable=not accelerator.is_main_process,
     )
-    for update in range(start, config.updates):
-        clock = time.perf_counter()
-        rows = prompt_rows(len(records), update, config, accelerator)
-        rollouts = collect_rollouts(
-            unwrapped,
-            scorer,
-            reward_mode,
-            tokenizer,
-            [records[r] for r in rows],
-            [prompt_ids[r] for r in rows],
-            update,
-            config,
-            accelerator,
-            task,
+    with contextlib.ExitStack() as stack:
+        server = (
+            vllm_rollouts(
+                config, base, unwrapped.policy, tokenizer, scratch, prompt_ids, dtype, accelerator, stack
+            )
+            if config.engine == "vllm"
+            else None
         )
-        moments.update(accelerator.gather(rollouts.raw_scores))
-        advantages, returns, kl = advantages_and_returns(rollouts, moments, config)
-        stats = optimize(
-            model, optimizer, scheduler, rollouts, advantages, returns, config, accelerator, update
-        )
-        metrics = update_metrics(rollouts, kl, stats, accelerator, scheduler)
-        metrics["seconds"] = time.perf_counter() - clock
-        history.append(metrics)
-        if accelerator.is_main_process:
-            log_update(metrics, update + 1, bar)
-        if (update + 1) % config.checkpoint_every == 0 and update + 1 < config.updates:
-            save_checkpoint(accelerator, scratch, update + 1, moments, history)
-        durations.append(time.perf_counter() - clock)
+        for update in range(start, config.updates):
+            clock = time.perf_counter()
+            rows = prompt_rows(len(records), update, config, accelerator)
+            rollouts = collect_rollouts(
+                unwrapped,
+                scorer,
+                reward_mode,
+                tokenizer,
+                [records[r] for r in rows],
+                [prompt_ids[r] for r in rows],
+                update,
+                config,
+                accelerator,
+                task,
+                server,
+            )
+            moments.update(accelerator.gather(rollouts.raw_scores))
+            advantages, returns, kl = advantages_and_returns(rollouts, moments, config)
+            stats = optimize(
+                model, optimizer, scheduler, rollouts, advantages, returns, config, accelerator, update
+            )
+            metrics = update_metrics(rollouts, kl, stats, accelerator, scheduler)
+            metrics["seconds"] = time.perf_counter() - clock
+            history.append(metrics)
+            if accelerator.is_main_process:
+                log_update(metrics, update + 1, bar)
+            if (update + 1) % config.checkpoint_every == 0 and update + 1 < config.updates:
+                save_checkpoint(accelerator, scratch, update + 1, moments, history)
+            durations.append(time.perf_counter() - clock)
     bar.close()
     if accelerator.is_main_process:
         log_rollouts(rollouts)
@@ -199,7 +209,13 @@ def run(config: PPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     accelerator.wait_for_everyone()
 
     # Measure
-    return final_metrics(
+    engine: dict[str, Any] = {"engine": config.engine}
+    if server is not None:  # which adapters the rollouts came from: one per update, named by digest
+        engine.update(vllm_adapters_loaded=len(server.sync.pushed), vllm_adapter_last=server.sync.current)
+        gaps = [entry["generator_logprob_gap"] for entry in history if "generator_logprob_gap" in entry]
+        if gaps:
+            engine["generator_logprob_gap_max"] = max(gaps)
+    return engine | final_metrics(
         history,
         config,
         task is not None,
@@ -455,6 +471,49 @@ def reference_policy(policy: Any) -> Iterator[None]:
 
 
 @dataclass
+class VLLMRollouts:
+    """`engine: vllm`: the server the rollouts come from and the sync of the trained adapter to it."""
+
+    engine: vllm_engine.VLLMEngine
+    sync: vllm_engine.AdapterSync
+
+
+def vllm_rollouts(
+    config: PPOConfig,
+    base: Path | str,
+    policy: Any,
+    tokenizer: Any,
+    scratch: Path,
+    prompt_ids: list[list[int]],
+    dtype: torch.dtype,
+    accelerator: Any,
+    stack: contextlib.ExitStack,
+) -> VLLMRollouts:
+    """A vLLM server serving the policy's base (stopped when `stack` closes), or the external one."""
+    if accelerator.num_processes > 1 and not os.environ.get("VLLM_API_URL"):
+        raise InputError(
+            "ppo: engine: vllm under several processes needs one shared server: start one and set VLLM_API_URL"
+        )
+    served = vllm_engine.Served(vllm_engine.merged(base, scratch))
+    server = stack.enter_context(
+        vllm_engine.serve(
+            served,
+            config.vllm,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=engines.response_budget(prompt_ids, config.max_new_tokens),
+            lora_rank=policy.peft_config[POLICY].r,
+            seed=config.seed,
+        )
+    )
+    folder = scratch / "vllm-adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = vllm_engine.VLLMEngine(
+        server, server.base_name, tokenizer, stop_ids(policy, tokenizer), str(dtype).removeprefix("torch.")
+    )
+    return VLLMRollouts(engine, vllm_engine.AdapterSync(server, folder))
+
+
+@dataclass
 class Rollouts:
     """One update's rollouts of one process, as tensors of B rows: the prompt (left-padded) and the
     response (right-padded) side by side, and what the scoring passes found."""
@@ -482,6 +541,10 @@ class Rollouts:
     prompts: list[Any]
     texts: list[str]
     """The responses, decoded."""
+    generator_logprob_gap: float | None = None
+    """`engine: vllm` at temperature 1: the largest difference between the server's log-probability of a
+    response token and the one computed here (the loss uses the latter): near 0 in float32 when the
+    server has the current adapter; larger in bf16, or when it has not."""
 
     def columns(self, rows: torch.Tensor) -> tuple[slice, int]:
         """For the rows `rows`: the columns of `input_ids` that hold any of their tokens (leading padding
@@ -503,25 +566,40 @@ def collect_rollouts(
     config: PPOConfig,
     accelerator: Any,
     task: tasks.Task | None,
+    server: VLLMRollouts | None = None,
 ) -> Rollouts:
-    """One response per prompt, sampled with the adapter folded in, each row from its own random stream
-    (seeded by the seed, the update, the process and the row), then scored (`score_rollouts`)."""
+    """One response per prompt, each row from its own random stream (seeded by the seed, the update, the
+    process and the row), then scored (`score_rollouts`, which computes the log-probabilities the loss
+    uses in this process, whatever generated). Sampled here with the adapter folded in, or (`server`) by
+    vLLM after the current adapter was loaded into it."""
     seeds = [
         derive_seed(config.seed, "rollout", update, accelerator.process_index, i) for i in range(len(records))
     ]
-    with generation_weights(model.policy, config):
-        completions = generate(
-            model.policy,
-            tokenizer,
-            prompt_ids,
-            Sampling(config.temperature, max_new_tokens=config.max_new_tokens),
-            seeds=seeds,
-            batch_size=config.forward_batch_size,
-            stop_token_ids=stop_ids(model.policy, tokenizer),
-        )
-    return score_rollouts(
+    sampling = Sampling(config.temperature, max_new_tokens=config.max_new_tokens)
+    if server is not None:
+        server.engine.model = server.sync.push(model.policy, POLICY)
+        completions = server.engine.generate(prompt_ids, sampling, seeds=seeds)
+    else:
+        with generation_weights(model.policy, config):
+            completions = generate(
+                model.policy,
+                tokenizer,
+                prompt_ids,
+                sampling,
+                seeds=seeds,
+                batch_size=config.forward_batch_size,
+                stop_token_ids=stop_ids(model.policy, tokenizer),
+            )
+    rollouts = score_rollouts(
         model, scorer, reward_mode, tokenizer, records, prompt_ids, completions, config, task
     )
+    if server is not None and config.temperature == 1.0:  # the server's log-probabilities are untempered
+        served = torch.zeros_like(rollouts.logprobs)
+        for row, values in enumerate(server.engine.logprobs):
+            served[row, : len(values)] = torch.tensor(values, dtype=served.dtype)
+        gap = ((served - rollouts.logprobs).abs() * rollouts.mask).max()
+        rollouts.generator_logprob_gap = gap.item()
+    return rollouts
 
 
 def score_rollouts(
@@ -700,6 +778,8 @@ def update_metrics(
     }
     if rollouts.verdicts is not None:
         local["pass_rate"] = tasks.pass_rate(rollouts.verdicts)
+    if rollouts.generator_logprob_gap is not None:
+        local["generator_logprob_gap"] = rollouts.generator_logprob_gap
     values = torch.tensor(list(local.values()), device=mask.device)
     averaged = accelerator.reduce(values, reduction="mean") if accelerator.num_processes > 1 else values
     metrics = dict(zip(local, averaged.tolist(), strict=True))

@@ -86,24 +86,32 @@ class Served:
 
 
 def serving_form(source: Path | str, scratch: Path) -> Served:
-    """How `source` is served: a full model as it is, a plain LoRA adapter on its (full) base as that
-    adapter, anything else merged into its base, written under `scratch` (see the module docstring)."""
+    """How `source` is served: a full model as it is, a plain LoRA adapter on a full base as that
+    adapter, anything else merged, under `scratch` (see the module docstring)."""
     if not is_adapter(source):
         return Served(source)
     assert isinstance(source, Path)
     base = base_of(source)
     if lora_problem(source) is None and not is_adapter(base):
         return Served(base, source)
+    return Served(merged(source, scratch))
+
+
+def merged(source: Path | str, scratch: Path) -> Path | str:
+    """A complete model for `source`: itself, or (an adapter) merged into its base under `scratch`,
+    where a complete export from an earlier attempt is reused."""
+    if not is_adapter(source):
+        return source
+    assert isinstance(source, Path)
     from policy.export import export_merged
 
-    merged = scratch / f"vllm-merged-{adapter_name(source)}"
-    if not (merged / "config.json").exists():  # a complete export from an earlier attempt is reused
-        shutil.rmtree(merged, ignore_errors=True)
-        partial = merged.with_name(merged.name + ".partial")
+    folder = scratch / f"vllm-merged-{adapter_name(source)}"
+    if not (folder / "config.json").exists():
+        partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         export_merged(source, partial)
-        partial.rename(merged)
-    return Served(merged)
+        partial.rename(folder)
+    return folder
 
 
 def lora_problem(adapter: Path) -> str | None:
@@ -544,3 +552,35 @@ class VLLMEngine:
             values = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
             self.logprobs.append([float(v) for v in values[: len(completion.token_ids)]])
         return completions
+
+
+class AdapterSync:
+    """Keeps the server's copy of a policy's trained LoRA adapter current: `push` saves the adapter,
+    names it by the digest of its files and loads it (once per digest), and unloads the one before. The
+    trainers call it before each round of rollouts; `pushed` lists the names, in order."""
+
+    def __init__(self, server: Server, folder: Path):
+        self.server = server
+        self.folder = folder
+        self.current: str | None = None
+        self.pushed: list[str] = []
+
+    def push(self, model: Any, adapter: str | None = None) -> str:
+        """Load `model`'s adapter (a `PeftModel`; `adapter`: which of its adapters) into the server."""
+        staging = self.folder / f"staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), selected_adapters=[adapter] if adapter else None)
+        saved = next(path.parent for path in staging.rglob(ADAPTER_CONFIG))  # PEFT nests a named adapter
+        name = f"adapter-{content_digest(saved)[:16]}"
+        final = self.folder / name
+        if not final.exists():
+            saved.rename(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        if name != self.current:
+            self.server.load_adapter(final, name)
+            if self.current is not None:
+                self.server.unload_adapter(self.current)
+                shutil.rmtree(self.folder / self.current, ignore_errors=True)
+            self.current = name
+            self.pushed.append(name)
+        return name
