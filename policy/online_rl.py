@@ -27,8 +27,11 @@ Reads top to bottom: check, load, train, save, measure.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +56,9 @@ from common.training import (
     set_loss_chunk,
     trainer_arguments,
 )
-from policy import audit, tuning
+from policy import audit, tuning, vllm_engine
 from policy.configs import GRPOConfig, OnlineRLConfig, RLOOConfig
+from policy.generation import Sampling, derive_seed
 from tasks import Task
 
 
@@ -73,6 +77,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
     device = pick_device(config.device)
     task = tasks.load(config.task) if config.task is not None else None
     check_reward_source(config, inputs, stage)
+    check_engine(config, stage)
     if config.task_eval and task is None:
         raise InputError(
             f"{stage}: task_eval needs a task (the workflow's top-level `task:` or this stage's)"
@@ -106,19 +111,28 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
 
     trainer_class, args = trainer_and_args(config, stage, device, scratch, inputs["policy"])
     set_loss_chunk(config.loss_chunk_size, device)
-    trainer = trainer_class(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=tuning.lora_config(config),
-    )
-    trainable, total = count_parameters(trainer.model)
-    checkpoint = last_checkpoint(scratch)
-    if checkpoint is not None:
-        print(f"{stage}: resuming from {checkpoint.name}", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with contextlib.ExitStack() as stack:
+        if config.engine == "vllm":
+            trainer_class = with_vllm_rollouts(trainer_class)
+        trainer = trainer_class(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=tuning.lora_config(config),
+        )
+        if config.engine == "vllm":
+            trainer.rollout_server = vllm_rollouts(config, model, trainer, scratch, stack)
+        trainable, total = count_parameters(trainer.model)
+        checkpoint = last_checkpoint(scratch)
+        if checkpoint is not None:
+            print(f"{stage}: resuming from {checkpoint.name}", flush=True)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    engine: dict[str, Any] = {"engine": config.engine}
+    if config.engine == "vllm":  # which adapters the rollouts came from: one per optimizer step
+        sync = trainer.rollout_server.sync
+        engine.update(vllm_adapters_loaded=len(sync.pushed), vllm_adapter_last=sync.current)
 
     # Save
     model = tuning.publish(trainer.model, tokenizer, out_dir, config, stage, dict(inputs))
@@ -131,6 +145,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         measured = task_pass_rates(model, tokenizer, task, config.task_eval_samples, config.seed)
     trained = training_metrics(trainer)
     return {
+        **engine,
         **measured,
         **trained,
         **gaming_check(trained, config),
@@ -152,6 +167,16 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
 
 
 # --- check ---
+
+
+def check_engine(config: OnlineRLConfig, stage: str) -> None:
+    """`engine: vllm` sends the trained adapter to the server after each step: a LoRA, not full weights
+    (which TRL sends to its own `trl vllm-serve` over NCCL, on GPUs only)."""
+    if config.engine == "vllm" and config.method != "lora":
+        raise InputError(
+            f"{stage}: engine: vllm needs method: lora (the server takes the trained adapter at each step; "
+            "full weights cannot be loaded into it at run time)"
+        )
 
 
 def check_reward_source(config: OnlineRLConfig, inputs: dict[str, Path | str], stage: str) -> None:
@@ -305,6 +330,92 @@ def trainer_and_args(
     return GRPOTrainer, TRLGRPOConfig(
         **common, loss_type=config.loss_type, scale_rewards=config.scale_rewards
     )
+
+
+# --- rollouts from vLLM ---
+
+
+def vllm_rollouts(
+    config: OnlineRLConfig, model: Any, trainer: Any, scratch: Path, stack: contextlib.ExitStack
+) -> VLLMRollouts:
+    """A vLLM server serving the start weights (stopped when `stack` closes), or the external one; the
+    trainer's LoRA adapter is loaded into it before each step's rollouts."""
+    if trainer.accelerator.num_processes > 1 and not os.environ.get("VLLM_API_URL"):
+        raise InputError(
+            "engine: vllm under several processes needs one shared server: start one and set VLLM_API_URL"
+        )
+    start = model.config._name_or_path  # `tuning.load_start` loads the start weights from their folder
+    served = vllm_engine.Served(Path(start) if Path(start).is_dir() else start)
+    server = stack.enter_context(
+        vllm_engine.serve(
+            served,
+            config.vllm,
+            dtype=dtype_name(model),
+            max_model_len=min(
+                config.max_new_tokens + MAX_PROMPT_TOKENS,
+                getattr(model.config, "max_position_embeddings", None) or 1 << 30,
+            ),
+            lora_rank=config.lora_r,
+            seed=config.seed,
+        )
+    )
+    folder = scratch / "vllm-adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = trainer.processing_class
+    engine = vllm_engine.VLLMEngine(
+        server, server.base_name, tokenizer, list(trainer.eos_token_ids), dtype_name(model)
+    )
+    return VLLMRollouts(engine, vllm_engine.AdapterSync(server, folder), config)
+
+
+MAX_PROMPT_TOKENS = 1024
+"""The server's room for a prompt (TRL's trainers do not truncate prompts by default)."""
+
+
+@dataclass
+class VLLMRollouts:
+    """The server, the adapter sync and the sampling settings of `engine: vllm` rollouts."""
+
+    engine: vllm_engine.VLLMEngine
+    sync: vllm_engine.AdapterSync
+    config: OnlineRLConfig
+    calls: dict[int, int] = field(default_factory=dict)
+    """Generation calls per optimizer step so far (a step may generate more than once)."""
+
+    def completions(self, trainer: Any, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The completion token ids (eos included when finished) of one sampled completion per prompt row
+        (TRL repeats each prompt `num_generations` times), after the current adapter reached the server.
+        Row i of generation call c of step s on process p is seeded by (seed, s, c, p, i), so a resumed
+        run draws what the uninterrupted one did."""
+        step = trainer.state.global_step
+        call = self.calls.get(step, 0)
+        self.calls[step] = call + 1
+        self.engine.model = self.sync.push(trainer.accelerator.unwrap_model(trainer.model))
+        process = trainer.accelerator.process_index
+        seeds = [
+            derive_seed(self.config.seed, "rollout", step, call, process, i) for i in range(len(prompt_ids))
+        ]
+        sampling = Sampling(
+            self.config.temperature, self.config.top_p, max_new_tokens=self.config.max_new_tokens
+        )
+        return [c.token_ids for c in self.engine.generate(prompt_ids, sampling, seeds=seeds)]
+
+
+def with_vllm_rollouts(trainer_class: type) -> type:
+    """`trainer_class` (TRL's RLOO or GRPO trainer) generating through `trainer.rollout_server`: its
+    log-probabilities, the old policy's included, are computed by the trainer as without vLLM (TRL's
+    own vLLM path would take the server's for importance sampling)."""
+
+    class VLLMRolloutTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        rollout_server: VLLMRollouts
+
+        def _generate_single_turn(self, prompt_ids: list[list[int]], *args: Any, **kwargs: Any) -> Any:
+            completion_ids = self.rollout_server.completions(self, prompt_ids)
+            # GRPO's returns the sampling log-probabilities too: none, so none are used
+            return (completion_ids, None) if trainer_class.__name__ == "GRPOTrainer" else completion_ids
+
+    VLLMRolloutTrainer.__name__ = f"VLLM{trainer_class.__name__}"
+    return VLLMRolloutTrainer
 
 
 # --- measure ---
