@@ -153,7 +153,12 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     plt.close(figure)
 
     # Measure
-    metrics: dict[str, Any] = {"baseline": baseline, "prompts": len(records), "policies": list(policies)}
+    metrics: dict[str, Any] = {
+        "baseline": baseline,
+        "prompts": len(records),
+        "policies": list(policies),
+        "engine": config.engine,
+    }
     metrics["dtype"] = {label: result.dtype for label, result in results.items()}
     if judge is not None:
         metrics["dtype"]["reward"] = dtype_name(judge.model)
