@@ -250,11 +250,15 @@ class Server:
                 )
             return response.json()["choices"][0]
 
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompt_ids)))) as pool:
-            results = pool.map(one, range(len(prompt_ids)))
-            return list(
-                tqdm(results, total=len(prompt_ids), desc=progress, unit="seq", disable=progress is None)
-            )
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompt_ids))))
+        try:
+            futures = [pool.submit(one, row) for row in range(len(prompt_ids))]
+            bar = tqdm(futures, desc=progress, unit="seq", disable=progress is None)
+            return [future.result() for future in bar]
+        finally:
+            # on an error or an interrupt (SIGTERM, Ctrl-C) the queued requests are dropped, not sent: the
+            # stage stops now, and the requests in flight end when the server does
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of a started server's log, for error messages ('' for an external server)."""

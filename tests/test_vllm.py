@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,3 +277,51 @@ def test_ppo_with_vllm_stops_its_server_on_sigterm_and_resumes(tiny, workspace):
     history = json.loads((workspace / "artifacts" / "ppo" / "v1" / ppo.HISTORY_FILE).read_text())["history"]
     assert len(history) == updates
     assert not (vllm_servers() - before), "a vLLM server outlived the run"
+
+
+def test_a_long_sample_stage_stops_at_once_on_sigterm(tiny, workspace):
+    """SIGTERM while thousands of requests wait their turn: the queued ones are dropped, the run ends within
+    seconds, its server with it, and nothing is published."""
+    workflow = workspace / "wf.yaml"
+    workflow.write_text(
+        "name: sample-vllm\n"
+        "task: {name: arithmetic}\n"
+        "stages:\n"
+        "  sample:\n"
+        f"    inputs: {{policy: {tiny.sft}}}\n"
+        "    config: {engine: vllm, k: 16, num_prompts: null, max_new_tokens: 12}\n"
+    )
+    before = vllm_servers()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(workflow)],
+        cwd=workspace,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    seen = bytearray()
+
+    def drain() -> None:  # keeps the pipe from filling up, which would block the run
+        while chunk := os.read(process.stderr.fileno(), 65536):
+            seen.extend(chunk)
+
+    threading.Thread(target=drain, daemon=True).start()
+
+    def sampling() -> bool:  # the stage's progress bar over its requests has moved (tqdm ends no line)
+        assert process.poll() is None, seen.decode(errors="replace")[-3000:]
+        return b"seq/s]" in seen
+
+    wait_until(
+        sampling,
+        300,
+        lambda: "no sampling progress within 5 minutes:\n" + seen.decode(errors="replace")[-3000:],
+    )
+    started = vllm_servers() - before
+    assert started
+    clock = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    assert time.monotonic() - clock < 45, "the stage kept sending its queued requests after SIGTERM"
+    wait_until(lambda: not (vllm_servers() & started), 30, "the stage's vLLM server outlived SIGTERM")
+    assert not (workspace / "artifacts" / "sample").exists()
