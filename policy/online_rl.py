@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +122,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
             peft_config=tuning.lora_config(config),
         )
         if config.engine == "vllm":
-            trainer.rollout_server = vllm_rollouts(config, model, trainer, scratch, stack)
+            trainer.rollout_server = vllm_rollouts(config, model, trainer, scratch, stack, stage)
         trainable, total = count_parameters(trainer.model)
         checkpoint = last_checkpoint(scratch)
         if checkpoint is not None:
@@ -131,7 +130,7 @@ def run(config: OnlineRLConfig, inputs: dict[str, Path | str], out_dir: Path, st
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     engine: dict[str, Any] = {"engine": config.engine}
     if config.engine == "vllm":  # which adapters the rollouts came from: one per optimizer step
-        sync = trainer.rollout_server.sync
+        sync = trainer.rollout_server.server.sync
         engine.update(vllm_adapters_loaded=len(sync.pushed), vllm_adapter_last=sync.current)
 
     # Save
@@ -336,36 +335,29 @@ def trainer_and_args(
 
 
 def vllm_rollouts(
-    config: OnlineRLConfig, model: Any, trainer: Any, scratch: Path, stack: contextlib.ExitStack
+    config: OnlineRLConfig, model: Any, trainer: Any, scratch: Path, stack: contextlib.ExitStack, stage: str
 ) -> VLLMRollouts:
     """A vLLM server serving the start weights (stopped when `stack` closes), or the external one; the
     trainer's LoRA adapter is loaded into it before each step's rollouts."""
-    if trainer.accelerator.num_processes > 1 and not os.environ.get("VLLM_API_URL"):
-        raise InputError(
-            "engine: vllm under several processes needs one shared server: start one and set VLLM_API_URL"
-        )
     start = model.config._name_or_path  # `tuning.load_start` loads the start weights from their folder
-    served = vllm_engine.Served(Path(start) if Path(start).is_dir() else start)
-    server = stack.enter_context(
-        vllm_engine.serve(
-            served,
-            config.vllm,
-            dtype=dtype_name(model),
-            max_model_len=min(
-                config.max_new_tokens + MAX_PROMPT_TOKENS,
-                getattr(model.config, "max_position_embeddings", None) or 1 << 30,
-            ),
-            lora_rank=config.lora_r,
-            seed=config.seed,
-        )
+    server = vllm_engine.rollout_server(
+        stack,
+        vllm_engine.Served(Path(start) if Path(start).is_dir() else start),
+        config.vllm,
+        stage=stage,
+        processes=trainer.accelerator.num_processes,
+        dtype=dtype_name(model),
+        max_model_len=min(
+            config.max_new_tokens + MAX_PROMPT_TOKENS,
+            getattr(model.config, "max_position_embeddings", None) or 1 << 30,
+        ),
+        lora_rank=config.lora_r,
+        seed=config.seed,
+        tokenizer=trainer.processing_class,
+        stop_token_ids=list(trainer.eos_token_ids),
+        folder=scratch / "vllm-adapters",
     )
-    folder = scratch / "vllm-adapters"
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = trainer.processing_class
-    engine = vllm_engine.VLLMEngine(
-        server, server.base_name, tokenizer, list(trainer.eos_token_ids), dtype_name(model)
-    )
-    return VLLMRollouts(engine, vllm_engine.AdapterSync(server, folder), config)
+    return VLLMRollouts(server, config)
 
 
 MAX_PROMPT_TOKENS = 1024
@@ -374,10 +366,9 @@ MAX_PROMPT_TOKENS = 1024
 
 @dataclass
 class VLLMRollouts:
-    """The server, the adapter sync and the sampling settings of `engine: vllm` rollouts."""
+    """The server and the sampling settings of TRL's `engine: vllm` rollouts."""
 
-    engine: vllm_engine.VLLMEngine
-    sync: vllm_engine.AdapterSync
+    server: vllm_engine.RolloutServer
     config: OnlineRLConfig
     calls: dict[int, int] = field(default_factory=dict)
     """Generation calls per optimizer step so far (a step may generate more than once)."""
@@ -390,7 +381,6 @@ class VLLMRollouts:
         step = trainer.state.global_step
         call = self.calls.get(step, 0)
         self.calls[step] = call + 1
-        self.engine.model = self.sync.push(trainer.accelerator.unwrap_model(trainer.model))
         process = trainer.accelerator.process_index
         seeds = [
             derive_seed(self.config.seed, "rollout", step, call, process, i) for i in range(len(prompt_ids))
@@ -398,7 +388,8 @@ class VLLMRollouts:
         sampling = Sampling(
             self.config.temperature, self.config.top_p, max_new_tokens=self.config.max_new_tokens
         )
-        return [c.token_ids for c in self.engine.generate(prompt_ids, sampling, seeds=seeds)]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return [c.token_ids for c in self.server.generate(model, prompt_ids, sampling, seeds)]
 
 
 def with_vllm_rollouts(trainer_class: type) -> type:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import random
 import shutil
 import time
@@ -470,14 +469,6 @@ def reference_policy(policy: Any) -> Iterator[None]:
         policy.set_adapter(POLICY)  # makes the trained adapter trainable again, and the reference frozen
 
 
-@dataclass
-class VLLMRollouts:
-    """`engine: vllm`: the server the rollouts come from and the sync of the trained adapter to it."""
-
-    engine: vllm_engine.VLLMEngine
-    sync: vllm_engine.AdapterSync
-
-
 def vllm_rollouts(
     config: PPOConfig,
     base: Path | str,
@@ -488,29 +479,22 @@ def vllm_rollouts(
     dtype: torch.dtype,
     accelerator: Any,
     stack: contextlib.ExitStack,
-) -> VLLMRollouts:
+) -> vllm_engine.RolloutServer:
     """A vLLM server serving the policy's base (stopped when `stack` closes), or the external one."""
-    if accelerator.num_processes > 1 and not os.environ.get("VLLM_API_URL"):
-        raise InputError(
-            "ppo: engine: vllm under several processes needs one shared server: start one and set VLLM_API_URL"
-        )
-    served = vllm_engine.Served(vllm_engine.merged(base, scratch))
-    server = stack.enter_context(
-        vllm_engine.serve(
-            served,
-            config.vllm,
-            dtype=str(dtype).removeprefix("torch."),
-            max_model_len=engines.response_budget(prompt_ids, config.max_new_tokens),
-            lora_rank=policy.peft_config[POLICY].r,
-            seed=config.seed,
-        )
+    return vllm_engine.rollout_server(
+        stack,
+        vllm_engine.Served(vllm_engine.merged(base, scratch)),
+        config.vllm,
+        stage="ppo",
+        processes=accelerator.num_processes,
+        dtype=str(dtype).removeprefix("torch."),
+        max_model_len=engines.response_budget(prompt_ids, config.max_new_tokens),
+        lora_rank=policy.peft_config[POLICY].r,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        stop_token_ids=stop_ids(policy, tokenizer),
+        folder=scratch / "vllm-adapters",
     )
-    folder = scratch / "vllm-adapters"
-    folder.mkdir(parents=True, exist_ok=True)
-    engine = vllm_engine.VLLMEngine(
-        server, server.base_name, tokenizer, stop_ids(policy, tokenizer), str(dtype).removeprefix("torch.")
-    )
-    return VLLMRollouts(engine, vllm_engine.AdapterSync(server, folder))
 
 
 @dataclass
@@ -566,7 +550,7 @@ def collect_rollouts(
     config: PPOConfig,
     accelerator: Any,
     task: tasks.Task | None,
-    server: VLLMRollouts | None = None,
+    server: vllm_engine.RolloutServer | None = None,
 ) -> Rollouts:
     """One response per prompt, each row from its own random stream (seeded by the seed, the update, the
     process and the row), then scored (`score_rollouts`, which computes the log-probabilities the loss
@@ -577,8 +561,7 @@ def collect_rollouts(
     ]
     sampling = Sampling(config.temperature, max_new_tokens=config.max_new_tokens)
     if server is not None:
-        server.engine.model = server.sync.push(model.policy, POLICY)
-        completions = server.engine.generate(prompt_ids, sampling, seeds=seeds)
+        completions = server.generate(model.policy, prompt_ids, sampling, seeds, POLICY)
     else:
         with generation_weights(model.policy, config):
             completions = generate(

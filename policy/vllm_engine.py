@@ -607,3 +607,53 @@ class AdapterSync:
             self.current = name
             self.pushed.append(name)
         return name
+
+
+@dataclass
+class RolloutServer:
+    """The RL stages' rollouts (`engine: vllm`): a server, and their trained adapter kept current in it."""
+
+    engine: VLLMEngine
+    sync: AdapterSync
+
+    def generate(
+        self,
+        model: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int],
+        adapter: str | None = None,
+    ) -> list[Completion]:
+        """Load `model`'s adapter (`AdapterSync.push`), then sample through it."""
+        self.engine.model = self.sync.push(model, adapter)
+        return self.engine.generate(prompt_ids, sampling, seeds=seeds)
+
+
+def rollout_server(
+    stack: contextlib.ExitStack,
+    served: Served,
+    settings: VLLMSettings,
+    *,
+    stage: str,
+    processes: int,
+    dtype: str,
+    max_model_len: int,
+    lora_rank: int,
+    seed: int,
+    tokenizer: Any,
+    stop_token_ids: list[int],
+    folder: Path,
+) -> RolloutServer:
+    """A server for an RL stage's rollouts (`serve`, stopped when `stack` closes), its adapters saved under
+    `folder`. Several training processes need one shared server (`VLLM_API_URL`)."""
+    if processes > 1 and not os.environ.get("VLLM_API_URL"):
+        raise InputError(
+            f"{stage}: engine: vllm under several processes needs one shared server: start one and set "
+            "VLLM_API_URL"
+        )
+    server = stack.enter_context(
+        serve(served, settings, dtype=dtype, max_model_len=max_model_len, lora_rank=lora_rank, seed=seed)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = VLLMEngine(server, server.base_name, tokenizer, stop_token_ids, dtype)
+    return RolloutServer(engine, AdapterSync(server, folder))

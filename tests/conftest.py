@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -103,3 +103,17 @@ def module_argilla(tmp_path_factory, annotators: int):
         annotators=annotators, home=tmp_path_factory.mktemp("argilla") / "home"
     ) as info:
         yield info
+
+
+def publish_reward_model(workspace: Path, reward: Path) -> Any:
+    """Publish a copy of the reward-model directory `reward` as `rm:v1` in the workspace's store (gate passed),
+    for workflows that refer to it; the store."""
+    import shutil
+
+    from pipeline.store import Store
+
+    payload = workspace / "reward-payload"
+    shutil.copytree(reward, payload)
+    store = Store(workspace / "artifacts")
+    store.publish("rm", payload, {"kind": "reward-model", "status": "ok", "stage": {"name": "reward"}})
+    return store

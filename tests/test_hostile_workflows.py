@@ -282,6 +282,31 @@ HOSTILE = [
         "wf.yaml:2: defaults.lr",
         "finite number",
     ),
+    *(
+        Hostile(
+            f"engine settings: {what}",
+            f"stages:\n  sample:\n    inputs: {{policy: 'sft:v1'}}\n    config:\n      {setting}\n",
+            f"wf.yaml:5: {where}",
+            words,
+        )
+        for what, setting, where, words in (
+            ("an engine that does not exist", "engine: vlm", "stages.sample.config.engine", "'hf' or 'vllm'"),
+            ("an unknown vllm key", "vllm: {kv: 1}", "stages.sample.config.vllm.kv", "unknown key"),
+            (
+                "a number as text",
+                "vllm: {kv_cache_gb: '2'}",
+                "stages.sample.config.vllm.kv_cache_gb",
+                "number",
+            ),
+            ("vllm settings as a list", "vllm: [1]", "stages.sample.config.vllm", "dictionary"),
+            (
+                "server options as text",
+                "vllm: {extra_args: --x}",
+                "stages.sample.config.vllm.extra_args",
+                "list",
+            ),
+        )
+    ),
     Hostile(
         "infinity given with --set",
         "stages:\n  pretrain: {}\n",

@@ -26,7 +26,7 @@ from policy import ppo, ppo_math
 from policy.configs import PPOConfig
 from policy.demo_model import build_model, train_tokenizer
 from tasks import arithmetic
-from tests.conftest import REPO, rlhf, wait_until
+from tests.conftest import REPO, publish_reward_model, rlhf, wait_until
 
 FAST = {
     "updates": 2,
@@ -330,10 +330,7 @@ def test_a_full_model_policy_gets_a_fresh_adapter_and_a_full_value_model(tiny, t
 def test_killed_run_resumes_from_its_last_checkpoint(tiny, workspace):
     """`rlhf run` killed with SIGKILL mid-run: the rerun resumes from the last checkpoint and the
     published policy reports exactly the configured number of updates."""
-    store = Store(workspace / "artifacts")
-    payload = workspace / "reward-payload"
-    subprocess.run(["cp", "-r", str(tiny.reward), str(payload)], check=True)
-    store.publish("rm", payload, {"kind": "reward-model", "status": "ok", "stage": {"name": "reward"}})
+    publish_reward_model(workspace, tiny.reward)
     updates = 30
     workflow = workspace / "wf.yaml"
     workflow.write_text(
@@ -385,10 +382,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny, workspace):
 def test_two_processes_under_torchrun(tiny, workspace):
     """`rlhf run --only ppo` under torchrun with two CPU processes (gloo): they share one run and one
     cache decision, both train (DDP), and only the main process publishes one artifact."""
-    store = Store(workspace / "artifacts")
-    payload = workspace / "reward-payload"
-    subprocess.run(["cp", "-r", str(tiny.reward), str(payload)], check=True)
-    store.publish("rm", payload, {"kind": "reward-model", "status": "ok", "stage": {"name": "reward"}})
+    store = publish_reward_model(workspace, tiny.reward)
     workflow = workspace / "wf.yaml"
     config = json.dumps({**FAST, "checkpoint_every": 1})  # JSON is YAML
     workflow.write_text(

@@ -24,13 +24,12 @@ from peft import LoraConfig, get_peft_model
 
 from common.configs import VLLMSettings
 from common.models import load_causal_lm, save_model
-from pipeline.store import Store
 from policy import ppo, vllm_engine
 from policy.demo_model import build_model
 from policy.generation import Sampling, encode_prompts, generation_stop_ids, sample_candidates
 from tasks import arithmetic
 from tests import tiny_policies
-from tests.conftest import rlhf, wait_until
+from tests.conftest import publish_reward_model, rlhf, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -229,10 +228,7 @@ def test_ppo_with_vllm_stops_its_server_on_sigterm_and_resumes(tiny, workspace):
     """`rlhf run` of a PPO stage with `engine: vllm`, stopped by SIGTERM after a checkpoint: its server goes
     with it and nothing is published; the rerun starts a server again, resumes from the checkpoint, and
     its manifest names the adapter the last rollouts came from."""
-    store = Store(workspace / "artifacts")
-    payload = workspace / "reward-payload"
-    subprocess.run(["cp", "-r", str(tiny.reward), str(payload)], check=True)
-    store.publish("rm", payload, {"kind": "reward-model", "status": "ok", "stage": {"name": "reward"}})
+    publish_reward_model(workspace, tiny.reward)
     updates = 8
     workflow = workspace / "wf.yaml"
     workflow.write_text(
