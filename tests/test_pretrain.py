@@ -311,16 +311,11 @@ def test_a_missing_text_column_is_a_clear_error(trained, tmp_path):
 
 def test_logs_loss_and_lr_to_an_open_wandb_run(tmp_path):
     """A real offline W&B run, opened as the runner opens one, read back from its file."""
-    import wandb
+    from tests.wandb_offline import offline_run, records, run_files
 
-    from tests.wandb_offline import records, run_files
-
-    run = wandb.init(dir=tmp_path, project="pretrain-test", mode="offline")
-    try:
+    with offline_run(tmp_path, "pretrain-test"):
         (tmp_path / "out").mkdir()
         pretrain.run(PretrainConfig(**TINY), {}, tmp_path / "out")
-    finally:
-        run.finish()
     history = [r.history for f in run_files(tmp_path / "wandb") for r in records(f) if r.HasField("history")]
     assert [h.step.num for h in history] == [20, 40]
     for h in history:

@@ -233,16 +233,11 @@ def test_prompts_without_a_prompt_column_or_missing_are_input_errors(base_dir, t
 
 def test_a_samples_table_goes_to_the_open_wandb_run(base_dir, tmp_path, monkeypatch):
     """A real offline W&B run, opened as the runner opens one: the table is read back from its file."""
-    import wandb
-
-    from tests.wandb_offline import records, run_files
+    from tests.wandb_offline import offline_run, records, run_files
 
     monkeypatch.setattr(sample, "TABLE_PROMPTS", 2)
-    run = wandb.init(dir=tmp_path, project="sample-test", mode="offline")
-    try:
+    with offline_run(tmp_path, "sample-test"):
         samples, _, _ = run_stage(tmp_path, "s", {"policy": base_dir})
-    finally:
-        run.finish()
     [table_file] = (tmp_path / "wandb").rglob("samples_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["prompt_id", "prompt", "candidate_index", "candidate", "verdict"]

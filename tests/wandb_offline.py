@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -68,3 +70,19 @@ def summarize(path: Path) -> dict:
 
 def run_files(wandb_dir: Path) -> list[Path]:
     return sorted(Path(wandb_dir).rglob("offline-run-*/run-*.wandb"))
+
+
+@contextmanager
+def offline_run(directory: Path, project: str) -> Iterator[Any]:
+    """A real offline W&B run in this process, opened as the runner opens one, whose file is complete on
+    exit. `run.finish()` can return before W&B's service has written the run's last records (its history
+    among them: seen about once in a dozen runs on a busy machine), so on exit the run is finished and the
+    service is shut down too (`wandb.teardown()` waits for it), as it is when the runner's process exits."""
+    import wandb
+
+    run = wandb.init(dir=directory, project=project, mode="offline")
+    try:
+        yield run
+    finally:
+        run.finish()
+        wandb.teardown()
