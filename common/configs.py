@@ -104,6 +104,9 @@ class LoraSettings(StageConfig):
 
     lora_methods: ClassVar[tuple[str, ...]] = ("lora",)
     """The values of the stage's `method` that train a LoRA adapter."""
+    dropout_off: ClassVar[str] = ""
+    """Why the stage's trainer turns every dropout off, when it does: then `lora_dropout` above 0 is an
+    error, not a setting silently ignored."""
 
     lora_r: int = Field(16, ge=1)
     """Rank of the update matrices."""
@@ -126,6 +129,8 @@ class LoraSettings(StageConfig):
             raise ValueError(
                 f"method {method!r} does not use {', '.join(wrong)} (for {'/'.join(self.lora_methods)})"
             )
+        if self.lora_dropout and self.dropout_off:
+            raise ValueError(f"lora_dropout would have no effect: {self.dropout_off}; leave it at 0")
         return self
 
 

@@ -240,6 +240,11 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     on prompt/chosen/rejected pairs. The demo (about 1,400 pairs ranked by simulated annotators) runs it
     for 5 epochs at lr 1e-3 in about a minute on 2 CPU cores; see `workflows/demo.yaml` for its figures."""
 
+    dropout_off = (
+        "the dpo stage turns every dropout off (TRL's disable_dropout), so that the policy's and the "
+        "reference's log-probabilities are comparable"
+    )
+
     beta: float = Field(0.1, gt=0)
     """Strength of the implicit KL constraint to the reference (SFT) policy: higher stays closer. For `ipo`
     it is the regularization parameter tau."""

@@ -186,6 +186,7 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path, model:
         loss_weights=config.loss_weights,
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
+        disable_dropout=True,  # DPOConfig.dropout_off says why
     )
 
 

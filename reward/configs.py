@@ -34,6 +34,11 @@ class RewardConfig(
     `added_layers: 4`, 15 epochs at lr 1e-3, as in the demo workflow, it reaches about 0.9 (measured
     figures: README, "What the demo measures today")."""
 
+    dropout_off = (
+        "the reward stage turns every dropout off (TRL's disable_dropout), so that both scores of a pair "
+        "come from one network"
+    )
+
     seed: int = 0
     """Seed for the held-out split, the score head and adapter initialisation, and the data order."""
     method: Literal["lora", "full"] = "lora"

@@ -313,6 +313,7 @@ def training_args(config: RewardConfig, device: torch.device, scratch: Path, mod
         center_rewards_coefficient=config.center_rewards_coefficient,
         max_length=None,  # pairs over max_length were left out, and counted, before
         eval_strategy="no",  # the held-out evaluation runs once, at the end, on the saved model
+        disable_dropout=True,  # RewardConfig.dropout_off says why
     )
 
 

@@ -191,6 +191,8 @@ def test_config_checks_loss_weights_and_method_settings():
         DPOConfig(loss_type=["exo_pair"])
     with pytest.raises(ValidationError, match="does not use lora_r"):
         DPOConfig(method="full", lora_r=4)
+    with pytest.raises(ValidationError, match="lora_dropout would have no effect: the dpo stage turns every"):
+        DPOConfig(lora_dropout=0.05)
     with pytest.raises(ValidationError):
         DPOConfig(loss_type=["not_a_loss"])
     assert DPOConfig().loss_type == ["sigmoid", "sft"]

@@ -110,6 +110,13 @@ MALFORMED = [
         "unknown key",
     ),
     (
+        "a setting the stage's trainer would ignore",
+        "stages:\n  r:\n    kind: reward\n    config:\n      lora_dropout: 0.1\n",
+        "stages.r.config",
+        4,
+        "lora_dropout would have no effect",
+    ),
+    (
         "unknown task of a stage",
         "stages:\n  pretrain:\n    config:\n      task: {name: adding}\n",
         "stages.pretrain.config.task.name",
