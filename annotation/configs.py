@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -138,3 +138,31 @@ class HumanEvalConfig(DatasetSettings, UsesTask):
     simulate: SimulatedAnnotators | None = None
     """Let bot judges answer right after the push (demo and tests): the better response by the task's
     verdict (`Task.preference`), a tie when equal, another answer at random with probability `noise`."""
+
+
+def judged_policies(
+    config: HumanEvalConfig, labels: list[str], report_baseline: str
+) -> tuple[str, list[str]]:
+    """(baseline, policies) that `human_eval` judges among an evaluation's policy `labels`; `ValueError`
+    saying what is wrong when they are not there or leave nothing to judge. One rule for the stage, which
+    reads the report, and for the workflow check, which reads the evaluate stage before anything runs."""
+    baseline = config.baseline or report_baseline
+    policies = config.policies or [label for label in labels if label != baseline]
+    if unknown := [label for label in [baseline, *policies] if label not in labels]:
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))} not among the evaluated policies ({', '.join(labels)})"
+        )
+    if baseline in policies or not policies:
+        raise ValueError(f"give policies other than the baseline {baseline!r} to judge")
+    return baseline, policies
+
+
+def check_evaluate_stage(config: HumanEvalConfig, upstream: dict[str, Any]) -> None:
+    """The workflow check of a `human_eval` stage whose `evaluation` is an `evaluate` stage of the same
+    workflow (`upstream`: slot -> that stage): what it judges must be among that stage's policies."""
+    evaluate = upstream.get("evaluation")
+    if evaluate is None:
+        return
+    labels = [key.split(".", 1)[1] for key in evaluate.inputs if key.startswith("policies.")]
+    if labels:
+        judged_policies(config, labels, getattr(evaluate.config, "baseline", None) or labels[0])

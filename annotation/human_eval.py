@@ -40,7 +40,7 @@ import tasks
 from annotation import argilla_dataset as layout
 from annotation import push, server, simulate
 from annotation.argilla_dataset import Api
-from annotation.configs import HumanEvalConfig
+from annotation.configs import HumanEvalConfig, judged_policies
 from common import stats
 from common.outcomes import InputError, Waiting
 from common.training import Table, log_to_wandb, wandb_run
@@ -60,15 +60,10 @@ def run(config: HumanEvalConfig, inputs: dict[str, Path | str], out_dir: Path) -
     report, rows = load_report(report_dir)
 
     # Check
-    baseline = config.baseline or report["baseline"]
-    policies = config.policies or [label for label in report["policies"] if label != baseline]
-    if unknown := [label for label in [baseline, *policies] if label not in report["policies"]]:
-        raise InputError(
-            f"human_eval: {', '.join(map(repr, unknown))} not among the report's policies "
-            f"({', '.join(report['policies'])})"
-        )
-    if baseline in policies or not policies:
-        raise InputError(f"human_eval: give policies other than the baseline {baseline!r} to judge")
+    try:
+        baseline, policies = judged_policies(config, list(report["policies"]), report["baseline"])
+    except ValueError as err:
+        raise InputError(f"human_eval: {err}") from None
     rows = rows[: config.num_prompts] if config.num_prompts else rows
     pairs, identical = make_pairs(rows, policies, baseline, config, report_dir)
     task = tasks.load(config.task) if config.task is not None else None

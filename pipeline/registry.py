@@ -67,6 +67,9 @@ class StageKind:
     or a TRL trainer); the others refuse a multi-process launch."""
     doc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    check_upstream: Callable[[Any, dict[str, Any]], None] | None = None
+    """`(config, {slot: the workflow's stage that feeds it})`: raises `ValueError` when the config contradicts
+    a stage it reads from, so the workflow is refused before anything runs, not when the stage is reached."""
 
     def load(self) -> Callable[..., dict[str, Any]]:
         module, _, function = self.run.partition(":")
@@ -318,6 +321,7 @@ STAGES: dict[str, StageKind] = {
             always_run=True,
             doc="Blind pairwise human evaluation in Argilla: each policy's human win rate against the baseline; "
             "waits below the threshold.",
+            check_upstream=annotation_configs.check_evaluate_stage,
         ),
         StageKind(
             name="collect",

@@ -444,6 +444,7 @@ def parse(
                 )
     order = _topological_order(check, stages)
     _check_kinds(stages)
+    _check_upstream(stages)
     return Workflow(
         name=name,
         file=Path(file),
@@ -768,6 +769,20 @@ def _check_kinds(stages: dict[str, Stage]) -> None:
                     f"stage {ref.stage!r} produces {', '.join(sorted(produced))}, "
                     f"expected one of {', '.join(slot.kinds)}"
                 )
+
+
+def _check_upstream(stages: dict[str, Stage]) -> None:
+    """Each stage whose kind checks its config against the stages it reads from (`StageKind.check_upstream`)
+    is checked here; the error names the input that wires them."""
+    for stage in stages.values():
+        if stage.spec.check_upstream is None:
+            continue
+        wired = {slot: ref for slot, ref in stage.inputs.items() if ref.stage}
+        try:
+            stage.spec.check_upstream(stage.config, {slot: stages[ref.stage] for slot, ref in wired.items()})  # type: ignore[index]
+        except ValueError as err:
+            ref = next(iter(wired.values()))
+            raise ref.error(f"stage {stage.name!r} reads stage {ref.stage!r}: {err}") from None
 
 
 def load(

@@ -138,7 +138,7 @@ def test_a_spot_check_shows_each_policy_s_highest_reward_sample(argilla, report,
 
 
 def test_unknown_policies_are_a_clear_error(report, tmp_path):
-    with pytest.raises(InputError, match="'nope' not among the report's policies"):
+    with pytest.raises(InputError, match="'nope' not among the evaluated policies"):
         run(report, tmp_path / "out", policies=["nope"])
 
 

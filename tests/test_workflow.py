@@ -117,6 +117,23 @@ MALFORMED = [
         "lora_dropout would have no effect",
     ),
     (
+        "human_eval judging the evaluation's baseline",
+        "stages:\n  pretrain: {}\n  evaluate:\n    inputs:\n      policies: {a: pretrain, b: pretrain}\n"
+        "    config: {baseline: b}\n  human_eval:\n    inputs: {evaluation: evaluate}\n"
+        "    config: {policies: [a, b]}\n",
+        "stages.human_eval.inputs.evaluation",
+        8,
+        "stage 'human_eval' reads stage 'evaluate': give policies other than the baseline 'b' to judge",
+    ),
+    (
+        "human_eval judging a policy its evaluation lacks",
+        "stages:\n  pretrain: {}\n  evaluate:\n    inputs:\n      policies: [pretrain]\n"
+        "  human_eval:\n    inputs: {evaluation: evaluate}\n    config: {policies: [dpo]}\n",
+        "stages.human_eval.inputs.evaluation",
+        7,
+        "'dpo' not among the evaluated policies (pretrain)",
+    ),
+    (
         "unknown task of a stage",
         "stages:\n  pretrain:\n    config:\n      task: {name: adding}\n",
         "stages.pretrain.config.task.name",
