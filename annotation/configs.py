@@ -164,5 +164,5 @@ def check_evaluate_stage(config: HumanEvalConfig, upstream: dict[str, Any]) -> N
     if evaluate is None:
         return
     labels = [key.split(".", 1)[1] for key in evaluate.inputs if key.startswith("policies.")]
-    if labels:
-        judged_policies(config, labels, getattr(evaluate.config, "baseline", None) or labels[0])
+    if labels:  # an evaluate stage (only it takes policies), so its config is an EvaluateConfig
+        judged_policies(config, labels, evaluate.config.baseline_label(labels))

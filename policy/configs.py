@@ -512,3 +512,7 @@ class EvaluateConfig(EngineSettings, PrecisionSettings, UsesTask):
     audit_examples: int = Field(5, ge=0)
     """Per policy, the failing sampled responses with the highest rewards that the reward-hacking audit
     lists (`report.json` and W&B), for a person to read."""
+
+    def baseline_label(self, labels: list[str]) -> str:
+        """The baseline among the policies' `labels` (in the workflow's order): `baseline`, else the first."""
+        return self.baseline or labels[0]

@@ -122,7 +122,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Any], out_dir: Path) -> dict[s
     policies: dict[str, Path | str] = dict(inputs["policies"])
     if not policies:
         raise InputError("evaluate: no policies to compare (inputs.policies is empty)")
-    baseline = config.baseline or next(iter(policies))
+    baseline = config.baseline_label(list(policies))
     if baseline not in policies:
         raise InputError(
             f"evaluate: baseline {baseline!r} is not one of the policies' labels: {', '.join(policies)}"
