@@ -117,7 +117,7 @@ class HumanEvalConfig(DatasetSettings, UsesTask):
     and between the annotators and the reward model. Waits (publishes nothing) until enough pairs are
     judged, like `collect`."""
 
-    policies: list[str] | None = None
+    policies: list[str] | None = Field(None, min_length=1)
     """Labels of the report's policies to judge against the baseline; null: every policy but the baseline."""
     baseline: str | None = None
     """The label every policy is compared with; null: the report's baseline."""

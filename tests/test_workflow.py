@@ -126,6 +126,13 @@ MALFORMED = [
         "stage 'human_eval' reads stage 'evaluate': give policies other than the baseline 'b' to judge",
     ),
     (
+        "human_eval judging an empty list",
+        "stages:\n  human_eval:\n    inputs: {evaluation: 'evaluate:v1'}\n    config: {policies: []}\n",
+        "stages.human_eval.config.policies",
+        4,
+        "at least 1 item",
+    ),
+    (
         "human_eval judging a policy its evaluation lacks",
         "stages:\n  pretrain: {}\n  evaluate:\n    inputs:\n      policies: [pretrain]\n"
         "  human_eval:\n    inputs: {evaluation: evaluate}\n    config: {policies: [dpo]}\n",
