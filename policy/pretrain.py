@@ -31,7 +31,7 @@ from transformers import (
 
 import tasks
 from common.data import load_texts
-from common.models import pick_device, set_threads, uses_bf16
+from common.models import pick_device, set_threads, training_attention, uses_bf16
 from common.outcomes import InputError
 from common.sources import split_revision
 from common.training import log_to_wandb
@@ -191,32 +191,28 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     bf16 = uses_bf16(config.precision, device, model)
-    attention = model.config._attn_implementation
-    if bf16 and device.type == "cpu":
-        # torch's CPU flash attention is ~8x slower backward in bf16 than eager attention at these sizes
-        model.set_attn_implementation("eager")
-    model.train()
-    recent: list[torch.Tensor] = []
-    started = time.perf_counter()
-    stream = batches(documents, config)
-    progress = tqdm(range(config.steps), desc="pretrain", unit="step")
-    for step in progress:
-        block = next(stream).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=block, labels=block).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent = [*recent[-(LOG_EVERY - 1) :], loss.detach()]
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
-            mean_loss = torch.stack(recent).mean().item()
-            progress.set_postfix(loss=f"{mean_loss:.3f}")
-            log_to_wandb({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+    with training_attention(model, bf16, device, config.seq_len):
+        model.train()
+        recent: list[torch.Tensor] = []
+        started = time.perf_counter()
+        stream = batches(documents, config)
+        progress = tqdm(range(config.steps), desc="pretrain", unit="step")
+        for step in progress:
+            block = next(stream).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=block, labels=block).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            recent = [*recent[-(LOG_EVERY - 1) :], loss.detach()]
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
+                mean_loss = torch.stack(recent).mean().item()
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+                log_to_wandb({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
     progress.close()
     model.eval()
-    model.set_attn_implementation(attention)
     seconds = time.perf_counter() - started
     return {
         "train_loss": torch.stack(recent).mean().item(),

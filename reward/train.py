@@ -45,6 +45,7 @@ from common.models import (
     source_reference,
     tokenizer_fingerprint,
     tokenizer_summary,
+    training_attention,
     write_base_reference,
 )
 from common.outcomes import InputError
@@ -101,20 +102,23 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
     from trl import RewardTrainer
 
     scratch = out_dir / SCRATCH
-    trainer = RewardTrainer(
-        model=model,
-        args=training_args(config, device, scratch, source),
-        train_dataset=Dataset.from_list(
-            [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in train_rows]
-        ),
-        processing_class=tokenizer,
-        peft_config=peft_config(config, model),
-    )
-    trainable, total = count_parameters(trainer.model)
-    checkpoint = last_checkpoint(scratch)
-    if checkpoint is not None:
-        print(f"reward: resuming from {checkpoint.name}", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    args = training_args(config, device, scratch, source)
+    longest = max(len(r[side]) for r in train_rows for side in ("chosen_ids", "rejected_ids"))
+    with training_attention(model, args.bf16, device, longest):
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(
+                [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in train_rows]
+            ),
+            processing_class=tokenizer,
+            peft_config=peft_config(config, model),
+        )
+        trainable, total = count_parameters(trainer.model)
+        checkpoint = last_checkpoint(scratch)
+        if checkpoint is not None:
+            print(f"reward: resuming from {checkpoint.name}", flush=True)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # Save (an adapter before it is merged for measuring)
     if config.publish == "adapter":

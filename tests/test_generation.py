@@ -83,6 +83,40 @@ def test_auto_is_float32_on_a_cpu_without_native_bf16(monkeypatch, large):
     assert uses_bf16("bfloat16", CPU, large)  # asked for: emulated, slow, but as asked
 
 
+def test_explicit_bf16_on_a_cpu_without_it_says_so_once(monkeypatch, large, capsys):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True})
+    monkeypatch.setattr(models, "_NOTED", set())
+    assert uses_bf16("bfloat16", CPU, large) and uses_bf16("bfloat16", CPU, large)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and "without native bf16" in notes[0] and "float32" in notes[0]
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    monkeypatch.setattr(models, "_NOTED", set())
+    assert uses_bf16("bfloat16", CPU, large) and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bf16", "device", "longest", "inside"),
+    [
+        (True, "cpu", 64, "eager"),
+        (True, "cpu", models.EAGER_ATTENTION_MAX_LENGTH, "eager"),
+        (True, "cpu", models.EAGER_ATTENTION_MAX_LENGTH + 1, "sdpa"),  # long: sdpa is faster
+        (False, "cpu", 64, "sdpa"),  # float32: left alone
+        (True, "cuda", 64, "sdpa"),  # a GPU's flash attention is the fast one
+    ],
+)
+def test_training_attention_is_eager_only_where_it_is_faster_and_is_restored(
+    small, bf16, device, longest, inside
+):
+    model, _ = models.load_causal_lm(small, device=CPU)
+    model.set_attn_implementation("sdpa")
+    with models.training_attention(model, bf16, torch.device(device), longest):
+        assert model.config._attn_implementation == inside
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), models.training_attention(model, bf16, torch.device(device), longest):
+        raise RuntimeError("a failed step")
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_an_adapter_is_sized_by_the_weights_below_it(native, large, small, tmp_path):
     for base in (large, small):
         adapter = tmp_path / base.name
