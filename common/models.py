@@ -101,8 +101,8 @@ attention than with torch's CPU flash attention (`sdpa`), whose bf16 backward is
 faster with `sdpa`. Measured on 2 cores with AVX512-BF16, seconds a step in bf16 autocast, sdpa / eager:
 SmolLM2-135M 16 x 64 1.63 / 1.42, 8 x 128 2.00 / 1.53, 4 x 256 1.89 / 1.70, 4 x 384 3.52 / 4.23; the
 reward stage on SmolLM2 (360 arithmetic pairs, batches of 8) 75.9 s / 53.9 s of training, and on the demo's
-model 150 s / 93 s. In float32 neither is clearly faster
-(the demo's pretraining step: 0.152 / 0.139 s), and the pipeline leaves float32 training alone."""
+model 150 s / 93 s. In float32 neither is clearly faster (the demo's pretraining step: 0.152 / 0.139 s), and
+the pipeline leaves float32 training alone."""
 
 
 @contextmanager
