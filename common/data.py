@@ -76,6 +76,8 @@ class Preferences:
     """Pairs in the data."""
     dropped_identical: int
     """Pairs dropped because chosen and rejected are the same response (they teach nothing)."""
+    dropped_agreement: int = 0
+    """Pairs dropped because fewer of their annotators agreed than `min_agreement` asks."""
 
 
 # --- formats ---
@@ -179,12 +181,16 @@ def sft_examples(rows: list[Row], stage: str) -> tuple[list[dict[str, Any]], str
     return examples, f"{layout} ({kind})"
 
 
-def load_preferences(source: Path | str, stage: str, min_distinct_fraction: float = 0.0) -> Preferences:
+def load_preferences(
+    source: Path | str, stage: str, min_distinct_fraction: float = 0.0, min_agreement: float | None = None
+) -> Preferences:
     """The preference pairs. A pair whose chosen and rejected responses are identical is dropped and counted;
-    when no pair is left, or fewer than `min_distinct_fraction` of them, the data is refused."""
+    when no pair is left, or fewer than `min_distinct_fraction` of them, the data is refused. With
+    `min_agreement` (`common.configs.PreferenceSettings`), a pair whose `agreement` is below it is dropped
+    and counted too, and a pair without one is an error."""
     if isinstance(source, Path) and (source / PREFERENCES_FILE).is_file():
         source = source / PREFERENCES_FILE
-    kept, dropped, kind = [], 0, None
+    kept, dropped, disputed, kind = [], 0, 0, None
     for row in read_rows(source, stage, f"preference pairs: {PREFERENCES}"):
         values = row.values
         if missing := [c for c in ("prompt", "chosen", "rejected") if c not in values]:
@@ -215,28 +221,45 @@ def load_preferences(source: Path | str, stage: str, min_distinct_fraction: floa
             raise _error(
                 stage, row.where, f"`agreement` is {_kind(agreement)}; expected a number from 0 to 1"
             )
+        if min_agreement is not None and agreement is None:
+            raise _error(
+                stage,
+                row.where,
+                f"has no `agreement`, which min_agreement ({min_agreement}) filters on; expected the fraction "
+                "of annotators who ranked the pair this way (collect writes it), or min_agreement: null",
+            )
         given = values.get("prompt_id")
         if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
             raise _error(stage, row.where, f"`prompt_id` is {_kind(given)}; expected a string or an integer")
         if _same(values["chosen"], values["rejected"]):
             dropped += 1
             continue
+        if min_agreement is not None and agreement < min_agreement:
+            disputed += 1
+            continue
         kept.append({**values, "prompt_id": prompt_id(values["prompt"]) if given is None else given})
-    total = len(kept) + dropped
-    if not kept:
+    total = len(kept) + dropped + disputed
+    distinct = total - dropped
+    if not distinct:
         raise InputError(
             f"{stage}: {source}: all {total} pairs have the same chosen and rejected response, so no pair is "
             "left to learn from; expected pairs of two different responses"
         )
-    if len(kept) < min_distinct_fraction * total:
+    if distinct < min_distinct_fraction * total:
         raise InputError(
             f"{stage}: {source}: {dropped} of the {total} pairs have the same chosen and rejected response, "
-            f"leaving {len(kept)} ({len(kept) / total:.0%}), fewer than min_distinct_fraction "
+            f"leaving {distinct} ({distinct / total:.0%}), fewer than min_distinct_fraction "
             f"({min_distinct_fraction}); identical responses ranked apart (e.g. duplicate candidates) suggest "
             "broken data"
         )
+    if not kept:
+        raise InputError(
+            f"{stage}: {source}: none of the {distinct} pairs has an agreement of at least min_agreement "
+            f"({min_agreement}), so no pair is left to learn from; expected a lower min_agreement, or more "
+            "annotators per record"
+        )
     assert kind is not None
-    return Preferences(kept, kind, total, dropped)
+    return Preferences(kept, kind, total, dropped, disputed)
 
 
 def load_texts(source: Path | str, column: str, stage: str) -> list[str]:

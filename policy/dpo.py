@@ -50,7 +50,9 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
     task = tasks.load(config.task) if config.task is not None else None
     if config.task_eval and task is None:
         raise InputError("dpo: task_eval needs a task (the workflow's top-level `task:` or this stage's)")
-    preferences = load_preferences(inputs["preferences"], "dpo", config.min_distinct_fraction)
+    preferences = load_preferences(
+        inputs["preferences"], "dpo", config.min_distinct_fraction, config.min_agreement
+    )
     rows, data_format = preferences.rows, preferences.format
     if config.pairs == "best_vs_rest":
         rows = best_vs_rest(rows)
@@ -87,6 +89,7 @@ def run(config: DPOConfig, inputs: dict[str, Path | str], out_dir: Path) -> dict
         "pairs": len(rows),
         "pairs_given": preferences.given,
         "pairs_dropped_identical": preferences.dropped_identical,
+        "pairs_dropped_agreement": preferences.dropped_agreement,
         "prompts": len({json.dumps(row["prompt"], sort_keys=True) for row in rows}),
         "data_format": data_format,
         "method": config.method,

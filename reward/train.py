@@ -79,7 +79,9 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
 
     # Check: everything that can be told without loading the model
     device = pick_device(config.device)
-    preferences = load_preferences(inputs["preferences"], "reward", config.min_distinct_fraction)
+    preferences = load_preferences(
+        inputs["preferences"], "reward", config.min_distinct_fraction, config.min_agreement
+    )
     rows, data_format = preferences.rows, preferences.format
     source = inputs["model"]
     tokenizer = load_tokenizer(source, config.pad_token)
@@ -149,6 +151,7 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
         "train_prompts": len({r["prompt_id"] for r in train_rows}),
         "pairs_too_long": train_too_long + held_out_too_long,
         "pairs_dropped_identical": preferences.dropped_identical,
+        "pairs_dropped_agreement": preferences.dropped_agreement,
         "data_format": data_format,
         "text_format": "chat" if tokenizer.chat_template else "plain",
         "tokenizer": tokenizer_summary(tokenizer),

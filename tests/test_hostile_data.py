@@ -476,6 +476,31 @@ def test_identical_pairs_are_dropped_and_counted_and_the_floor_is_configurable(t
         data.load_preferences(file, "dpo", min_distinct_fraction=0.9)
 
 
+def test_min_agreement_drops_and_counts_disputed_pairs_and_needs_an_agreement(tmp_path):
+    file = tmp_path / "preferences.jsonl"
+    file.write_bytes(
+        jsonl(
+            PAIR | {"agreement": 1.0},
+            PAIR | {"agreement": 2 / 3, "prompt_id": "disputed"},
+            PAIR | {"agreement": 1.0, "rejected": ANSWER},  # identical: counted as such, not as disputed
+            PAIR | {"agreement": 1, "prompt_id": "whole"},
+        )
+    )
+    everything = data.load_preferences(file, "reward")
+    assert (len(everything.rows), everything.dropped_identical, everything.dropped_agreement) == (3, 1, 0)
+    agreed = data.load_preferences(file, "reward", min_agreement=1.0)
+    assert (agreed.given, agreed.dropped_identical, agreed.dropped_agreement) == (4, 1, 1)
+    assert [row.get("prompt_id") for row in agreed.rows] == [data.prompt_id(CHAT), "whole"]
+    assert len(data.load_preferences(file, "reward", min_agreement=0.6).rows) == 3
+    with pytest.raises(InputError, match=r"^reward: .*none of the 3 pairs has an agreement of at least"):
+        data.load_preferences(file, "reward", min_agreement=1.0 + 1e-9)
+    missing = tmp_path / "no_agreement.jsonl"
+    missing.write_bytes(jsonl(PAIR | {"agreement": 1.0}, PAIR))
+    assert len(data.load_preferences(missing, "dpo").rows) == 2  # not asked for: not needed
+    with pytest.raises(InputError, match=r"^dpo: .*no_agreement\.jsonl line 2: has no `agreement`"):
+        data.load_preferences(missing, "dpo", min_agreement=0.5)
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_the_writer_and_the_readers_round_trip(suffix, tmp_path):
     rows = [{"prompt": CHAT, "completion": ANSWER}, {"prompt": CHAT, "completion": ANSWER}]
