@@ -88,7 +88,8 @@ ROWS: dict[str, Row] = {
         lambda r: (
             "held-out accuracy "
             + ", ".join(f"{a:.3f}" for a in r["accuracies"])
-            + f" (seeds {', '.join(map(str, r['seeds']))}; {r['held_out_pairs'][0]} held-out pairs)"
+            + f" (seeds {', '.join(map(str, r['seeds']))}; "
+            + f"{', '.join(map(str, r['held_out_pairs']))} held-out pairs)"
         ),
         ">= 0.93 each",
     ),
