@@ -278,16 +278,17 @@ def load_texts(source: Path | str, column: str, stage: str) -> list[str]:
     return texts
 
 
-def check(kind: str, source: Path, stage: str) -> None:
+def check(kind: str, source: Path, stage: str, min_agreement: float | None = None) -> None:
     """Read `source` as the stages that take `kind` data will (`sft`, `prompts`, `preferences`, or `texts`,
     whose column comes from the stage's config, so only the files are read), raising its first problem.
-    What depends on a stage's config (`min_distinct_fraction`) is left to the stage."""
+    Preferences are read with the stage's `min_agreement` (a pair without an `agreement` is an error);
+    what else depends on a stage's config (`min_distinct_fraction`) is left to the stage."""
     if kind == "sft":
         load_sft(source, stage)
     elif kind == "prompts":
         load_prompts(source, stage)
     elif kind == "preferences":
-        load_preferences(source, stage)
+        load_preferences(source, stage, min_agreement=min_agreement)
     elif kind == "texts":
         read_rows(source, stage, "documents")
     else:

@@ -445,7 +445,12 @@ def check_data(stage: Stage) -> None:
     for slot_name, ref in stage.inputs.items():
         kind = stage.spec.inputs[slot_name.split(".", 1)[0]].data
         if kind is not None and ref.path is not None:
-            data.check(kind, ref.path, f"stages.{stage.name}.inputs.{slot_name}")
+            data.check(
+                kind,
+                ref.path,
+                f"stages.{stage.name}.inputs.{slot_name}",
+                getattr(stage.config, "min_agreement", None),
+            )
 
 
 def stage_config(stage: Stage, allow_rejected: bool) -> Any:

@@ -373,6 +373,22 @@ def test_a_hostile_data_file_is_refused_before_any_stage_runs(case, workspace, m
     assert "running" not in result.stdout
 
 
+def test_pairs_without_an_agreement_are_refused_before_any_stage_runs_when_min_agreement_is_set(
+    workspace, models, store
+):
+    file = workspace / "preferences.jsonl"
+    file.write_bytes(jsonl(PAIR | {"agreement": 1.0}, PAIR))
+    entry = stage_entry("reward", str(file), models)
+    entry["config"]["min_agreement"] = 1.0
+    (workspace / "wf.yaml").write_text(yaml.safe_dump({"name": "hostile", "stages": {"reward": entry}}))
+    result = rlhf("run", "wf.yaml", cwd=workspace, env=RUN_ENV, timeout=300)
+    message = assert_refused(
+        result, file, r" line 2: has no `agreement`, which min_agreement \(1\.0\)", store, ["rm"]
+    )
+    assert message.startswith("error: stages.reward.inputs.preferences: ")
+    assert "running" not in result.stdout
+
+
 def test_a_folder_without_data_files_is_refused(workspace, models, store):
     folder = workspace / "prompts"
     folder.mkdir()

@@ -333,6 +333,17 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path, tiny_model):
     assert metrics["train_pairs"] + metrics["held_out_pairs"] == len(rows)
 
 
+def test_min_agreement_trains_and_measures_on_the_pairs_annotators_agree_on(tmp_path, tiny_model):
+    rows = easy_pairs(prompts=16)
+    metrics, out_dir = train_stage(tmp_path, tiny_model, rows, epochs=1, min_agreement=1.0)
+    agreed = [row for row in rows if row["agreement"] == 1.0]
+    assert 0 < len(agreed) < len(rows)
+    assert metrics["pairs_dropped_agreement"] == len(rows) - len(agreed)
+    assert metrics["train_pairs"] + metrics["held_out_pairs"] == len(agreed)
+    held_out = [json.loads(line) for line in (out_dir / train.HELD_OUT_FILE).read_text().splitlines()]
+    assert held_out and all(row["agreement"] == 1.0 for row in held_out)
+
+
 def test_conversational_data_needs_a_chat_template(tmp_path, tiny_model):
     plain_model = tmp_path / "plain-model"
     shutil.copytree(tiny_model, plain_model)
