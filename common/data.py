@@ -234,7 +234,7 @@ def load_preferences(
         if _same(values["chosen"], values["rejected"]):
             dropped += 1
             continue
-        if min_agreement is not None and agreement < min_agreement:
+        if min_agreement is not None and agreement is not None and agreement < min_agreement:
             disputed += 1
             continue
         kept.append({**values, "prompt_id": prompt_id(values["prompt"]) if given is None else given})
