@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -153,12 +154,23 @@ def run(name: str) -> dict[str, Any]:
         "benchmark": name,
         "date": datetime.date.today().isoformat(),
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         "command": f"python bench/{name}.py",
         "result": json.loads(lines[-1]),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(stored, indent=1) + "\n")
     return stored
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`; else `platform.processor()`): the demo's figures depend on it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def stored() -> dict[str, dict[str, Any]]:
@@ -175,6 +187,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         entry = results.get(name)
         figure = row.result(entry["result"]) if entry else "not measured"
         when = f"{entry['date']}, {entry['cpus']} CPUs" if entry else "-"
+        if entry and entry.get("cpu"):
+            when += f" ({entry['cpu']})"
         lines.append(f"| `bench/{name}.py` | {row.measures} | {figure} | {row.target} | {when} |")
     return "\n".join(lines)
 

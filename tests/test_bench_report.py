@@ -33,7 +33,13 @@ def test_every_benchmark_has_a_row_and_a_stored_result_that_renders():
 def test_table_rewrites_only_the_marked_section(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
-    stored = {"benchmark": "lora_memory", "date": "2026-12-02", "cpus": 2, "command": "c"}
+    stored = {
+        "benchmark": "lora_memory",
+        "date": "2026-12-02",
+        "cpus": 2,
+        "cpu": "Test CPU 9",
+        "command": "c",
+    }
     figures = {
         "ratio": 3.25,
         "full_mb": 3000.0,
@@ -51,4 +57,5 @@ def test_table_rewrites_only_the_marked_section(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n")
     assert "old typed table" not in text
     assert "| `bench/lora_memory.py` |" in text and "full/LoRA 3.25 (3,000 MB against 923 MB" in text
+    assert "| 2026-12-02, 2 CPUs (Test CPU 9) |" in text  # the figures depend on the CPU model: it is named
     assert "| `bench/sampling.py` |" in text and "not measured" in text
