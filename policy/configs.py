@@ -237,6 +237,10 @@ class PolicyTuningConfig(
     """Peak learning rate (linear warm-up, then cosine decay to 0). LoRA wants a larger rate than `full`."""
 
 
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+"""The DPO loss terms of TRL that read `label_smoothing` (trl/trainer/dpo_trainer.py, `dpo_loss`)."""
+
+
 class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     """Direct preference optimization on TRL's `DPOTrainer`, from the SFT policy (also the frozen reference)
     on prompt/chosen/rejected pairs. The demo (about 1,400 pairs ranked by simulated annotators) runs it
@@ -262,7 +266,9 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     """Weight of each `loss_type` term, in the same order; null weighs every term 1."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """`robust`: the assumed probability that a preference label is flipped; `exo_pair`: its epsilon (must
-    be above 0 there, e.g. 1e-3)."""
+    be above 0 there, e.g. 1e-3); `aot`, `aot_unpaired`: the weight of the flipped term. The other losses,
+    `sigmoid` among them (TRL dropped conservative DPO), do not read it: above 0 without one of these it is
+    an error, not a setting silently ignored."""
     pairs: Literal["all", "best_vs_rest"] = "best_vs_rest"
     """Which pairs to train on: every pair, or per prompt only the pairs whose chosen response is the best
     one (chosen in some pair, rejected in none; UltraFeedback's binarization). With `sft` among the losses,
@@ -283,6 +289,11 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
             )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0:
             raise ValueError("loss_type exo_pair needs label_smoothing above 0 (its epsilon, e.g. 0.001)")
+        if self.label_smoothing and not set(self.loss_type) & set(SMOOTHED_LOSSES):
+            raise ValueError(
+                f"label_smoothing {self.label_smoothing} has no effect on loss_type {self.loss_type}: only "
+                f"{', '.join(SMOOTHED_LOSSES)} read it (for noisy labels with sigmoid, loss_type [robust, sft])"
+            )
         return self
 
 

@@ -189,6 +189,12 @@ def test_config_checks_loss_weights_and_method_settings():
         DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ValidationError, match="exo_pair needs label_smoothing"):
         DPOConfig(loss_type=["exo_pair"])
+    # TRL's sigmoid loss ignores label_smoothing (no conservative DPO any more): refused, not ignored
+    with pytest.raises(
+        ValidationError, match=r"label_smoothing 0.1 has no effect on loss_type \['sigmoid', 'sft'\]"
+    ):
+        DPOConfig(loss_type=["sigmoid", "sft"], label_smoothing=0.1)
+    assert DPOConfig(loss_type=["robust", "sft"], label_smoothing=0.1).label_smoothing == 0.1
     with pytest.raises(ValidationError, match="does not use lora_r"):
         DPOConfig(method="full", lora_r=4)
     with pytest.raises(ValidationError, match="lora_dropout would have no effect: the dpo stage turns every"):
