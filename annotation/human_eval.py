@@ -189,9 +189,10 @@ def load_report(report_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 def report_digest(report_dir: Path) -> str:
-    manifest = report_dir / "manifest.json"
-    if manifest.is_file():
-        return str(json.loads(manifest.read_text()).get("digest", ""))
+    """The digest of the evaluation's responses (`responses.jsonl`): it names the dataset and salts the pair
+    ids, so the same responses make the same pairs and draw the same simulated judgments in any store or
+    clone (the artifact's own digest also covers its manifest: input paths, durations), and other responses
+    make a dataset of their own."""
     return hashlib.sha256((report_dir / "responses.jsonl").read_bytes()).hexdigest()
 
 

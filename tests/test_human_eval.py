@@ -95,6 +95,33 @@ def test_judged_pairs_are_unblinded_into_the_win_rate_the_judges_gave(argilla, r
     assert "good" in (tmp_path / "out" / human_eval.MARKDOWN_FILE).read_text()
 
 
+def test_the_same_responses_draw_the_same_judgments_wherever_the_report_lies(argilla, report, tmp_path):
+    """Pair ids and the bots' draws follow the evaluation's responses, not its artifact digest (which covers
+    paths and durations): a fresh clone reproduces the demo's human win rates."""
+    import shutil
+
+    copies = []
+    for index in range(2):
+        copy = tmp_path / f"clone{index}" / "evaluate"
+        shutil.copytree(report, copy)
+        (copy / "manifest.json").write_text(json.dumps({"digest": f"{index}" * 64, "path": str(copy)}))
+        copies.append(copy)
+    assert human_eval.report_digest(copies[0]) == human_eval.report_digest(copies[1])
+    bots = SimulatedAnnotators(annotators=2, noise=0.5, seed=4)
+    judged = []
+    for index, copy in enumerate(copies):
+        out = tmp_path / f"out{index}"
+        run(copy, out, dataset=f"he-clone-{index}", annotators_per_record=2, simulate=bots)
+        judged.append(
+            [json.loads(line) for line in (out / human_eval.JUDGMENTS_FILE).read_text().splitlines()]
+        )
+    assert [p["record_id"] for p in judged[0]] == [p["record_id"] for p in judged[1]]
+    assert [[j["value"] for j in p["judgments"]] for p in judged[0]] == [
+        [j["value"] for j in p["judgments"]] for p in judged[1]
+    ]
+    assert any(len({j["value"] for j in p["judgments"]}) > 1 for p in judged[0])  # the noise did draw
+
+
 def test_annotators_see_no_policy_name(argilla, report, tmp_path):
     bots = SimulatedAnnotators(annotators=1, noise=0.0)
     run(report, tmp_path / "out", dataset="he-blind", simulate=bots)
