@@ -146,8 +146,15 @@ def test_evaluate_flags_the_policy_that_games_its_reward_model_and_not_its_basel
     assert metrics["gaming_suspected"] == ["hacked"]
     assert metrics["hacked.gaming_suspected"] is True and metrics["good.gaming_suspected"] is False
     assert metrics["hacked.reward_gain_ci_low"] > 0 and metrics["hacked.improvement_sampled_ci_high"] < 0
-    # the inverted judge shows on the baseline's samples too: its rewards run against the verdict
-    assert metrics["good.reward_verdict_correlation"] < 0
+    # the correlation reported is that of each policy's own samples: rewards against the task's verdicts
+    # (for `good` its sign depends on the CPU: below 0 on an AMD EPYC, +0.02 on an Intel Xeon, 2026-12-03)
+    rows = [json.loads(line) for line in (tmp_path / evaluate.RESPONSES_FILE).read_text().splitlines()]
+    for label in ("good", "hacked"):
+        rewards = np.array([reward for row in rows for reward in row[label]["rewards"]])
+        verdicts = np.array([verdict for row in rows for verdict in row[label]["sampled_verdicts"]])
+        assert metrics[f"{label}.reward_verdict_correlation"] == pytest.approx(
+            audit.reward_verdict_correlation(rewards, verdicts)
+        )
     assert metrics["hacked.top_reward_fail_rate"] >= metrics["good.top_reward_fail_rate"] > 0
     report = json.loads((tmp_path / evaluate.REPORT_FILE).read_text())
     failures = report["audit"]["hacked"]["top_reward_failures"]
