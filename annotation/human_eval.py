@@ -42,6 +42,7 @@ from annotation import push, server, simulate
 from annotation.argilla_dataset import Api
 from annotation.configs import HumanEvalConfig, judged_policies
 from common import stats
+from common.digests import sha256_file
 from common.outcomes import InputError, Waiting
 from common.training import Table, log_to_wandb, wandb_run
 
@@ -65,14 +66,15 @@ def run(config: HumanEvalConfig, inputs: dict[str, Path | str], out_dir: Path) -
     except ValueError as err:
         raise InputError(f"human_eval: {err}") from None
     rows = rows[: config.num_prompts] if config.num_prompts else rows
-    pairs, identical = make_pairs(rows, policies, baseline, config, report_dir)
+    digest = report_digest(report_dir)
+    pairs, identical = make_pairs(rows, policies, baseline, config, digest)
     task = tasks.load(config.task) if config.task is not None else None
     if config.simulate is not None:
         simulate.check_judgeable(task, pairs)
 
     # Push
     connection = server.connect(start=True)
-    name = config.dataset or f"human-eval-{report_digest(report_dir)[:8]}"
+    name = config.dataset or f"human-eval-{digest[:8]}"
     with Api(connection) as api:
         workspace_id = api.workspace_id(config.workspace, create=True)
         dataset, comment = ensure_dataset(api, workspace_id, name, config)
@@ -193,7 +195,7 @@ def report_digest(report_dir: Path) -> str:
     ids, so the same responses make the same pairs and draw the same simulated judgments in any store or
     clone (the artifact's own digest also covers its manifest: input paths, durations), and other responses
     make a dataset of their own."""
-    return hashlib.sha256((report_dir / "responses.jsonl").read_bytes()).hexdigest()
+    return sha256_file(report_dir / "responses.jsonl")
 
 
 # --- check ---
@@ -202,12 +204,11 @@ RESERVED = ("id", "prompt")
 
 
 def make_pairs(
-    rows: list[dict[str, Any]], policies: list[str], baseline: str, config: HumanEvalConfig, report_dir: Path
+    rows: list[dict[str, Any]], policies: list[str], baseline: str, config: HumanEvalConfig, salt: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The pairs to ask about (`record_id`, `prompt_id`, `prompt`, `responses` in display order, who wrote
     each (`shown`), their rewards, the prompt's fields for the task) and the pairs of identical responses,
-    already un-blinded as ties."""
-    salt = report_digest(report_dir)
+    already un-blinded as ties. `salt` (`report_digest`) makes the pair ids those of this evaluation."""
     asked, identical = [], []
     for row in rows:
         fields = {k: v for k, v in row.items() if k not in RESERVED and not isinstance(v, dict)}

@@ -97,8 +97,9 @@ class PreferenceSettings(StageConfig):
     """Train only on the pairs whose `agreement` (the fraction of the record's annotators who ranked the pair
     this way, which `collect` writes) is at least this; the others are dropped and counted
     (`pairs_dropped_agreement`), held-out pairs too. Null keeps every pair; a pair without an `agreement`
-    is an error when it is set. Two of three annotators is 0.666..., so write 0.66 for it, not 0.67. With three annotators who each misorder a pair one time in ten, a pair two
-    of them agree on is wrong one time in ten, one all three agree on (1.0) one time in 730: a reward model
+    is an error when it is set. Two of three annotators is 0.666..., so write 0.66 for it, not 0.67. With
+    three annotators who each misorder a pair one time in ten, a pair two of them agree on is wrong one time
+    in ten, one all three agree on (1.0) one time in 730: a reward model
     learns and is measured on cleaner labels, while DPO, which gains from every pair, reads the same
     `collect` snapshot with its own setting (the demo: README, "What the demo measures today")."""
 

@@ -4,6 +4,7 @@ judged by simulated judges through the annotators' HTTP API, un-blinded into win
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,6 @@ def test_judged_pairs_are_unblinded_into_the_win_rate_the_judges_gave(argilla, r
 def test_the_same_responses_draw_the_same_judgments_wherever_the_report_lies(argilla, report, tmp_path):
     """Pair ids and the bots' draws follow the evaluation's responses, not its artifact digest (which covers
     paths and durations): a fresh clone reproduces the demo's human win rates."""
-    import shutil
-
     copies = []
     for index in range(2):
         copy = tmp_path / f"clone{index}" / "evaluate"
