@@ -276,6 +276,48 @@ def test_collect_returns_what_the_bots_submitted(argilla, tmp_path):
     assert 0 < summary["kendall_w_mean"] <= 1 and summary["correct_chosen_fraction"] > 0.5
 
 
+def test_bots_that_each_rank_every_record_work_side_by_side_and_send_what_they_would_in_turn(
+    argilla, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(simulate, "PAGE", 4)  # 12 records: three pages per bot
+    samples = make_samples(tmp_path / "samples", n=12, digest="b1" * 32)
+    bots = SimulatedAnnotators(annotators=3, noise=0.3, discard=0.2, seed=5)
+    batch_dir = tmp_path / "batch"
+    metrics = run_push(samples, batch_dir, annotators_per_record=3, simulate=bots)
+    batch, records = layout.load_batch(batch_dir)
+    assert simulate.independent(batch, bots, 3)
+    assert metrics["simulated_responses"] == 3 * 12
+
+    sent = {
+        (f"bot-{n}", r["record_id"]): simulate.bot_answer(f"bot-{n}", r, batch["slots"], bots, True, TASK)
+        for n in (1, 2, 3)
+        for r in records
+    }
+    with layout.Api(argilla.connection()) as api:
+        users = {user["id"]: user["username"] for user in api.users()}
+    received = {
+        (users[response["user_id"]], record["external_id"]): response
+        for record in owner_records(argilla, batch["dataset"]["id"])
+        for response in record["responses"]
+    }
+    assert received.keys() == sent.keys()  # each bot answered each record once
+    for key, body in sent.items():
+        assert received[key]["status"] == body["status"]
+        if body["status"] == "submitted":
+            ranking = received[key]["values"][layout.RANKING]["value"]
+            assert ranking == body["values"][layout.RANKING]["value"]
+    assert metrics["simulated_discards"] == sum(b["status"] == "discarded" for b in sent.values()) > 0
+
+
+def test_bots_take_turns_when_which_bot_answers_which_record_depends_on_their_order():
+    batch = {"annotators_per_record": 2}
+    assert not simulate.independent(batch, SimulatedAnnotators(annotators=3), 3)  # 2 of 3 complete a record
+    assert simulate.independent(batch, SimulatedAnnotators(annotators=2), 2)
+    assert not simulate.independent(batch, SimulatedAnnotators(annotators=2, max_records=5), 2)
+    assert not simulate.independent({}, SimulatedAnnotators(annotators=2), 2)  # a batch that does not say
+    assert not simulate.independent({"annotators_per_record": 1}, SimulatedAnnotators(annotators=1), 1)
+
+
 def test_an_annotator_whose_rankings_follow_the_display_order_is_left_out(argilla, tmp_path):
     """Argilla's UI once saved rankings as 1, 2, 3 ... in display order whatever the annotator chose
     (argilla#5712). Today's UI does not, so the fault is produced by hand: one account submits such
