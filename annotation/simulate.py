@@ -245,8 +245,9 @@ def independent(batch: dict[str, Any], config: SimulatedAnnotators, bots: int) -
     """Whether the bots may rank side by side: each answers its whole queue (no `max_records`) and no record
     is complete before every bot has answered it (the batch wants at least as many rankings per record as
     there are bots), so which bot answers which record does not depend on their order. Side by side, the
-    server does one bot's database work while it waits on another's (the demo's 2,631 rankings: ~33 s in
-    turn on 2 cores); otherwise they take turns, a page each, and the result is the same on every run."""
+    server works on one bot's page while it waits on another's database calls (the demo's 2,631 rankings
+    on 2 cores: 27 s instead of 33 s in turn); otherwise they take turns, a page each, and the result is
+    the same on every run."""
     return config.max_records is None and bots > 1 and int(batch.get("annotators_per_record") or 0) >= bots
 
 
