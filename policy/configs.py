@@ -244,7 +244,7 @@ SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     """Direct preference optimization on TRL's `DPOTrainer`, from the SFT policy (also the frozen reference)
     on prompt/chosen/rejected pairs. The demo (about 1,400 pairs ranked by simulated annotators) runs it
-    for 5 epochs at lr 1e-3 in about a minute on 2 CPU cores; see `workflows/demo.yaml` for its figures."""
+    for 5 epochs at lr 5e-4 in about 40 s on 2 CPU cores; see `workflows/demo.yaml` for its figures."""
 
     dropout_off = (
         "the dpo stage turns every dropout off (TRL's disable_dropout), so that the policy's and the "
@@ -277,7 +277,13 @@ class DPOConfig(PolicyTuningConfig, PreferenceSettings):
     epochs: float = Field(2.0, gt=0)
     """Passes over the preference pairs."""
     batch_size: int = Field(32, ge=1)
-    """Pairs per device per micro-batch (each pair is two sequences, plus the reference's forward pass)."""
+    """Pairs per device per micro-batch (each pair is two sequences)."""
+    precompute_reference: bool = True
+    """Score every pair under the reference once, before training (TRL's `precompute_ref_log_probs`),
+    instead of in every step of every epoch; with `method: full` no frozen copy of the model stays in
+    memory. The losses are the same (the demo's DPO: the same pass rates, 36 s instead of 50 s for 5 epochs
+    on 2 CPU cores). Off, the reference runs beside the policy in each step, which costs no more for a
+    single epoch."""
     max_length: int | None = Field(1024, ge=8)
     """Prompt plus response longer than this many tokens is cut (from the end); null keeps all."""
 

@@ -190,6 +190,7 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path, model:
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
         disable_dropout=True,  # DPOConfig.dropout_off says why
+        precompute_ref_log_probs=config.precompute_reference,
     )
 
 

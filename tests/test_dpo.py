@@ -81,11 +81,14 @@ def test_reports_training_metrics(trained):
     assert metrics["task_prompts"] == len(arithmetic.held_out_prompts())
 
 
+@pytest.mark.parametrize("precompute", [True, False])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_reference_stays_the_frozen_sft_policy(method, sft_adapter, tmp_path):
+def test_reference_stays_the_frozen_sft_policy(method, precompute, sft_adapter, tmp_path):
     rows = pairs(8)
     settings = {k: v for k, v in FAST.items() if k != "lora_r" or method == "lora"}
-    config = DPOConfig(**settings, method=method, lr=1e-2 if method == "lora" else 1e-3)
+    config = DPOConfig(
+        **settings, method=method, lr=1e-2 if method == "lora" else 1e-3, precompute_reference=precompute
+    )
     trainer, tokenizer = dpo.build_trainer(
         config, sft_adapter, rows, tmp_path / "scratch", torch.device("cpu")
     )
@@ -101,13 +104,33 @@ def test_reference_stays_the_frozen_sft_policy(method, sft_adapter, tmp_path):
         expected = sft(**batch).logits
         policy = trainer.model.eval()
         trained_logits = policy(**batch).logits
+    assert not torch.allclose(trained_logits, expected, atol=1e-3)  # the policy moved away from SFT
+    if precompute:  # the reference's log-probabilities, taken before training, are the SFT policy's
+        assert trainer.ref_model is None  # and no frozen copy stays in memory
+        for index in (0, len(rows) - 1):
+            for side in ("chosen", "rejected"):
+                measured = trainer.train_dataset[index][f"ref_{side}_logps"]
+                assert measured == pytest.approx(completion_logp(sft, tokenizer, rows[index], side), abs=1e-4)
+        return
+    with torch.no_grad():
         if method == "lora":
             with policy.disable_adapter():
                 reference = policy(**batch).logits
         else:
             reference = trainer.ref_model(**batch).logits
     assert torch.allclose(reference, expected, atol=1e-5)  # the reference is the SFT policy, untouched
-    assert not torch.allclose(trained_logits, expected, atol=1e-3)  # while the policy moved away from it
+
+
+def completion_logp(model, tokenizer, row: dict, side: str) -> float:
+    """log p(response | prompt) under `model`: the tokens the chat template adds after the prompt."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template([*row["prompt"], *row[side]], tokenize=True)
+    prompt, full = (list(ids["input_ids"] if hasattr(ids, "keys") else ids) for ids in (prompt, full))
+    assert full[: len(prompt)] == prompt
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1)[torch.arange(len(full) - 1), torch.tensor(full[1:])]
+    return logps[len(prompt) - 1 :].sum().item()
 
 
 def test_best_vs_rest_keeps_the_pairs_of_the_undominated_response():
