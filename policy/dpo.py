@@ -179,6 +179,14 @@ def build_trainer(
     return trainer, tokenizer
 
 
+def precomputes_reference(config: DPOConfig) -> bool:
+    """`precompute_reference`, null resolved: for more than one epoch, or when the reference would be a
+    frozen copy of the model (`method: full`)."""
+    if config.precompute_reference is not None:
+        return config.precompute_reference
+    return config.epochs > 1 or config.method == "full"
+
+
 def training_args(config: DPOConfig, device: torch.device, scratch: Path, model: Path | str) -> Any:
     from trl import DPOConfig as TRLConfig
 
@@ -190,7 +198,7 @@ def training_args(config: DPOConfig, device: torch.device, scratch: Path, model:
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
         disable_dropout=True,  # DPOConfig.dropout_off says why
-        precompute_ref_log_probs=config.precompute_reference,
+        precompute_ref_log_probs=precomputes_reference(config),
     )
 
 

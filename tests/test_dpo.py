@@ -121,6 +121,13 @@ def test_reference_stays_the_frozen_sft_policy(method, precompute, sft_adapter, 
     assert torch.allclose(reference, expected, atol=1e-5)  # the reference is the SFT policy, untouched
 
 
+def test_the_reference_is_precomputed_when_it_pays():
+    assert dpo.precomputes_reference(DPOConfig(epochs=5))  # scored once instead of five times
+    assert not dpo.precomputes_reference(DPOConfig(epochs=1))  # once either way: no separate pass
+    assert dpo.precomputes_reference(DPOConfig(epochs=1, method="full"))  # no frozen copy in memory
+    assert not dpo.precomputes_reference(DPOConfig(epochs=5, precompute_reference=False))
+
+
 def completion_logp(model, tokenizer, row: dict, side: str) -> float:
     """log p(response | prompt) under `model`: the tokens the chat template adds after the prompt."""
     prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
