@@ -213,7 +213,7 @@ def rank_batch(
         return bool(answers)
 
     try:
-        if stop is None and independent(batch, config, len(bots)):
+        if stop is None and independent(batch, config):
             with ThreadPoolExecutor(len(clients), thread_name_prefix="bot") as pool:
                 work = [pool.submit(_until_empty, page, bot, api) for bot, api in clients.items()]
                 for future in work:
@@ -241,13 +241,14 @@ def rank_batch(
     }
 
 
-def independent(batch: dict[str, Any], config: SimulatedAnnotators, bots: int) -> bool:
+def independent(batch: dict[str, Any], config: SimulatedAnnotators) -> bool:
     """Whether the bots may rank side by side: each answers its whole queue (no `max_records`) and no record
     is complete before every bot has answered it (the batch wants at least as many rankings per record as
     there are bots), so which bot answers which record does not depend on their order. Side by side, the
     server works on one bot's page while it waits on another's database calls (the demo's 2,631 rankings
     on 2 cores: 27 s instead of 33 s in turn); otherwise they take turns, a page each, and the result is
     the same on every run."""
+    bots = config.annotators
     return config.max_records is None and bots > 1 and int(batch.get("annotators_per_record") or 0) >= bots
 
 

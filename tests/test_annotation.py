@@ -285,7 +285,7 @@ def test_bots_that_each_rank_every_record_work_side_by_side_and_send_what_they_w
     batch_dir = tmp_path / "batch"
     metrics = run_push(samples, batch_dir, annotators_per_record=3, simulate=bots)
     batch, records = layout.load_batch(batch_dir)
-    assert simulate.independent(batch, bots, 3)
+    assert simulate.independent(batch, bots)
     assert metrics["simulated_responses"] == 3 * 12
 
     sent = {
@@ -311,11 +311,11 @@ def test_bots_that_each_rank_every_record_work_side_by_side_and_send_what_they_w
 
 def test_bots_take_turns_when_which_bot_answers_which_record_depends_on_their_order():
     batch = {"annotators_per_record": 2}
-    assert not simulate.independent(batch, SimulatedAnnotators(annotators=3), 3)  # 2 of 3 complete a record
-    assert simulate.independent(batch, SimulatedAnnotators(annotators=2), 2)
-    assert not simulate.independent(batch, SimulatedAnnotators(annotators=2, max_records=5), 2)
-    assert not simulate.independent({}, SimulatedAnnotators(annotators=2), 2)  # a batch that does not say
-    assert not simulate.independent({"annotators_per_record": 1}, SimulatedAnnotators(annotators=1), 1)
+    assert not simulate.independent(batch, SimulatedAnnotators(annotators=3))  # 2 of 3 complete a record
+    assert simulate.independent(batch, SimulatedAnnotators(annotators=2))
+    assert not simulate.independent(batch, SimulatedAnnotators(annotators=2, max_records=5))
+    assert not simulate.independent({}, SimulatedAnnotators(annotators=2))  # a batch that does not say
+    assert not simulate.independent({"annotators_per_record": 1}, SimulatedAnnotators(annotators=1))
 
 
 def test_an_annotator_whose_rankings_follow_the_display_order_is_left_out(argilla, tmp_path):
