@@ -90,7 +90,16 @@ ROWS: dict[str, Row] = {
             "held-out accuracy "
             + ", ".join(f"{a:.3f}" for a in r["accuracies"])
             + f" (seeds {', '.join(map(str, r['seeds']))}; "
-            + f"{', '.join(map(str, r['held_out_pairs']))} held-out pairs)"
+            + f"{', '.join(map(str, r['held_out_pairs']))} held-out pairs"
+            + (
+                "; right against wrong "
+                + ", ".join(f"{a:.3f}" for a in r["accuracy_correct_vs_wrong"])
+                + ", two wrong answers "
+                + ", ".join(f"{a:.3f}" for a in r["accuracy_wrong_vs_wrong"])
+                if r.get("accuracy_wrong_vs_wrong")
+                else ""
+            )
+            + ")"
         ),
         ">= 0.93 each",
     ),

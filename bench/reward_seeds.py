@@ -111,6 +111,9 @@ def main() -> None:
         "held_out_pairs": [m["held_out_pairs"] for m in metrics],
         "train_pairs": [m["train_pairs"] for m in metrics],
         "accuracy_correct_vs_wrong": [m.get("accuracy_correct_vs_wrong") for m in metrics],
+        "pairs_correct_vs_wrong": [m.get("pairs_correct_vs_wrong") for m in metrics],
+        "accuracy_wrong_vs_wrong": [m.get("accuracy_wrong_vs_wrong") for m in metrics],
+        "pairs_wrong_vs_wrong": [m.get("pairs_wrong_vs_wrong") for m in metrics],
         "gate": [m["gate"] for m in metrics],
         "overrides": args.overrides,
     }

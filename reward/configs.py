@@ -68,6 +68,14 @@ class RewardConfig(
     a small model has no layer left to compare in. The demo's 4-layer model needs 3-4; a 7B one, none.
     Supported for decoder models whose blocks write to the residual stream through `o_proj` and
     `down_proj`-style projections (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2 ...); others are a clear error."""
+    lm_loss_weight: float = Field(0.0, ge=0)
+    """Weight of a language-modelling loss added to the Bradley-Terry loss: the next-token cross-entropy of
+    every chosen sequence (prompt and response), read from the hidden states the score head reads through
+    the model's own output embeddings, so the reward model keeps knowing what text should come next while
+    it learns to rank (Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward
+    Model for LLMs"). Needs output embeddings tied to the input embeddings (small models, SmolLM2, Qwen2.5
+    up to 3B; a clear error otherwise). 0 turns it off. On the demo, weight 2: held-out accuracy 0.94 on
+    each of three annotator seeds, where without it 0.90-0.97 (README, "What the demo measures today")."""
     # --- held-out evaluation and the acceptance gate ---
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
     """Fraction of the prompts (by `prompt_id`, a seeded draw, at least one) whose pairs are held out of

@@ -101,13 +101,12 @@ def run(config: RewardConfig, inputs: dict[str, Path | str], out_dir: Path) -> d
 
     # Train
     from datasets import Dataset
-    from trl import RewardTrainer
 
     scratch = out_dir / SCRATCH
     args = training_args(config, device, scratch, source)
     longest = max(len(r[side]) for r in train_rows for side in ("chosen_ids", "rejected_ids"))
     with training_attention(model, args.bf16, device, longest):
-        trainer = RewardTrainer(
+        trainer = trainer_class(config.lm_loss_weight)(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(
@@ -246,7 +245,17 @@ def load_model(source: Path | str, config: RewardConfig, tokenizer: Any) -> Any:
     set_pad_token(model, tokenizer)
     if config.added_layers:
         model = add_layers(model, config.added_layers)
+    if config.lm_loss_weight and not ties_embeddings(model):
+        raise InputError(
+            "reward: lm_loss_weight needs a model whose output embeddings are its input embeddings "
+            f"(tie_word_embeddings); {source} has its own LM head, which a reward model does not keep: set "
+            "lm_loss_weight to 0"
+        )
     return model
+
+
+def ties_embeddings(model: Any) -> bool:
+    return bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
 
 
 RESIDUAL_WRITERS = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "wo", "w2")
@@ -310,6 +319,46 @@ def peft_config(config: RewardConfig, model: Any) -> Any:
 
 
 # --- train ---
+
+
+def trainer_class(lm_loss_weight: float) -> type:
+    """TRL's `RewardTrainer`, or with a positive `lm_loss_weight` one that adds that times the next-token
+    cross-entropy of the chosen sequences (`RewardConfig.lm_loss_weight`), logged as `lm_loss`."""
+    from trl import RewardTrainer
+
+    if not lm_loss_weight:
+        return RewardTrainer
+
+    class LanguageModelRegularized(RewardTrainer):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            # The score head reads the final (normalised) hidden state of every position, then the reward
+            # is taken at the last token: what it reads is what a causal LM's head would read.
+            hidden: list[torch.Tensor] = []
+            plain = self.accelerator.unwrap_model(model)  # DDP wraps it; PEFT forwards `score`
+            hook = plain.score.register_forward_hook(lambda _, args, __: hidden.append(args[0]))
+            try:
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            finally:
+                hook.remove()
+            chosen = inputs["input_ids"].shape[0] // 2  # TRL stacks the chosen sequences, then the rejected
+            logits = hidden[0][:chosen, :-1] @ plain.get_input_embeddings().weight.T
+            targets = inputs["input_ids"][:chosen, 1:].masked_fill(
+                inputs["attention_mask"][:chosen, 1:] == 0, -100
+            )
+            lm_loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+            self._metrics["train" if model.training else "eval"]["lm_loss"].append(lm_loss.item())
+            loss = loss + lm_loss_weight * lm_loss
+            return (loss, outputs) if return_outputs else loss
+
+    return LanguageModelRegularized
 
 
 def training_args(config: RewardConfig, device: torch.device, scratch: Path, model: Path | str) -> Any:

@@ -190,6 +190,53 @@ def test_added_layers_start_out_passing_their_input_through(tiny_model, tokenize
     assert lora.modules_to_save == ["model.layers.2", "model.layers.3"]  # trained in full, no adapter
 
 
+def test_the_language_model_term_is_the_causal_lms_own_loss_on_the_chosen_sequences(
+    tmp_path, tiny_model, tokenizer
+):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    config = RewardConfig(**TINY, lm_loss_weight=2.0)
+    rows, _ = train.tokenize_pairs(easy_pairs(prompts=4), tokenizer, None)
+    dataset = Dataset.from_list(
+        [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in rows]
+    )
+    model = train.load_model(tiny_model, config, tokenizer)
+    args = train.training_args(config, torch.device("cpu"), tmp_path, tiny_model)
+
+    def loss(weight: float) -> tuple[float, dict]:
+        trainer = train.trainer_class(weight)(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            return trainer.compute_loss(model.train(), batch).item(), batch
+
+    regularized, batch = loss(2.0)
+    plain, same = loss(0.0)
+    assert torch.equal(batch["input_ids"], same["input_ids"])
+    # computed independently: the causal LM the reward model was made from, on the chosen half of the batch
+    chosen = batch["input_ids"].shape[0] // 2
+    ids, mask = batch["input_ids"][:chosen], batch["attention_mask"][:chosen]
+    with torch.no_grad():
+        causal = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        expected = causal(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    assert regularized - plain == pytest.approx(2.0 * expected.item(), rel=1e-4)
+    assert expected.item() > 1.0  # an untrained model: the term is not vanishingly small
+
+
+def test_a_language_model_term_needs_tied_embeddings(tmp_path, tiny_model, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    untied = AutoConfig.from_pretrained(tiny_model)
+    untied.tie_word_embeddings = False
+    AutoModelForCausalLM.from_config(untied).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert train.load_model(tmp_path, RewardConfig(), tokenizer) is not None
+    with pytest.raises(InputError, match="lm_loss_weight needs a model whose output embeddings"):
+        train.load_model(tmp_path, RewardConfig(lm_loss_weight=1.0), tokenizer)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_reward_model_with_added_layers_trains_saves_and_reloads(tmp_path, tiny_model, method):
     metrics, out_dir = train_stage(tmp_path, tiny_model, easy_pairs(), added_layers=1, method=method)
